@@ -1,0 +1,29 @@
+# Two commands do everything on a fresh machine (Python 3.11, gcc, cmake):
+#   make demo   - build .venv if needed, make synthetic data, train MeLU on 2 Horovod workers, log to MLflow
+#   make test   - build .venv if needed, run the test suite
+VENV := .venv
+BIN := $(VENV)/bin
+DATA ?= data/synth
+NP ?= 2
+MODEL ?= melu
+export PYTHONUNBUFFERED := 1
+
+.PHONY: venv demo test bench clean
+
+venv:
+	@bash tools/bootstrap.sh
+
+demo: venv
+	@test -f $(DATA)/schema.json || $(BIN)/gmeta datagen --out $(DATA) --seed 0
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/horovodrun -np $(NP) -H localhost:$(NP) --gloo \
+	    $(BIN)/gmeta train --model $(MODEL) --data $(DATA) --tracking-uri sqlite:///mlflow.db
+
+test: venv
+	$(BIN)/python -m pytest -q tests
+
+bench: venv
+	$(BIN)/gmeta bench io --json
+	$(BIN)/gmeta bench step --json
+
+clean:
+	rm -rf $(VENV) data mlflow.db mlruns .pytest_cache

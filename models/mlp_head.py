@@ -1,0 +1,36 @@
+"""A feature-embedding MLP with one output head: the shared body of MeLU and MAML-DNN."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from gmeta.models import layers
+from gmeta.models.base import ZooModel, resolve_target
+
+
+class MLPHeadModel(ZooModel):
+    """Embeddings + dense features -> MLP -> one logit (click) or one value (rating)."""
+
+    def __init__(self, schema, config):
+        super().__init__(schema, config)
+        self.target = resolve_target(schema, config.target)
+        sizes = [self.input_width, *config.hidden, 1]
+        self.n_layers = len(sizes) - 1
+        self.params = layers.init_mlp("mlp", sizes, config.seed)
+        self.adapted = tuple(sorted(self.params))
+
+    def forward(self, params, x):
+        return {"out": tf.squeeze(layers.mlp(params, "mlp", x, self.n_layers), -1)}
+
+    def task_loss(self, outputs, part):
+        if self.target == "rating":
+            per_row = tf.square(outputs["out"] - part["rating"])
+        else:
+            per_row = layers.bce_with_logits(part[self.target], outputs["out"])
+        return layers.masked_task_mean(per_row, part["mask"])
+
+    def scores(self, outputs, part):
+        if self.target == "rating":
+            # ranking quality of predicted ratings against "liked" (rating >= 4)
+            return {"auc": (outputs["out"], tf.cast(part["rating"] >= 4.0, tf.float32))}
+        return {"auc": (tf.sigmoid(outputs["out"]), part[self.target])}

@@ -1,0 +1,55 @@
+"""Shared test helpers: launching real ``horovodrun`` jobs on localhost with Gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+WORKERS = Path(__file__).resolve().parent / "workers"
+BIN = Path(sys.executable).parent
+
+
+def horovodrun(np_: int, argv, timeout: float = 180, env=None, check=True):
+    """Run ``horovodrun -np N -H localhost:N --gloo <argv>``; return the CompletedProcess.
+
+    ``argv`` is a list; a first element ending in ``.py`` that names a file in tests/workers is
+    run with this interpreter. Output is captured; on failure (when ``check``) it is shown.
+    """
+    argv = [str(a) for a in argv]
+    if argv and argv[0].endswith(".py") and not os.path.isabs(argv[0]):
+        argv = [sys.executable, str(WORKERS / argv[0])] + argv[1:]
+    cmd = [str(BIN / "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", "--gloo"] + argv
+    full_env = dict(os.environ)
+    full_env["PATH"] = f"{BIN}{os.pathsep}{full_env.get('PATH', '')}"
+    full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    full_env.setdefault("OMP_NUM_THREADS", "1")
+    full_env["PYTHONUNBUFFERED"] = "1"
+    if env:
+        full_env.update(env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
+                          cwd=str(REPO))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"horovodrun -np {np_} failed with {proc.returncode}\n"
+                             f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_rank_results(directory, np_: int):
+    """Load ``rank{r}.json`` written by every worker; fail clearly if one is missing."""
+    out = []
+    for r in range(np_):
+        p = Path(directory) / f"rank{r}.json"
+        assert p.exists(), f"rank {r} wrote no result file {p}"
+        out.append(json.loads(p.read_text()))
+    return out
+
+
+@pytest.fixture
+def hvdrun():
+    return horovodrun

@@ -1,0 +1,23 @@
+"""``gmeta bench io|step``: benchmarks. Each prints a table and, as its last line, one JSON object."""
+
+from __future__ import annotations
+
+import importlib
+
+BENCHES = {
+    "io": "gmeta.tools.bench_io",      # reader rows/s vs raw pyarrow decode
+    "step": "gmeta.tools.bench_step",  # hybrid vs naive embedding step: bytes and memory per worker
+}
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    for name, module in BENCHES.items():
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0])
+        mod.add_arguments(p)
+        p.set_defaults(_bench_module=module)
+
+
+def main(args) -> int:
+    return int(importlib.import_module(args._bench_module).main(args) or 0)

@@ -1,0 +1,225 @@
+"""The communicator: the only module in gmeta that imports Horovod.
+
+Everything else takes a ``Communicator`` (rank, size and a handful of collectives), so the
+single-process path (``LocalCommunicator``, no horovodrun) runs exactly the same code.
+
+Gradient scaling, written down once
+-----------------------------------
+Every rank computes the *mean* loss over its own local batch. The global objective is the
+mean of those per-rank losses (equal-size batches, see gmeta.io.reader), so:
+
+* dense (replicated) gradients are **averaged** over ranks: one fused
+  ``grouped_allreduce(op=Average)`` per step (``allreduce_mean``);
+* sharded embedding rows receive, through the AlltoAll backward pass, the **sum** over ranks of
+  each rank's local-loss gradient for that row. To be the gradient of the same global mean they
+  must be divided by ``size``. ``sparse_grad_scale()`` returns that factor; the sharded
+  embedding applies it before its row-wise optimizer step, and nothing else rescales.
+
+Collective safety: every rank must issue the same collectives in the same order. All
+collectives here are issued from code paths that do not depend on rank-local data sizes;
+ranks with nothing to send still call ``alltoall`` with zero splits.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import tensorflow as tf
+
+# Counter kinds reported as metrics (bytes and calls per step).
+COUNTER_KINDS = ("alltoall_ids", "alltoall_vectors", "alltoall_grads", "allreduce", "broadcast")
+
+
+def launched_by_horovodrun() -> bool:
+    """True when this process was started by horovodrun (Gloo or MPI)."""
+    return any(k in os.environ for k in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"))
+
+
+class CommCounters(tf.Module):
+    """Bytes and calls per collective kind, kept as variables so traced steps update them."""
+
+    def __init__(self):
+        super().__init__(name="comm_counters")
+        self.bytes = {k: tf.Variable(0, dtype=tf.int64, trainable=False, name=f"{k}_bytes")
+                      for k in COUNTER_KINDS}
+        self.calls = {k: tf.Variable(0, dtype=tf.int64, trainable=False, name=f"{k}_calls")
+                      for k in COUNTER_KINDS}
+
+    def add(self, kind: str, tensors) -> None:
+        if kind not in self.bytes:
+            raise ValueError(f"unknown collective kind {kind!r}; expected one of {COUNTER_KINDS}")
+        tensors = tf.nest.flatten(tensors, expand_composites=False)
+        total = tf.constant(0, tf.int64)
+        for t in tensors:
+            if isinstance(t, tf.IndexedSlices):  # only the values travel
+                t = t.values
+            total += tf.cast(tf.size(t, out_type=tf.int64), tf.int64) * t.dtype.size
+        self.bytes[kind].assign_add(total)
+        self.calls[kind].assign_add(1)
+
+    def snapshot(self) -> dict:
+        """Plain-Python copy of every counter: ``{kind: {"bytes": int, "calls": int}}``."""
+        return {k: {"bytes": int(self.bytes[k].numpy()), "calls": int(self.calls[k].numpy())}
+                for k in COUNTER_KINDS}
+
+    def delta(self, before: dict) -> dict:
+        """Counters accumulated since ``before`` (a ``snapshot()``), same layout as snapshot."""
+        now = self.snapshot()
+        return {k: {f: now[k][f] - before.get(k, {}).get(f, 0) for f in ("bytes", "calls")}
+                for k in COUNTER_KINDS}
+
+    def reset(self) -> None:
+        for v in list(self.bytes.values()) + list(self.calls.values()):
+            v.assign(0)
+
+
+@dataclass
+class Communicator:
+    """Base class: rank/size plus the collectives gmeta uses. Subclasses implement ``_*`` hooks."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    def __post_init__(self):
+        self.counters = CommCounters()
+
+    # ---- scaling rule (see module docstring) ----
+    def sparse_grad_scale(self) -> float:
+        return 1.0 / float(self.size)
+
+    # ---- collectives, counted ----
+    def allreduce_mean(self, tensors: Sequence[tf.Tensor], kind: str = "allreduce") -> list:
+        """Average a list of dense tensors over ranks in ONE fused collective."""
+        tensors = list(tensors)
+        if not tensors:
+            return []
+        self.counters.add(kind, tensors)
+        return self._grouped_allreduce(tensors, average=True)
+
+    def allreduce_sum(self, tensors: Sequence[tf.Tensor], kind: str = "allreduce") -> list:
+        tensors = list(tensors)
+        if not tensors:
+            return []
+        self.counters.add(kind, tensors)
+        return self._grouped_allreduce(tensors, average=False)
+
+    def alltoall(self, tensor: tf.Tensor, splits: tf.Tensor, kind: str):
+        """Send ``tensor`` rows ``splits[i]`` to rank i; returns (received, received_splits).
+
+        The backward pass of the data (not the splits) is an alltoall in the reverse direction,
+        counted as ``alltoall_grads``.
+        """
+        splits = tf.cast(splits, tf.int32)
+        self.counters.add(kind, [tensor])
+        if self.size == 1:
+            return _identity_with_grad_count(tensor, self.counters), splits
+        return self._alltoall(tensor, splits)
+
+    def broadcast_variables(self, variables, root_rank: int = 0) -> None:
+        variables = list(variables)
+        if not variables:
+            return
+        self.counters.add("broadcast", [v.value() for v in variables])
+        self._broadcast_variables(variables, root_rank)
+
+    def allgather_object(self, obj):
+        """Gather a small picklable object from every rank (outside the hot path only)."""
+        return [obj]
+
+    def barrier(self) -> None:
+        pass
+
+    # ---- hooks ----
+    def _grouped_allreduce(self, tensors, average):
+        return [tf.identity(t) for t in tensors]
+
+    def _alltoall(self, tensor, splits):
+        raise NotImplementedError
+
+    def _broadcast_variables(self, variables, root_rank):
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _identity_with_grad_count(tensor, counters):
+    @tf.custom_gradient
+    def ident(x):
+        def grad(dy):
+            if isinstance(dy, tf.IndexedSlices):  # the reverse alltoall needs a dense tensor
+                dy = tf.convert_to_tensor(dy)
+            counters.add("alltoall_grads", [dy])
+            return tf.identity(dy)
+        return tf.identity(x), grad
+    return ident(tensor)
+
+
+class LocalCommunicator(Communicator):
+    """Single process, no Horovod: collectives are identities (size 1)."""
+
+    def __init__(self):
+        super().__init__(rank=0, size=1, local_rank=0)
+
+
+class HorovodCommunicator(Communicator):
+    """Horovod (Gloo on CPU, NCCL on GPU hosts) behind the Communicator interface."""
+
+    def __init__(self):
+        import horovod.tensorflow as hvd  # the only Horovod import in gmeta
+
+        hvd.init()
+        self._hvd = hvd
+        super().__init__(rank=hvd.rank(), size=hvd.size(), local_rank=hvd.local_rank())
+
+    def _grouped_allreduce(self, tensors, average):
+        op = self._hvd.Average if average else self._hvd.Sum
+        return list(self._hvd.grouped_allreduce(tensors, op=op))
+
+    def _alltoall(self, tensor, splits):
+        # Horovod registers the alltoall gradient (the reverse alltoall); we only count it.
+        received, recv_splits = self._hvd.alltoall(tensor, splits=splits)
+        return _identity_with_grad_count(received, self.counters), recv_splits
+
+    def _broadcast_variables(self, variables, root_rank):
+        self._hvd.broadcast_variables(variables, root_rank=root_rank)
+
+    def allgather_object(self, obj):
+        return list(self._hvd.allgather_object(obj))
+
+    def barrier(self) -> None:
+        self._hvd.allreduce(tf.constant(0.0), op=self._hvd.Sum, name="gmeta_barrier")
+
+    def shutdown(self) -> None:
+        self._hvd.shutdown()
+
+
+def horovod_build_info() -> dict:
+    """Horovod version and build capabilities (for ``gmeta env``); never raises."""
+    try:
+        import horovod
+        import horovod.tensorflow as hvd
+    except Exception as exc:  # noqa: BLE001 - report, do not crash `gmeta env`
+        return {"installed": False, "error": f"{type(exc).__name__}: {exc}"}
+    info = {"installed": True, "version": horovod.__version__}
+    for name in ("gloo_built", "mpi_built", "nccl_built", "ddl_built", "ccl_built",
+                 "cuda_built", "rocm_built"):
+        fn = getattr(hvd, name, None)
+        try:
+            info[name] = bool(fn()) if fn else None
+        except Exception:  # noqa: BLE001
+            info[name] = None
+    info["tensorflow_built"] = True  # importing horovod.tensorflow succeeded
+    return info
+
+
+def init_communicator(backend: str = "auto") -> Communicator:
+    """``auto``: Horovod when launched by horovodrun, else a local single-process communicator."""
+    if backend not in ("auto", "horovod", "local"):
+        raise ValueError(f"--comm must be auto, horovod or local, got {backend!r}")
+    if backend == "horovod" or (backend == "auto" and launched_by_horovodrun()):
+        return HorovodCommunicator()
+    return LocalCommunicator()
