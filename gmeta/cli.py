@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help)
@@ -25,6 +26,8 @@ SUBCOMMANDS = {
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # TensorFlow's C++ start-up chatter hides the progress lines users need.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     full = build_parser_for(argv)
     args = full.parse_args(argv)
     if args.version:
