@@ -17,7 +17,12 @@ class MLPHeadModel(ZooModel):
         sizes = [self.input_width, *config.hidden, 1]
         self.n_layers = len(sizes) - 1
         self.params = layers.init_mlp("mlp", sizes, config.seed)
-        self.adapted = tuple(sorted(self.params))
+        # which layers adapt per task: the last `adapt_layers` (default: every decision layer)
+        k = int(config.extra.get("adapt_layers", self.n_layers))
+        if not 1 <= k <= self.n_layers:
+            raise ValueError(f"--extra adapt_layers={k}: must be in [1, {self.n_layers}]")
+        first = self.n_layers - k
+        self.adapted = tuple(sorted(f"mlp/{p}{i}" for i in range(first, self.n_layers) for p in "wb"))
 
     def forward(self, params, x):
         return {"out": tf.squeeze(layers.mlp(params, "mlp", x, self.n_layers), -1)}

@@ -1,0 +1,299 @@
+"""``gmeta convert movielens`` on tiny fixtures written in both raw layouts (100K and 1M).
+
+The fixture is built so every split is non-empty and the expected result can be computed
+independently here with plain Python: 45 users rate 16 old and 15 new movies each (timestamps
+spread so the last 9 users to arrive are the cold ones; some timestamps tie), one user has too
+few ratings and one too many.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.orc as orc
+import pytest
+
+from gmeta.cli import main as gmeta
+from gmeta.io.schema import Schema
+from gmeta.tools.movielens import GENRES
+
+N_ITEMS, N_COLD_ITEMS = 120, 24          # the 24 latest-released items (20%) are cold
+N_USERS, N_COLD_USERS = 45, 9            # of the 45 kept users, the 9 that arrive last are cold
+OCCUPATIONS = ("artist", "doctor", "engineer", "student", "writer")
+AGE_1M = {10: 1, 20: 18, 30: 25, 40: 35, 47: 45, 52: 50, 60: 56}
+SPLITS = ("train", "user_cold", "item_cold", "user_item_cold")
+
+
+def _fixture():
+    """The logical content shared by both layouts."""
+    rng = np.random.default_rng(7)
+    items = []
+    for k in range(N_ITEMS):
+        year = 0 if k == 0 else 1930 + k // 2          # k = 96..119 released last; item 0 unknown
+        genres = sorted({k % 19, (7 * k + 3) % 19} - ({0} if k % 5 else set()))
+        items.append({"id": 3 * k + 2, "year": year, "genres": genres, "title": f"Movie {k} caf\xe9"})
+    warm_ids = [it["id"] for it in items[:N_ITEMS - N_COLD_ITEMS]]
+    cold_ids = [it["id"] for it in items[N_ITEMS - N_COLD_ITEMS:]]
+    users, ratings = [], []
+    ages = list(AGE_1M)
+    for j in range(N_USERS + 2):
+        uid = 1000 - 7 * j                               # raw ids not in arrival order
+        users.append({"id": uid, "age": ages[j % len(ages)], "gender": "MF"[j % 2],
+                      "occupation": j % len(OCCUPATIONS), "zip": f"{(j * 3) % 10}{j:04d}" if j % 6 else f"T{j}K"})
+        if j == N_USERS:        # too few ratings: dropped
+            chosen = list(rng.choice(warm_ids, 12, replace=False))
+        elif j == N_USERS + 1:  # too many ratings: dropped
+            chosen = list(rng.choice(warm_ids + cold_ids, 101, replace=False))
+        else:
+            chosen = list(rng.choice(warm_ids, 16, replace=False)) + list(rng.choice(cold_ids, 15, replace=False))
+            rng.shuffle(chosen)
+        start = 880_000_000 + (j if j < N_USERS else 3) * 100_000
+        for m, item in enumerate(chosen):
+            ratings.append((uid, int(item), int(rng.integers(1, 6)), start + (m // 2) * 60))
+    return items, users, ratings
+
+
+def write_100k(d, items, users, ratings):
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "u.data"), "w") as f:
+        f.writelines(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in ratings)
+    with open(os.path.join(d, "u.user"), "w") as f:
+        f.writelines(f"{u['id']}|{u['age']}|{u['gender']}|{OCCUPATIONS[u['occupation']]}|{u['zip']}\n" for u in users)
+    with open(os.path.join(d, "u.item"), "w", encoding="latin-1") as f:
+        for it in items:
+            date = f"01-Jan-{it['year']}" if it["year"] else ""
+            flags = "|".join("1" if g in it["genres"] else "0" for g in range(len(GENRES)))
+            f.write(f"{it['id']}|{it['title']}|{date}||http://x/{it['id']}|{flags}\n")
+
+
+def write_1m(d, items, users, ratings):
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "ratings.dat"), "w") as f:
+        f.writelines(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in ratings)
+    with open(os.path.join(d, "users.dat"), "w") as f:
+        f.writelines(f"{u['id']}::{u['gender']}::{AGE_1M[u['age']]}::{u['occupation']}::{u['zip']}\n" for u in users)
+    with open(os.path.join(d, "movies.dat"), "w", encoding="latin-1") as f:
+        for it in items:
+            title = f"{it['title']} ({it['year']})" if it["year"] else it["title"]
+            f.write(f"{it['id']}::{title}::{'|'.join(GENRES[g] for g in it['genres'])}\n")
+
+
+WRITERS = {"100k": write_100k, "1m": write_1m}
+
+
+def expected_tasks(items, users, ratings):
+    """The protocol, recomputed with plain Python: {split: {raw user: [(item, rating), ...] by time}}."""
+    per_user = {}
+    for u, i, r, t in ratings:
+        per_user.setdefault(u, []).append((t, i, r))
+    kept = {u: sorted(v) for u, v in per_user.items() if 13 <= len(v) <= 100}
+    arrival = sorted(kept, key=lambda u: (kept[u][0][0], u))
+    cold_users = set(arrival[len(arrival) - N_COLD_USERS:])
+    cold_items = {it["id"] for it in items[N_ITEMS - N_COLD_ITEMS:]}
+    out = {s: {} for s in SPLITS}
+    for u, rows in kept.items():
+        for t, i, r in rows:
+            s = SPLITS[(u in cold_users) + 2 * (i in cold_items)]
+            out[s].setdefault(u, []).append((i, r))
+    for s in SPLITS:
+        out[s] = {u: v for u, v in out[s].items() if len(v) >= 13}
+    return out, cold_users, cold_items
+
+
+def read_split(d, split):
+    files = sorted(glob.glob(os.path.join(d, split, "*.orc")))
+    assert files, f"no ORC files in {d}/{split}"
+    return pa.concat_tables([orc.ORCFile(f).read() for f in files])
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Both layouts converted from the same logical fixture: {layout: out dir}."""
+    items, users, ratings = _fixture()
+    root = tmp_path_factory.mktemp("ml")
+    out = {}
+    for layout, write in WRITERS.items():
+        src, dst = root / f"src{layout}", root / f"out{layout}"
+        write(str(src), items, users, ratings)
+        assert gmeta(["convert", "movielens", "--src", str(src), "--out", str(dst), "--quiet"]) == 0
+        out[layout] = str(dst)
+    return out, (items, users, ratings)
+
+
+@pytest.mark.parametrize("layout", ["100k", "1m"])
+def test_tasks_match_the_protocol(converted, layout):
+    """Every task: 13..100 rows, the 10 most recent ratings as query after the support rows, exact
+    items and ratings as recomputed by hand; click = rating >= 4; cold ids come after warm ids."""
+    outs, (items, users, ratings) = converted
+    d = outs[layout]
+    expected, cold_users, cold_items = expected_tasks(items, users, ratings)
+    schema = Schema.load(d)
+    assert schema.splits == SPLITS and schema.labels == ("click", "rating")
+    summary = json.loads(open(os.path.join(d, "convert.json")).read())
+    assert summary["layout"] == layout
+    assert summary["counts"]["users_kept"] == N_USERS and summary["counts"]["users_dropped"] == 2
+    warm_items = sorted(it["id"] for it in items if it["id"] not in cold_items)
+    item_new = {raw: k for k, raw in enumerate(warm_items + sorted(cold_items))}
+    for split in SPLITS:
+        t = read_split(d, split).to_pydict()
+        assert summary["splits"][split]["users"] == len(expected[split]) > 0
+        assert summary["splits"][split]["rows"] == len(t["task_id"]) == sum(map(len, expected[split].values()))
+        assert np.array_equal(t["click"], (np.array(t["rating"]) >= 4).astype(np.float32))
+        tid = np.array(t["task_id"])
+        starts = np.flatnonzero(np.r_[True, tid[1:] != tid[:-1]])
+        assert len(starts) == len(set(tid.tolist())) == len(expected[split]), "tasks are not contiguous"
+        got = {}
+        for a, b in zip(starts, np.r_[starts[1:], len(tid)]):
+            q = np.array(t["is_query"][a:b])
+            assert q.sum() == 10 and np.all(q[:b - a - 10] == 0) and 13 <= b - a <= 100
+            got[int(tid[a])] = [(t["item_id"][k], t["rating"][k]) for k in range(a, b)]
+        # map our expected raw ids to the converted ids and compare the exact sequences
+        want = sorted([item_new[i], float(r)] for u in expected[split] for i, r in expected[split][u])
+        have = sorted([i, r] for v in got.values() for i, r in v)
+        assert have == want
+        per_task_lengths = sorted(map(len, got.values()))
+        assert per_task_lengths == sorted(map(len, expected[split].values()))
+        queries = sorted(tuple(sorted(item_new[i] for i, _ in v[-10:])) for v in expected[split].values())
+        assert queries == sorted(tuple(sorted(i for i, _ in v[-10:])) for v in got.values())
+
+
+@pytest.mark.parametrize("layout", ["100k", "1m"])
+def test_cold_users_and_items_are_separated(converted, layout):
+    """Cold items never occur in train or user_cold; cold users never in train or item_cold; cold
+    ids are >= every warm id; item_cold users are existing (train) users."""
+    d = converted[0][layout]
+    t = {s: read_split(d, s).to_pydict() for s in SPLITS}
+    users = {s: set(t[s]["user_id"]) for s in SPLITS}
+    items = {s: set(t[s]["item_id"]) for s in SPLITS}
+    assert not (users["train"] | users["item_cold"]) & (users["user_cold"] | users["user_item_cold"])
+    assert not (items["train"] | items["user_cold"]) & (items["item_cold"] | items["user_item_cold"])
+    assert users["item_cold"] <= users["train"] and users["user_item_cold"] <= users["user_cold"]
+    assert max(items["train"] | items["user_cold"]) < N_ITEMS - N_COLD_ITEMS <= min(items["item_cold"])
+    assert max(users["train"]) < N_USERS - N_COLD_USERS <= min(users["user_cold"])
+    assert len(users["train"]) == N_USERS - N_COLD_USERS and len(users["user_cold"]) == N_COLD_USERS
+    for s in SPLITS:
+        assert t[s]["task_id"] == t[s]["user_id"]
+
+
+def test_layouts_give_the_same_dataset(converted):
+    """The same logical data in the 100K and the 1M layout converts to identical columns."""
+    outs = converted[0]
+    for s in SPLITS:
+        a, b = read_split(outs["100k"], s), read_split(outs["1m"], s)
+        for col in ("task_id", "is_query", "click", "rating", "user_id", "age", "gender", "item_id",
+                    "genres", "year", "zip"):
+            assert a.column(col).to_pylist() == b.column(col).to_pylist(), (s, col)
+
+
+def test_features(converted):
+    """Side features decoded as documented (age groups, gender, genres, release decade, zip)."""
+    outs, (items, users, ratings) = converted
+    t = read_split(outs["100k"], "train").to_pydict()
+    raw_users = sorted(u["id"] for u in users[:N_USERS])       # warm + cold, kept
+    by_row = {}
+    for k in range(len(t["task_id"])):
+        by_row.setdefault(t["user_id"][k], (t["age"][k], t["gender"][k], t["occupation"][k]))
+    ages = sorted(AGE_1M)
+    age_group = {a: ages.index(a) for a in ages}
+    # warm users in raw-id order take ids 0..35
+    _, cold_users, cold_items = expected_tasks(items, users, ratings)
+    warm_raw = [u for u in raw_users if u not in cold_users]
+    info = {u["id"]: u for u in users}
+    for new_id, raw in enumerate(warm_raw):
+        u = info[raw]
+        assert by_row[new_id] == (age_group[u["age"]], int(u["gender"] == "F"),
+                                  sorted(OCCUPATIONS).index(OCCUPATIONS[u["occupation"]]))
+    warm_items = sorted(it["id"] for it in items if it["id"] not in cold_items)
+    item_info = {it["id"]: it for it in items}
+    for k in range(len(t["item_id"])):
+        it = item_info[warm_items[t["item_id"][k]]]
+        assert t["genres"][k] == sorted(it["genres"])
+        want_year = 0 if not it["year"] else min(max((it["year"] - 1930) // 10, 1), 8)
+        assert t["year"][k] == want_year
+    schema = Schema.load(outs["100k"])
+    assert schema.table("zip").num_rows == len({u["zip"][0] for u in users[:N_USERS]})
+    assert schema.feature("genres").max_len == 2 and schema.table("item_id").num_rows == N_ITEMS
+
+
+def test_reader_reads_every_split(converted):
+    """MetaReader yields every task once with 10 query rows each, for every split."""
+    from gmeta.io.reader import MetaReader
+
+    d = converted[0]["1m"]
+    for s in SPLITS:
+        t = read_split(d, s)
+        n_tasks = len(set(t.column("task_id").to_pylist()))
+        r = MetaReader(d, split=s, tasks_per_batch=8, support_size=96, query_size=10, shuffle=False)
+        assert r.num_tasks == n_tasks
+        seen, q_rows, s_rows = [], 0.0, 0.0
+        for batch in r.dataset(epoch=0):
+            m = batch["task_mask"].numpy() > 0
+            seen += batch["task_id"].numpy()[m].tolist()
+            q_rows += batch["query"]["mask"].numpy()[m].sum()
+            s_rows += batch["support"]["mask"].numpy()[m].sum()
+            qm = batch["query"]["mask"].numpy()[m] > 0
+            np.testing.assert_array_equal(batch["query"]["click"].numpy()[m][qm],
+                                          (batch["query"]["rating"].numpy()[m][qm] >= 4).astype(np.float32))
+        assert sorted(seen) == sorted(set(t.column("task_id").to_pylist()))
+        assert q_rows == 10 * n_tasks and q_rows + s_rows == t.num_rows
+        assert r.stats["truncated_tasks"] == 0
+
+
+def test_layout_detection_errors(tmp_path, capsys):
+    """A directory with neither layout fails with a message listing both sets of files."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert gmeta(["convert", "movielens", "--src", str(empty), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    for name in ("u.data", "u.user", "u.item", "ratings.dat", "users.dat", "movies.dat"):
+        assert name in err
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "u.data").write_text("1\t2\t3\t4\n")
+    assert gmeta(["convert", "movielens", "--src", str(partial), "--out", str(tmp_path / "o")]) == 2
+    assert "100K files found but missing ['u.user', 'u.item']" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda r: r[:5] + ["1\t2\n"] + r[6:], "u.data: cannot parse"),
+    (lambda r: r[:5] + ["\t".join(r[5].split("\t")[:2] + ["9", "880000000\n"])] + r[6:],
+     "u.data: line 6: column 'rating' = 9 is outside [1, 5]"),
+    (lambda r: ["4242\t2\t3\t880000000\n"] + r, "u.data: line 1: user id 4242 is not in the user file"),
+])
+def test_bad_input_names_file_and_line(tmp_path, capsys, mutate, message):
+    """Malformed or inconsistent raw files give an error naming the file (and line), not a crash."""
+    items, users, ratings = _fixture()
+    src = tmp_path / "src"
+    write_100k(str(src), items, users, ratings)
+    lines = (src / "u.data").read_text().splitlines(keepends=True)
+    (src / "u.data").write_text("".join(mutate(lines)))
+    assert gmeta(["convert", "movielens", "--src", str(src), "--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--query-size", "0"], "--query-size must be >= 1"),
+    (["--min-ratings", "10"], "--min-ratings must exceed --query-size"),
+    (["--max-ratings", "12"], "--max-ratings must be >= --min-ratings"),
+    (["--cold-user-frac", "1.5"], "--cold-user-frac must be in [0, 1)"),
+    (["--compression", "gzip"], "--compression must be one of"),
+])
+def test_bad_flags_are_named(tmp_path, capsys, flags, message):
+    assert gmeta(["convert", "movielens", "--src", str(tmp_path), "--out", str(tmp_path / "o")] + flags) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_refuses_to_overwrite_without_flag(converted, tmp_path, capsys):
+    items, users, ratings = converted[1]
+    src = tmp_path / "src"
+    write_1m(str(src), items, users, ratings)
+    out = tmp_path / "out"
+    assert gmeta(["convert", "movielens", "--src", str(src), "--out", str(out), "--quiet"]) == 0
+    assert gmeta(["convert", "movielens", "--src", str(src), "--out", str(out), "--quiet"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert gmeta(["convert", "movielens", "--src", str(src), "--out", str(out), "--quiet", "--overwrite"]) == 0

@@ -1,0 +1,309 @@
+"""``gmeta datagen``: layout, planted structure, cold splits, determinism, streaming, bad flags."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tracemalloc
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.orc as orc
+import pytest
+
+from gmeta.cli import main as gmeta
+from gmeta.io.schema import Schema
+from gmeta.tools import datagen as dg
+
+SPLITS = ("train", "user_cold", "item_cold", "user_item_cold")
+SMALL = ["--train-users", "300", "--cold-users", "60", "--items", "200", "--cold-items", "40",
+         "--chunk-users", "64", "--rows-per-stripe", "2048"]
+
+
+def read_split(d, split) -> dict:
+    files = sorted(glob.glob(os.path.join(d, split, "*.orc")))
+    assert files, f"no ORC files in {d}/{split}"
+    t = pa.concat_tables([orc.ORCFile(f).read() for f in files])
+    out = {n: t.column(n).to_numpy() for n in t.column_names if n != "item_tags"}
+    out["item_tags"] = t.column("item_tags").to_pylist()
+    return out
+
+
+def auc(score, label) -> float:
+    """Exact ROC AUC with ties counted one half (rank statistic)."""
+    score, label = np.asarray(score, np.float64), np.asarray(label) > 0.5
+    _, inv, counts = np.unique(score, return_inverse=True, return_counts=True)
+    avg_rank = (np.cumsum(counts) - (counts - 1) / 2.0)[inv]
+    n_pos, n_neg = label.sum(), (~label).sum()
+    return float((avg_rank[label].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+@pytest.fixture(scope="module")
+def default_data(tmp_path_factory):
+    """The dataset `gmeta datagen --out DIR --seed 0` makes with no other flag."""
+    d = str(tmp_path_factory.mktemp("synth") / "data")
+    assert gmeta(["datagen", "--out", d, "--seed", "0", "--quiet"]) == 0
+    return d, {s: read_split(d, s) for s in SPLITS}
+
+
+def test_default_dataset_layout(default_data):
+    """Sizes of the default dataset, schema as documented, task structure of every split."""
+    d, data = default_data
+    schema = Schema.load(d)
+    assert schema.splits == SPLITS and schema.labels == ("click", "conversion", "rating")
+    assert schema.oracle == ("p_click", "p_ctcvr") and schema.item_id_feature == "item_id"
+    assert [f.name for f in schema.sparse] == ["user_id", "age", "gender", "occupation", "item_id",
+                                               "item_category", "item_tags"]
+    assert schema.feature("item_tags").max_len == 4 and schema.feature("item_tags").table == "tag"
+    assert {f.name: f.group for f in schema.dense} == {"item_price": "item", "user_activity": "user"}
+    assert schema.table("user_id").num_rows == 2500 + 2 * 400
+    assert schema.table("item_id").num_rows == 1000 + 250
+    summary = json.loads(open(os.path.join(d, "datagen.json")).read())
+    for split, users in zip(SPLITS, (2500, 400, 400, 400)):
+        t = data[split]
+        tid = t["task_id"]
+        starts = np.flatnonzero(np.r_[True, tid[1:] != tid[:-1]])
+        sizes = np.diff(np.r_[starts, len(tid)])
+        assert len(starts) == len(np.unique(tid)) == users, "tasks must be contiguous"
+        q = t["is_query"].astype(np.int64)
+        q_per_task = np.add.reduceat(q, starts)
+        assert np.all(q_per_task == 10)
+        assert 10 <= (sizes - 10).min() and (sizes - 10).max() <= 40
+        # support rows come first: the flag never drops back to 0 inside a task
+        assert np.all(np.diff(q)[np.diff(tid) == 0] >= 0)
+        # a task's items are distinct
+        assert len(np.unique(tid * 10_000 + t["item_id"])) == len(tid)
+        assert summary["splits"][split]["users"] == users and summary["splits"][split]["rows"] == len(tid)
+        # labels: conversion only after a click, integer ratings 1..5, oracle columns consistent
+        assert np.all(t["conversion"] <= t["click"])
+        assert set(np.unique(t["rating"])) <= {1.0, 2.0, 3.0, 4.0, 5.0}
+        assert np.all((t["p_ctcvr"] <= t["p_click"]) & (t["p_click"] > 0) & (t["p_click"] < 1))
+        assert 0.2 <= t["click"].mean() <= 0.35
+        assert 0.05 <= t["conversion"].sum() / t["click"].sum() <= 0.3
+        assert all(1 <= len(x) <= 4 and len(set(x)) == len(x) for x in t["item_tags"][:2000])
+    total = sum(len(t["task_id"]) for t in data.values())
+    assert 100_000 < total < 200_000
+
+
+def test_planted_structure(default_data):
+    """Oracle AUC on query rows is high (> 0.7) and matches datagen.json; side features alone
+    explain much less; a user's support set adds information side features do not have."""
+    d, data = default_data
+    summary = json.loads(open(os.path.join(d, "datagen.json")).read())
+    for split in SPLITS:
+        t = data[split]
+        q = t["is_query"] == 1
+        oracle = auc(t["p_click"][q], t["click"][q])
+        assert oracle > 0.7, (split, oracle)
+        assert abs(oracle - summary["splits"][split]["oracle_auc_click"]) < 2e-3
+        assert abs(auc(t["p_ctcvr"][q], t["conversion"][q]) - summary["splits"][split]["oracle_auc_ctcvr"]) < 2e-3
+        assert summary["splits"][split]["side_only_auc_click"] < oracle - 0.05
+
+    # A logistic model on side features (user side x item category crosses, item id, dense),
+    # with and without the user's support click rate, fit on train query rows, scored on
+    # user_cold query rows (new users, so only side features and the support set are known).
+    def features(t, with_support):
+        tid = t["task_id"]
+        starts = np.flatnonzero(np.r_[True, tid[1:] != tid[:-1]])
+        sizes = np.diff(np.r_[starts, len(tid)])
+        sup = 1.0 - t["is_query"]
+        clicks = np.repeat(np.add.reduceat(t["click"] * sup, starts), sizes)
+        n_sup = np.repeat(np.add.reduceat(sup, starts), sizes)
+        cat = t["item_category"]
+        fields = [t["age"], t["gender"], t["occupation"], t["item_id"], cat,
+                  t["age"] * 24 + cat, t["gender"] * 24 + cat, t["occupation"] * 24 + cat]
+        sizes_ = [7, 2, 21, 1250, 24, 7 * 24, 2 * 24, 21 * 24]
+        offsets = np.cumsum([0] + sizes_[:-1])
+        idx = np.stack([f + o for f, o in zip(fields, offsets)], 1)
+        dense = [t["user_activity"], np.log(t["item_price"])]
+        if with_support:
+            dense.append(np.log((clicks + 1) / (n_sup - clicks + 1)))
+        q = t["is_query"] == 1
+        return idx[q], np.stack(dense, 1)[q], t["click"][q], int(sum(sizes_))
+
+    def fit_and_score(with_support):
+        idx, dense, y, n_cat = features(data["train"], with_support)
+        w, v, b = np.zeros(n_cat), np.zeros(dense.shape[1]), 0.0
+        m = [np.zeros(n_cat), np.zeros(dense.shape[1]), 0.0]
+        s = [np.zeros(n_cat), np.zeros(dense.shape[1]), 0.0]
+        for step in range(1, 301):   # Adam, full batch
+            g = (1 / (1 + np.exp(-(w[idx].sum(1) + dense @ v + b))) - y) / len(y)
+            grads = [np.bincount(idx.ravel(), np.repeat(g, idx.shape[1]), n_cat) + 1e-4 * w, dense.T @ g, g.sum()]
+            params = [w, v, b]
+            for k in range(3):
+                m[k] = 0.9 * m[k] + 0.1 * grads[k]
+                s[k] = 0.999 * s[k] + 0.001 * grads[k] ** 2
+                params[k] = params[k] - 0.05 * (m[k] / (1 - 0.9 ** step)) / (np.sqrt(s[k] / (1 - 0.999 ** step)) + 1e-8)
+            w, v, b = params
+        idx, dense, y, _ = features(data["user_cold"], with_support)
+        return auc(w[idx].sum(1) + dense @ v + b, y)
+
+    t = data["user_cold"]
+    q = t["is_query"] == 1
+    oracle = auc(t["p_click"][q], t["click"][q])
+    side_only, with_support = fit_and_score(False), fit_and_score(True)
+    assert 0.55 < side_only < oracle - 0.08, (side_only, oracle)
+    assert with_support > side_only + 0.02, (with_support, side_only)
+
+
+def test_cold_ids_never_in_train(default_data):
+    """New users and new items get ids never used in train; item_cold reuses train users with
+    identical side features, its support is warm and its query items are all new."""
+    _, data = default_data
+    train = data["train"]
+    warm_users, warm_items = set(train["user_id"]), set(train["item_id"])
+    assert max(warm_users) < 2500 and max(warm_items) < 1000
+    for split in ("user_cold", "user_item_cold"):
+        assert not set(data[split]["user_id"]) & warm_users
+        assert min(data[split]["user_id"]) >= 2500
+    assert not set(data["user_cold"]["user_id"]) & set(data["user_item_cold"]["user_id"])
+    for split in ("item_cold", "user_item_cold"):
+        t = data[split]
+        q = t["is_query"] == 1
+        assert min(t["item_id"][q]) >= 1000 and not set(t["item_id"][q]) & warm_items
+        assert max(t["item_id"][~q]) < 1000
+    assert max(data["user_cold"]["item_id"]) < 1000
+    ic = data["item_cold"]
+    assert set(ic["user_id"]) <= warm_users
+    side = {}
+    for k in range(len(train["user_id"])):
+        side.setdefault(train["user_id"][k], (train["age"][k], train["gender"][k], train["occupation"][k],
+                                              train["user_activity"][k]))
+    for k in range(0, len(ic["user_id"]), 7):
+        assert side[ic["user_id"][k]] == (ic["age"][k], ic["gender"][k], ic["occupation"][k], ic["user_activity"][k])
+
+
+def test_reader_reads_it(default_data):
+    """MetaReader yields every task of the user_cold split with its 10 query rows."""
+    from gmeta.io.reader import MetaReader
+
+    d, data = default_data
+    t = data["user_cold"]
+    r = MetaReader(d, split="user_cold", tasks_per_batch=32, support_size=40, query_size=10, shuffle=True, seed=3)
+    assert r.num_tasks == 400 and r.steps_per_epoch == 13
+    seen, rows = [], 0.0
+    for batch in r.dataset(epoch=0):
+        m = batch["task_mask"].numpy() > 0
+        seen += batch["task_id"].numpy()[m].tolist()
+        assert np.all(batch["query"]["mask"].numpy()[m].sum(1) == 10)
+        rows += batch["query"]["mask"].numpy()[m].sum() + batch["support"]["mask"].numpy()[m].sum()
+        assert batch["support"]["item_tags"].shape[-1] == 4
+    assert sorted(seen) == sorted(np.unique(t["task_id"]).tolist()) and rows == len(t["task_id"])
+    assert r.stats["truncated_tasks"] == 0
+
+
+def _tree(d):
+    out = {}
+    for root, _, files in os.walk(d):
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, d)] = open(p, "rb").read()
+    return out
+
+
+def test_same_seed_byte_identical(tmp_path):
+    a, b, c = (str(tmp_path / x) for x in "abc")
+    for d, seed in ((a, "5"), (b, "5"), (c, "6")):
+        assert gmeta(["datagen", "--out", d, "--seed", seed, "--quiet"] + SMALL) == 0
+    ta, tb, tc = _tree(a), _tree(b), _tree(c)
+    assert sorted(ta) == sorted(tb) and any(k.endswith(".orc") for k in ta)
+    for k in ta:
+        assert ta[k] == tb[k], f"{k} differs between two runs with the same seed"
+    assert ta["train/part-00000.orc"] != tc["train/part-00000.orc"]
+
+
+def test_streams_in_chunks(tmp_path):
+    """Rows are made chunk by chunk: each chunk holds at most --chunk-users whole tasks, the
+    chunks cover the split exactly, and peak numpy memory follows the chunk, not the split."""
+    cfg = dg.DatagenConfig(out=str(tmp_path), train_users=2000, cold_users=0, chunk_users=100).validate()
+    world = dg.World(cfg)
+    spec = dg.split_specs(cfg)[0]
+    ids = []
+    for cols in dg.iter_split(world, spec):
+        users = np.unique(cols["task_id"])
+        assert len(users) <= 100
+        ids.append(users)
+    assert len(ids) == 20 and np.array_equal(np.concatenate(ids), np.arange(2000))
+
+    def peak(chunk_users):
+        c = dg.DatagenConfig(out=str(tmp_path), train_users=2000, cold_users=0, chunk_users=chunk_users).validate()
+        w = dg.World(c)
+        schema = dg.build_schema(c)
+        tracemalloc.start()
+        rows = 0
+        for cols in dg.iter_split(w, dg.split_specs(c)[0]):
+            rows += dg.arrow_table(schema, cols).num_rows
+        p = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return p, rows
+
+    peak(100)   # warm-up: first-call allocations (lazy imports, caches) are not the data's
+    small, rows_small = peak(100)
+    big, rows_big = peak(2000)
+    assert rows_small > 60_000 and rows_big > 60_000
+    assert small < big / 5, (small, big)
+    # and through the CLI: several stripes, every row written
+    d = str(tmp_path / "cli")
+    assert gmeta(["datagen", "--out", d, "--quiet", "--train-users", "2000", "--cold-users", "0",
+                  "--chunk-users", "100", "--rows-per-stripe", "4096"]) == 0
+    index = json.loads(open(os.path.join(d, "train", "_index.json")).read())
+    assert index["tasks"] == 2000 and sum(len(f["stripes"]) for f in index["files"]) >= 10
+    assert Schema.load(d).splits == ("train",)
+
+
+def test_progress_and_summary(tmp_path, capsys):
+    assert gmeta(["datagen", "--out", str(tmp_path / "d")] + SMALL) == 0
+    out, err = capsys.readouterr()
+    assert "rows written" in err and "rows/s" in err
+    assert "oracle_auc" in out and "user_item_cold" in out
+
+
+def test_sample_distinct_law():
+    """Distinct draws follow sequential sampling without replacement, on both code paths
+    (draw-and-dedupe rounds, and the exact Gumbel top-k finish)."""
+    w = np.array([0.6, 0.3, 0.1])
+    pool = dg.Pool(np.cumsum(w), np.log(w))
+    rng = np.random.default_rng(0)
+    for rounds in (4, 0):
+        out = dg.sample_distinct(rng, pool, np.full(100_000, 2), rounds=rounds).reshape(-1, 2)
+        assert abs(np.mean(out[:, 0] == 0) - 0.6) < 0.01
+        assert abs(np.mean((out[:, 0] == 0) & (out[:, 1] == 1)) - 0.6 * 0.3 / 0.4) < 0.01
+        assert abs(np.mean((out[:, 0] == 2) & (out[:, 1] == 1)) - 0.1 * 0.3 / 0.9) < 0.005
+    # a steep skew over a pool barely larger than the need still completes, all distinct
+    pool, _ = dg._zipf_pool(rng, 50, 4.0)
+    out = dg.sample_distinct(rng, pool, np.full(300, 50)).reshape(300, 50)
+    assert all(len(set(row)) == 50 for row in out.tolist())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--support-min", "0"], "--support-min must be >= 1"),
+    (["--support-min", "30", "--support-max", "20"], "--support-max must be >= --support-min"),
+    (["--items", "30"], "--items must be >= --support-max + --query-size"),
+    (["--cold-items", "5"], "--cold-items must be >= --query-size"),
+    (["--query-size", "0"], "--query-size must be >= 1"),
+    (["--zipf", "-1"], "--zipf must be in [0, 5]"),
+    (["--zipf", "nan"], "--zipf must be in [0, 5]"),
+    (["--rows-per-stripe", "20"], "--rows-per-stripe must hold the largest task"),
+    (["--compression", "gzip"], "--compression must be one of"),
+    (["--train-users", "0"], "--train-users must be >= 1"),
+    (["--latent-dim", "0"], "--latent-dim must be in [1, 256]"),
+    (["--chunk-users", "0"], "--chunk-users must be >= 1"),
+    (["--seed", "-3"], "--seed must be >= 0"),
+])
+def test_bad_flags_are_named(tmp_path, capsys, flags, message):
+    assert gmeta(["datagen", "--out", str(tmp_path / "d")] + flags) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_non_numeric_flag_and_existing_output(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        gmeta(["datagen", "--out", str(tmp_path / "d"), "--seed", "abc"])
+    assert exc.value.code == 2 and "--seed" in capsys.readouterr().err
+    d = str(tmp_path / "d")
+    assert gmeta(["datagen", "--out", d, "--quiet"] + SMALL) == 0
+    assert gmeta(["datagen", "--out", d, "--quiet"] + SMALL) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert gmeta(["datagen", "--out", d, "--quiet", "--overwrite", "--seed", "1"] + SMALL) == 0
+    assert json.loads(open(os.path.join(d, "datagen.json")).read())["settings"]["seed"] == 1

@@ -1,0 +1,452 @@
+"""MovieLens-100K / -1M -> Meta-IO cold-start tasks (MeLU protocol).
+
+Layouts (detected from the files present in ``--src``; text is latin-1):
+  100K  ``u.data`` (user \\t item \\t rating \\t ts), ``u.user`` (id|age|gender|occupation|zip),
+        ``u.item`` (id|title|release date|video date|url|19 genre flags)
+  1M    ``ratings.dat`` (UserID::MovieID::Rating::Timestamp), ``users.dat``
+        (UserID::Gender::Age::Occupation::Zip), ``movies.dat`` (MovieID::Title (Year)::G1|G2)
+
+Features: ``user_id``, ``age`` (the 1M age groups; 100K ages are bucketed the same way),
+``gender``, ``occupation`` (100K names -> ids in sorted order; 1M codes as given), ``zip`` (first
+character of the zip code, vocabulary-mapped), ``item_id``, ``genres`` (list), ``year`` (release
+decade: 0 unknown, 1 before 1940, 2 the 1940s, ..., 7 the 1990s, 8 2000 and later). Labels:
+``rating`` (float) and ``click`` = rating >= 4. There is no conversion label.
+
+Protocol. Users with ``--min-ratings``..``--max-ratings`` ratings (13..100, as MeLU) are kept.
+Warm and cold are decided by time, so the cold side is what arrives last:
+  cold users  the ``--cold-user-frac`` of kept users whose FIRST rating is latest;
+  cold items  the ``--cold-item-frac`` of catalogue items released latest (100K: release date,
+              1M: year; ties go to the item first rated later).
+Every rating then falls into exactly one split by (user, item) temperature, and each split's
+tasks are the users' ratings in that split (MeLU's four states):
+  train           warm users x warm items
+  user_cold       cold users x warm items
+  item_cold       warm users x cold items  (the users also have train tasks: existing users,
+                  new items; the query items never occur in train)
+  user_item_cold  cold users x cold items  (the users also have user_cold tasks)
+A task is kept if it has at least ``--min-ratings`` rows; its ``--query-size`` most recent
+ratings (ties by item id) are the query set, the earlier ones the support set. No cold user is in
+a warm split and no cold item occurs in train. Ids: warm users and items come first
+(``[0, warm)``), then cold ones, so cold ids are never trained in ``train``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from gmeta.tools.datagen import arrow_table, group_arange, prepare_out
+
+SPLITS = ("train", "user_cold", "item_cold", "user_item_cold")
+GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+          "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+          "Romance", "Sci-Fi", "Thriller", "War", "Western")
+AGE_GROUPS = (1, 18, 25, 35, 45, 50, 56)      # the 1M codes; a group starts at this age
+N_OCCUPATIONS_1M = 21
+RATING_FIELDS = ("user", "item", "rating", "ts")
+N_YEAR_BUCKETS = 9
+LAYOUTS = {
+    "100k": ("u.data", "u.user", "u.item"),
+    "1m": ("ratings.dat", "users.dat", "movies.dat"),
+}
+
+
+class ConvertError(ValueError):
+    """Bad input files or flags; the message names the file (and line/column) or the flag."""
+
+
+@dataclass(frozen=True)
+class MovieLensConfig:
+    src: str
+    out: str
+    min_ratings: int = 13
+    max_ratings: int = 100
+    query_size: int = 10
+    cold_user_frac: float = 0.2
+    cold_item_frac: float = 0.2
+    rows_per_stripe: int = 8192
+    compression: str = "zstd"
+    overwrite: bool = False
+    quiet: bool = False
+
+    def validate(self) -> "MovieLensConfig":
+        from gmeta.tools.datagen import COMPRESSIONS
+
+        checks = [
+            (bool(self.src), "--src", "must name a directory", repr(self.src)),
+            (bool(self.out), "--out", "must name a directory", repr(self.out)),
+            (self.query_size >= 1, "--query-size", "must be >= 1", self.query_size),
+            (self.min_ratings > self.query_size, "--min-ratings",
+             f"must exceed --query-size ({self.query_size}) so every task has support rows", self.min_ratings),
+            (self.max_ratings >= self.min_ratings, "--max-ratings",
+             f"must be >= --min-ratings ({self.min_ratings})", self.max_ratings),
+            (0.0 <= self.cold_user_frac < 1.0, "--cold-user-frac", "must be in [0, 1)", self.cold_user_frac),
+            (0.0 <= self.cold_item_frac < 1.0, "--cold-item-frac", "must be in [0, 1)", self.cold_item_frac),
+            (self.rows_per_stripe >= self.max_ratings, "--rows-per-stripe",
+             f"must hold the largest task (--max-ratings = {self.max_ratings})", self.rows_per_stripe),
+            (self.compression in COMPRESSIONS, "--compression", f"must be one of {COMPRESSIONS}",
+             repr(self.compression)),
+        ]
+        for ok, flag, what, value in checks:
+            if not ok:
+                raise ConvertError(f"{flag} {what} (got {value})")
+        return self
+
+
+# ----------------------------------------------------------------------------- reading
+def detect_layout(src: str) -> str:
+    """'100k' or '1m' from the files present; a clear error listing both layouts otherwise."""
+    from gmeta.io import fs
+
+    info = fs.file_info(src)
+    if info.type != fs.pafs.FileType.Directory:
+        raise ConvertError(f"--src {src!r} is not a directory")
+    names = {e.base_name for e in fs.list_dir(src)}
+    for layout, files in LAYOUTS.items():
+        if all(f in names for f in files):
+            return layout
+    expected = "; ".join(f"MovieLens-{k.upper()}: {', '.join(v)}" for k, v in LAYOUTS.items())
+    partial = {k: [f for f in v if f not in names] for k, v in LAYOUTS.items() if any(f in names for f in v)}
+    hint = "".join(f" ({k.upper()} files found but missing {m})" for k, m in partial.items())
+    raise ConvertError(f"--src {src!r} is neither MovieLens layout{hint}; expected {expected}")
+
+
+def read_delimited(path: str, names, types: dict, delimiter: str):
+    """A headerless latin-1 text table -> pyarrow Table; errors name the file and the column."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    from gmeta.io import fs
+
+    with fs.open_input_file(path) as f:
+        data = f.read()
+    if len(delimiter) > 1:   # pyarrow splits on one byte; '::' never occurs inside a field
+        data = data.replace(delimiter.encode("latin-1"), b"\x1f")
+        delimiter = "\x1f"
+    try:
+        return pacsv.read_csv(
+            pa.BufferReader(data),
+            read_options=pacsv.ReadOptions(column_names=list(names), encoding="latin-1"),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char=False),
+            convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False))
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise ConvertError(f"{path}: cannot parse as {len(names)} fields {list(names)} separated by "
+                           f"{delimiter!r}: {exc}") from None
+
+
+def _np(col) -> np.ndarray:
+    return col.to_numpy(zero_copy_only=False)
+
+
+def _age_group(age: np.ndarray) -> np.ndarray:
+    """Raw age (100K) or 1M age code -> 0..6."""
+    return np.searchsorted(np.array(AGE_GROUPS), age, side="right") - 1
+
+
+def _vocab(values: np.ndarray):
+    """(sorted distinct values, id of each value)."""
+    uniq, ids = np.unique(values, return_inverse=True)
+    return uniq, ids.astype(np.int64)
+
+
+def _year_bucket(year: np.ndarray) -> np.ndarray:
+    """0 unknown (year <= 0), 1 before 1940, 2..7 the 1940s..1990s, 8 from 2000."""
+    b = np.clip((year - 1930) // 10, 1, N_YEAR_BUCKETS - 1)
+    return np.where(year > 0, b, 0).astype(np.int64)
+
+
+def _flags_to_padded(flags: np.ndarray) -> np.ndarray:
+    """[n, G] 0/1 genre flags -> [n, L] genre ids, valid first, -1 padded (L = most per item)."""
+    width = max(int(flags.sum(axis=1).max(initial=0)), 1)
+    order = np.argsort(-flags, axis=1, kind="stable")[:, :width]           # set flags first, by id
+    return np.where(np.take_along_axis(flags, order, 1) > 0, order, -1).astype(np.int64)
+
+
+def _check_range(values: np.ndarray, lo: int, hi: int, path: str, column: str) -> None:
+    bad = np.flatnonzero((values < lo) | (values > hi))
+    if bad.size:
+        raise ConvertError(f"{path}: line {bad[0] + 1}: column {column!r} = {values[bad[0]]} is outside "
+                           f"[{lo}, {hi}]")
+
+
+def load_100k(src: str) -> dict:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from gmeta.io import fs
+
+    i64, s = pa.int64(), pa.string()
+    path = fs.join(src, "u.data")
+    r = read_delimited(path, RATING_FIELDS, dict.fromkeys(RATING_FIELDS, i64), "\t")
+    ratings = {k: _np(r[k]) for k in r.column_names}
+    _check_range(ratings["rating"], 1, 5, path, "rating")
+    path = fs.join(src, "u.user")
+    u = read_delimited(path, ("id", "age", "gender", "occupation", "zip"),
+                       {"id": i64, "age": i64, "gender": s, "occupation": s, "zip": s}, "|")
+    gender = _np(u["gender"])
+    _check_gender(gender, path)
+    occ_names, occupation = _vocab(_np(u["occupation"]))
+    zip_first = _np(pc.utf8_slice_codeunits(pc.utf8_upper(u["zip"]), 0, 1))
+    users = {"id": _np(u["id"]), "age": _age_group(_np(u["age"])), "gender": (gender == "F").astype(np.int64),
+             "occupation": occupation, "zip_first": zip_first, "n_occupations": len(occ_names)}
+    path = fs.join(src, "u.item")
+    names = ["id", "title", "release", "video", "url"] + [f"g{k}" for k in range(len(GENRES))]
+    t = read_delimited(path, names, {"id": i64, "title": s, "release": s, "video": s, "url": s,
+                                     **{f"g{k}": i64 for k in range(len(GENRES))}}, "|")
+    flags = np.stack([_np(t[f"g{k}"]) for k in range(len(GENRES))], axis=1)
+    for k, genre in enumerate(GENRES):
+        _check_range(flags[:, k], 0, 1, path, f"genre flag {genre}")
+    stamp = pc.strptime(t["release"], format="%d-%b-%Y", unit="s", error_is_null=True)
+    bad = np.flatnonzero(_np(pc.and_(pc.is_null(stamp), pc.not_equal(t["release"], ""))))
+    if bad.size:
+        raise ConvertError(f"{path}: line {bad[0] + 1}: release date {t['release'][int(bad[0])].as_py()!r} "
+                           f"is not DD-Mon-YYYY")
+    release = _np(pc.fill_null(pc.cast(stamp, pa.int64()), np.iinfo(np.int64).min))
+    year = _np(pc.fill_null(pc.year(stamp), 0))
+    items = {"id": _np(t["id"]), "release": release, "year": _year_bucket(year),
+             "genres": _flags_to_padded(flags)}
+    return {"ratings": ratings, "users": users, "items": items}
+
+
+def load_1m(src: str) -> dict:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from gmeta.io import fs
+
+    i64, s = pa.int64(), pa.string()
+    path = fs.join(src, "ratings.dat")
+    r = read_delimited(path, RATING_FIELDS, dict.fromkeys(RATING_FIELDS, i64), "::")
+    ratings = {k: _np(r[k]) for k in r.column_names}
+    _check_range(ratings["rating"], 1, 5, path, "rating")
+    path = fs.join(src, "users.dat")
+    u = read_delimited(path, ("id", "gender", "age", "occupation", "zip"),
+                       {"id": i64, "gender": s, "age": i64, "occupation": i64, "zip": s}, "::")
+    gender = _np(u["gender"])
+    _check_gender(gender, path)
+    occupation = _np(u["occupation"])
+    _check_range(occupation, 0, N_OCCUPATIONS_1M - 1, path, "occupation")
+    zip_first = _np(pc.utf8_slice_codeunits(pc.utf8_upper(u["zip"]), 0, 1))
+    users = {"id": _np(u["id"]), "age": _age_group(_np(u["age"])), "gender": (gender == "F").astype(np.int64),
+             "occupation": occupation, "zip_first": zip_first, "n_occupations": N_OCCUPATIONS_1M}
+    path = fs.join(src, "movies.dat")
+    t = read_delimited(path, ("id", "title", "genres"), {"id": i64, "title": s, "genres": s}, "::")
+    found = pc.extract_regex(t["title"], r"\((?P<year>\d{4})\)\s*$")
+    year = _np(pc.fill_null(pc.cast(pc.struct_field(found, "year"), pa.int64()), 0))
+    parts = pc.split_pattern(t["genres"], "|")
+    flat = pc.list_flatten(parts)
+    gid = pc.index_in(flat, value_set=pa.array(GENRES))
+    if gid.null_count:
+        bad = flat[int(np.flatnonzero(_np(pc.is_null(gid)))[0])].as_py()
+        raise ConvertError(f"{path}: unknown genre {bad!r}; expected one of {list(GENRES)}")
+    counts = _np(pc.list_value_length(parts))
+    flags = np.zeros((len(counts), len(GENRES)), np.int64)
+    flags[np.repeat(np.arange(len(counts)), counts), _np(gid)] = 1
+    items = {"id": _np(t["id"]), "release": year, "year": _year_bucket(year),
+             "genres": _flags_to_padded(flags)}
+    return {"ratings": ratings, "users": users, "items": items}
+
+
+def _check_gender(gender: np.ndarray, path: str) -> None:
+    bad = np.flatnonzero((gender != "M") & (gender != "F"))
+    if bad.size:
+        raise ConvertError(f"{path}: line {bad[0] + 1}: gender {gender[bad[0]]!r} is not M or F")
+
+
+def _index_of(ids: np.ndarray, wanted: np.ndarray, path: str, what: str) -> np.ndarray:
+    """Position of each wanted id in ``ids`` (unique); an unknown id is an error naming the file."""
+    order = np.argsort(ids, kind="stable")
+    if np.any(ids[order][1:] == ids[order][:-1]):
+        dup = ids[order][1:][ids[order][1:] == ids[order][:-1]][0]
+        raise ConvertError(f"{path}: {what} id {dup} is listed twice")
+    pos = np.minimum(np.searchsorted(ids[order], wanted), len(ids) - 1)
+    missing = np.flatnonzero(ids[order][pos] != wanted)
+    if missing.size:
+        raise ConvertError(f"{path}: line {missing[0] + 1}: {what} id {wanted[missing[0]]} is not in the "
+                           f"{what} file")
+    return order[pos]
+
+
+# ----------------------------------------------------------------------------- protocol
+def _latest_fraction(frac: float, *keys) -> np.ndarray:
+    """Boolean mask of the ``frac`` share of entries that sort last by ``keys`` (primary first)."""
+    n = len(keys[0])
+    k = int(round(frac * n))
+    cold = np.zeros(n, bool)
+    if k:
+        cold[np.lexsort(tuple(reversed(keys)))[n - k:]] = True
+    return cold
+
+
+def build_tasks(data: dict, cfg: MovieLensConfig, ratings_path: str) -> dict:
+    """Assign users/items warm or cold, ratings to splits, and order every task (vectorized)."""
+    r, users, items = data["ratings"], data["users"], data["items"]
+    upos = _index_of(users["id"], r["user"], ratings_path, "user")
+    ipos = _index_of(items["id"], r["item"], ratings_path, "item")
+    n_users, n_items = len(users["id"]), len(items["id"])
+    count = np.bincount(upos, minlength=n_users)
+    kept = (count >= cfg.min_ratings) & (count <= cfg.max_ratings)
+    first_ts = np.full(n_users, np.iinfo(np.int64).max)
+    np.minimum.at(first_ts, upos, r["ts"])
+    kept_idx = np.flatnonzero(kept)
+    cold_user = np.zeros(n_users, bool)
+    cold_user[kept_idx] = _latest_fraction(cfg.cold_user_frac, first_ts[kept_idx], users["id"][kept_idx])
+    item_first = np.full(n_items, np.iinfo(np.int64).max)
+    np.minimum.at(item_first, ipos, r["ts"])
+    cold_item = _latest_fraction(cfg.cold_item_frac, items["release"], item_first, items["id"])
+    # ids: warm first, then cold, each in raw-id order
+    user_new = np.full(n_users, -1, np.int64)
+    user_order = np.lexsort((users["id"][kept_idx], cold_user[kept_idx]))
+    user_new[kept_idx[user_order]] = np.arange(len(kept_idx))
+    item_order = np.lexsort((items["id"], cold_item))
+    item_new = np.empty(n_items, np.int64)
+    item_new[item_order] = np.arange(n_items)
+
+    zip_vocab, zip_ids = _vocab(users["zip_first"][kept_idx])
+    zip_of_user = np.zeros(n_users, np.int64)
+    zip_of_user[kept_idx] = zip_ids
+
+    rows = np.flatnonzero(kept[upos])
+    up, ip = upos[rows], ipos[rows]
+    split = cold_user[up].astype(np.int64) + 2 * cold_item[ip]       # index into SPLITS
+    order = np.lexsort((r["item"][rows], r["ts"][rows], user_new[up], split))
+    rows, up, ip, split = rows[order], up[order], ip[order], split[order]
+    key = split * (len(kept_idx) + 1) + user_new[up]
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    sizes = np.diff(np.r_[starts, len(key)])
+    size_of_row = np.repeat(sizes, sizes)
+    keep = size_of_row >= cfg.min_ratings
+    from_end = size_of_row - 1 - group_arange(sizes)
+    rating = r["rating"][rows].astype(np.float32)
+    columns = {
+        "task_id": user_new[up], "is_query": (from_end < cfg.query_size).astype(np.int8),
+        "click": (rating >= 4).astype(np.float32), "rating": rating,
+        "user_id": user_new[up], "age": users["age"][up], "gender": users["gender"][up],
+        "occupation": users["occupation"][up], "zip": zip_of_user[up], "item_id": item_new[ip],
+        "genres": items["genres"][ip], "year": items["year"][ip],
+    }
+    per_split = {name: {k: v[keep & (split == i)] for k, v in columns.items()} for i, name in enumerate(SPLITS)}
+    return {
+        "splits": per_split,
+        "vocab": {"user_id": len(kept_idx), "item_id": n_items, "zip": max(len(zip_vocab), 1),
+                  "occupation": users["n_occupations"], "genre_max_len": items["genres"].shape[1]},
+        "counts": {"ratings": len(r["rating"]), "users_kept": int(kept.sum()), "users_dropped": int((~kept).sum()),
+                   "cold_users": int(cold_user.sum()), "warm_users": int(kept.sum() - cold_user.sum()),
+                   "cold_items": int(cold_item.sum()), "warm_items": int(n_items - cold_item.sum()),
+                   "ratings_of_dropped_users": int(len(r["rating"]) - len(rows)),
+                   "ratings_in_short_tasks": int((~keep).sum())},
+    }
+
+
+def build_schema(vocab: dict, splits):
+    from gmeta.io.schema import Schema, SparseFeature, TableSpec
+
+    return Schema(
+        labels=("click", "rating"),
+        sparse=(SparseFeature("user_id", "user_id", group="user"),
+                SparseFeature("age", "age", group="user"),
+                SparseFeature("gender", "gender", group="user"),
+                SparseFeature("occupation", "occupation", group="user"),
+                SparseFeature("zip", "zip", group="user"),
+                SparseFeature("item_id", "item_id", group="item"),
+                SparseFeature("genres", "genre", max_len=vocab["genre_max_len"], group="item"),
+                SparseFeature("year", "year", group="item")),
+        tables=(TableSpec("user_id", max(vocab["user_id"], 1)), TableSpec("age", len(AGE_GROUPS)),
+                TableSpec("gender", 2), TableSpec("occupation", vocab["occupation"]),
+                TableSpec("zip", vocab["zip"]), TableSpec("item_id", vocab["item_id"]),
+                TableSpec("genre", len(GENRES)), TableSpec("year", N_YEAR_BUCKETS)),
+        item_id_feature="item_id",
+        splits=tuple(splits),
+        meta={"source": "movielens"},
+    ).validate("movielens schema")
+
+
+def convert(cfg: MovieLensConfig) -> dict:
+    """Read, split, write; returns the summary also written to ``DIR/convert.json``."""
+    from gmeta.io.fs import join, write_text
+    from gmeta.io.writer import TaskWriter
+
+    cfg.validate()
+    t0 = time.perf_counter()
+    layout = detect_layout(cfg.src)
+    prepare_out(cfg.out, cfg.overwrite, ("schema.json", "convert.json", *SPLITS), error=ConvertError)
+    data = load_100k(cfg.src) if layout == "100k" else load_1m(cfg.src)
+    built = build_tasks(data, cfg, join(cfg.src, LAYOUTS[layout][0]))
+    nonempty = [s for s in SPLITS if len(built["splits"][s]["task_id"])]
+    if "train" not in nonempty:
+        raise ConvertError(f"{cfg.src}: no train task has >= --min-ratings ({cfg.min_ratings}) ratings of "
+                           f"warm items; is the data too small for these flags?")
+    schema = build_schema(built["vocab"], nonempty)
+    summary = {"source": "movielens", "layout": layout, "settings":
+               {k: v for k, v in asdict(cfg).items() if k not in ("src", "out", "overwrite", "quiet")},
+               "counts": built["counts"], "splits": {}}
+    for name in SPLITS:
+        cols = built["splits"][name]
+        stats = {"users": int(len(np.unique(cols["task_id"]))), "rows": int(len(cols["task_id"])),
+                 "query_rows": int(cols["is_query"].sum()),
+                 "ctr": round(float(cols["click"].mean()), 6) if len(cols["click"]) else None,
+                 "mean_rating": round(float(cols["rating"].mean()), 6) if len(cols["rating"]) else None}
+        summary["splits"][name] = stats
+        if name in nonempty:
+            with TaskWriter(cfg.out, schema, split=name, rows_per_stripe=cfg.rows_per_stripe,
+                            compression=cfg.compression) as writer:
+                writer.write(arrow_table(schema, cols))
+    write_text(join(cfg.out, "convert.json"), json.dumps(summary, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    schema.save(cfg.out)    # last: an interrupted run leaves no schema.json
+    summary["seconds"] = time.perf_counter() - t0
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    c = summary["counts"]
+    lines = [f"MovieLens-{summary['layout'].upper()}: {c['ratings']:,} ratings; users kept {c['users_kept']:,} "
+             f"(warm {c['warm_users']:,}, cold {c['cold_users']:,}), dropped {c['users_dropped']:,}; items warm "
+             f"{c['warm_items']:,}, cold {c['cold_items']:,}",
+             f"{'split':<15} {'users':>7} {'rows':>9} {'query':>8} {'click':>6} {'rating':>6}"]
+    for name, s in summary["splits"].items():
+        click = f"{s['ctr']:.3f}" if s["ctr"] is not None else "-"
+        rating = f"{s['mean_rating']:.2f}" if s["mean_rating"] is not None else "-"
+        lines.append(f"{name:<15} {s['users']:>7,} {s['rows']:>9,} {s['query_rows']:>8,} {click:>6} {rating:>6}"
+                     + ("" if s["users"] else "  (empty: not written)"))
+    lines.append(f"done in {summary.get('seconds', float('nan')):.1f} s")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_arguments(parser) -> None:
+    d = MovieLensConfig(src="", out="")
+    a = parser.add_argument
+    a("--src", required=True, help="directory with the raw MovieLens-100K or -1M files")
+    a("--out", required=True, help="dataset directory to write")
+    a("--min-ratings", type=int, default=d.min_ratings, help="fewest ratings of a kept user and of a task")
+    a("--max-ratings", type=int, default=d.max_ratings, help="most ratings of a kept user")
+    a("--query-size", type=int, default=d.query_size, help="most recent ratings per task that form the query")
+    a("--cold-user-frac", type=float, default=d.cold_user_frac,
+      help="share of users (latest first rating) that are cold")
+    a("--cold-item-frac", type=float, default=d.cold_item_frac, help="share of items (latest released) that are cold")
+    a("--rows-per-stripe", type=int, default=d.rows_per_stripe, help="ORC stripe size in rows")
+    a("--compression", default=d.compression, help="ORC compression (zstd, snappy, zlib, lz4, uncompressed)")
+    a("--overwrite", action="store_true", help="replace an existing dataset in --out")
+    a("--quiet", action="store_true", help="print nothing on success")
+
+
+def main(args) -> int:
+    try:
+        cfg = MovieLensConfig(
+            src=args.src, out=args.out, min_ratings=args.min_ratings, max_ratings=args.max_ratings,
+            query_size=args.query_size, cold_user_frac=args.cold_user_frac, cold_item_frac=args.cold_item_frac,
+            rows_per_stripe=args.rows_per_stripe, compression=args.compression, overwrite=args.overwrite,
+            quiet=args.quiet).validate()
+        summary = convert(cfg)
+    except ConvertError as exc:
+        print(f"gmeta convert movielens: error: {exc}", file=sys.stderr)
+        return 2
+    if not cfg.quiet:
+        print(format_summary(summary))
+        print(f"wrote {os.path.join(cfg.out, 'schema.json')} and convert.json")
+    return 0

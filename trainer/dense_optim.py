@@ -1,0 +1,28 @@
+"""Adam for the replicated dense parameters (outer loop).
+
+Written against plain ``tf.Variable``s: Keras 3 optimizers expect Keras variables, and every
+rank must apply bit-identical updates to identical (already all-reduced) gradients.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+class Adam(tf.Module):
+    def __init__(self, variables, learning_rate=1e-3, beta1=0.9, beta2=0.999, epsilon=1e-8):
+        super().__init__(name="dense_adam")
+        self.variables_ = list(variables)
+        self.lr, self.beta1, self.beta2, self.epsilon = learning_rate, beta1, beta2, epsilon
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        self.m = [tf.Variable(tf.zeros_like(v), trainable=False, name="m") for v in self.variables_]
+        self.v = [tf.Variable(tf.zeros_like(v), trainable=False, name="v") for v in self.variables_]
+
+    def apply(self, grads) -> None:
+        self.step.assign_add(1)
+        t = tf.cast(self.step, tf.float32)
+        scale = self.lr * tf.sqrt(1.0 - self.beta2 ** t) / (1.0 - self.beta1 ** t)
+        for var, g, m, v in zip(self.variables_, grads, self.m, self.v):
+            m.assign(self.beta1 * m + (1.0 - self.beta1) * g)
+            v.assign(self.beta2 * v + (1.0 - self.beta2) * tf.square(g))
+            var.assign_sub(scale * m / (tf.sqrt(v) + self.epsilon))

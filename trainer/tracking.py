@@ -1,0 +1,98 @@
+"""MLflow tracking for a run: parameters, per-epoch metrics, final metrics, the model.
+
+Only rank 0 talks to MLflow (``enabled=False`` on other ranks makes every call a no-op). The
+model is logged as an MLflow pyfunc whose artifact is the gmeta export directory, so it can be
+registered and given an alias (``gmeta register``) and loaded back (``gmeta evaluate --model``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+MODEL_URI_TAG = "gmeta.model_uri"
+PIP_REQUIREMENTS = ["tensorflow-cpu==2.17.1", "pyarrow<20", "numpy<2"]
+
+
+def flatten(prefix: str, value, out: dict) -> dict:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = value
+    return out
+
+
+class Tracker:
+    def __init__(self, tracking_uri: str | None, experiment: str, run_name: str | None, enabled: bool):
+        self.enabled = enabled and bool(tracking_uri)
+        self.run_id = None
+        if not self.enabled:
+            return
+        import mlflow
+
+        self._mlflow = mlflow
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_experiment(experiment)
+        run = mlflow.start_run(run_name=run_name)
+        self.run_id = run.info.run_id
+
+    def log_params(self, params: dict) -> None:
+        if self.enabled:
+            flat = {k: str(v)[:500] for k, v in flatten("", params, {}).items()}
+            self._mlflow.log_params(flat)
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        if self.enabled:
+            flat = {k: float(v) for k, v in flatten("", metrics, {}).items()
+                    if isinstance(v, (int, float)) and v is not None}
+            self._mlflow.log_metrics(flat, step=step)
+
+    def log_dict(self, obj: dict, name: str) -> None:
+        if self.enabled:
+            self._mlflow.log_dict(obj, name)
+
+    def log_model(self, export_dir: str) -> str | None:
+        if not self.enabled:
+            return None
+        from gmeta.trainer.pyfunc import GmetaPyfunc
+
+        info = self._mlflow.pyfunc.log_model(
+            name="model", python_model=GmetaPyfunc(), artifacts={"gmeta_model": export_dir},
+            pip_requirements=PIP_REQUIREMENTS)
+        self._mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
+        return info.model_uri
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.enabled:
+            self._mlflow.end_run(status=status)
+
+
+def model_dir_from_uri(uri: str, tracking_uri: str) -> str:
+    """Download a logged/registered gmeta model and return its export directory."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+    for root, _dirs, files in os.walk(local):
+        if "gmeta_model.json" in files:
+            return root
+    raise FileNotFoundError(f"{uri}: no gmeta export (gmeta_model.json) inside the model artifacts")
+
+
+def model_uri_of_run(run_id: str, tracking_uri: str) -> str:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        run = mlflow.get_run(run_id)
+    except Exception as exc:  # noqa: BLE001 - MLflow raises several types for unknown runs
+        raise ValueError(f"--run {run_id}: no such run in {tracking_uri} ({type(exc).__name__})") from None
+    uri = run.data.tags.get(MODEL_URI_TAG)
+    if not uri:
+        raise ValueError(f"--run {run_id}: the run logged no gmeta model (tag {MODEL_URI_TAG} missing)")
+    return uri
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, sort_keys=True)
