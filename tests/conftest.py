@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,31 @@ def read_rank_results(directory, np_: int):
 @pytest.fixture
 def hvdrun():
     return horovodrun
+
+
+def run_gmeta(*argv, cwd, timeout=600, check=True, env=None):
+    """Run the installed ``gmeta`` command; on failure (when ``check``) show its output."""
+    full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    if env:
+        full_env.update(env)
+    proc = subprocess.run([str(BIN / "gmeta"), *map(str, argv)], capture_output=True, text=True,
+                          timeout=timeout, cwd=str(cwd), env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"gmeta {' '.join(map(str, argv))} failed ({proc.returncode})\n"
+                             f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def last_json(proc) -> dict:
+    """The JSON object a gmeta command prints as its last line (horovodrun's rank prefix removed)."""
+    line = proc.stdout.strip().splitlines()[-1]
+    return json.loads(re.sub(r"^\[\d+\]<stdout>:", "", line))
+
+
+@pytest.fixture(scope="session")
+def tiny_synth(tmp_path_factory):
+    """A small synthetic dataset for plumbing tests (not for learning claims)."""
+    out = tmp_path_factory.mktemp("tiny") / "data"
+    run_gmeta("datagen", "--out", out, "--seed", "1", "--train-users", "300", "--cold-users", "60",
+              "--items", "200", "--cold-items", "50", "--quiet", cwd=REPO)
+    return out

@@ -1,14 +1,9 @@
 """`gmeta train` end to end on synthetic cold-start data: every zoo model, baselines, 2 workers,
 MLflow logging, registration and evaluation of the registered model."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-from conftest import BIN, REPO, horovodrun
+from conftest import REPO, last_json, run_gmeta
 
 MODELS = ["melu", "maml_dnn", "maml_esmm", "metaemb"]
 # The learning claim each model must meet on cold-user query sets (stated margins, AUC points).
@@ -17,18 +12,7 @@ MARGIN_OVER_PLAIN = 0.005
 TRAIN_FLAGS = ["--epochs", "3", "--tracking-uri", "none", "--log-every", "0"]
 
 
-def gmeta(*argv, cwd, timeout=600, check=True):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([str(BIN / "gmeta"), *map(str, argv)], capture_output=True, text=True,
-                          timeout=timeout, cwd=str(cwd), env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"gmeta {' '.join(map(str, argv))} failed ({proc.returncode})\n"
-                             f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
-
-
-def last_json(proc) -> dict:
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+gmeta = run_gmeta
 
 
 @pytest.fixture(scope="module")

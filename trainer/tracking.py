@@ -7,8 +7,10 @@ registered and given an alias (``gmeta register``) and loaded back (``gmeta eval
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 
 MODEL_URI_TAG = "gmeta.model_uri"
 PIP_REQUIREMENTS = ["tensorflow-cpu==2.17.1", "pyarrow<20", "numpy<2"]
@@ -65,7 +67,9 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.enabled:
-            self._mlflow.end_run(status=status)
+            # MLflow prints "View run at ..." links on stdout; stdout's last line is our JSON.
+            with contextlib.redirect_stdout(sys.stderr):
+                self._mlflow.end_run(status=status)
 
 
 def model_dir_from_uri(uri: str, tracking_uri: str) -> str:

@@ -1,0 +1,57 @@
+"""Embedding tables for gmeta: one factory over three interchangeable backends.
+
+* ``hybrid``: rows sharded over ranks (r % N), lookups through AlltoAll (gmeta.trainer.embedding_hybrid)
+* ``naive``:  full tables replicated, dense all-reduce of gradients (gmeta.trainer.embedding_naive)
+* ``sok``:    the hybrid placement with SparseOperationKit's GPU kernels (gmeta.trainer.sok_backend)
+* ``auto``:   ``sok`` when it imports and a GPU is visible, else ``hybrid``
+
+All backends start from the same global table for a given seed (gmeta.trainer.embedding_init),
+so they and any world size are comparable number for number. Usage::
+
+    emb = make_embedding(mode="hybrid", plan=plan, comm=comm,
+                         optimizer=RowOptimizerConfig(kind="adagrad", learning_rate=0.05))
+    with tf.GradientTape() as tape:
+        vecs = emb.lookup({"item_id": ids})          # {feature: ids.shape + [dim]}
+        loss = ...
+    emb.apply_gradients(tape.gradient(loss, emb.trainable_variables))
+"""
+
+from __future__ import annotations
+
+from gmeta.trainer.embedding_base import EmbeddingBase
+from gmeta.trainer.embedding_hybrid import HybridEmbedding
+from gmeta.trainer.embedding_naive import NaiveEmbedding
+from gmeta.trainer.sharding import ShardingPlan, TableConfig
+from gmeta.trainer.sparse_optim import RowOptimizerConfig
+
+MODES = ("hybrid", "naive", "sok", "auto")
+
+__all__ = ["make_embedding", "resolve_mode", "EmbeddingBase", "HybridEmbedding",
+           "NaiveEmbedding", "RowOptimizerConfig", "ShardingPlan", "TableConfig", "MODES"]
+
+
+def resolve_mode(mode: str) -> str:
+    """Turn ``auto`` into the concrete backend for this host; validate the others."""
+    if mode not in MODES:
+        raise ValueError(f"embedding mode must be one of {MODES}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    from gmeta.trainer.sok_backend import sok_available
+
+    return "sok" if sok_available()[0] else "hybrid"
+
+
+def make_embedding(mode: str = "hybrid", *, plan: ShardingPlan, comm,
+                   optimizer: RowOptimizerConfig | None = None, seed: int = 0,
+                   init_stddev: float = 0.05) -> EmbeddingBase:
+    """Build the embedding tables of ``plan`` for this rank (see module docstring)."""
+    optimizer = optimizer or RowOptimizerConfig()
+    concrete = resolve_mode(mode)
+    if concrete == "hybrid":
+        cls = HybridEmbedding
+    elif concrete == "naive":
+        cls = NaiveEmbedding
+    else:
+        from gmeta.trainer.sok_backend import SokEmbedding
+        cls = SokEmbedding
+    return cls(plan, comm, optimizer, seed=seed, init_stddev=init_stddev)

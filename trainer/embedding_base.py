@@ -1,0 +1,198 @@
+"""What every embedding backend shares: input checks, id cleaning, and scattering rows back.
+
+A backend only says how to fetch the vectors of clean global rows of all requested tables in
+one go (``_lookup_tables``) and how to apply gradients; this base turns a ``{feature: ids}``
+dict into those rows (all features sharing a table concatenated, so their ids are deduplicated
+together) and puts the vectors back in place, with zeros for ids < 0.
+
+Collective safety: ``lookup`` visits tables in plan order and skips only tables none of whose
+features were passed, so every rank must pass the same feature names (shapes may differ,
+empty is fine); then every rank issues the same collectives in the same order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from gmeta.trainer.embedding_init import initial_rows
+from gmeta.trainer.sharding import ShardingPlan, TableConfig
+from gmeta.trainer.sparse_optim import RowOptimizer, RowOptimizerConfig
+
+
+def gather_or_zero(vectors: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
+    """``vectors[index]`` with ``index == len(vectors)`` meaning a zero row.
+
+    The gradient is a dense segment sum back onto ``vectors`` (never IndexedSlices), so it can
+    travel straight into the reverse AlltoAll.
+    """
+    dim = vectors.shape[-1]
+    k = tf.shape(vectors, out_type=tf.int64)[0]
+
+    @tf.custom_gradient
+    def _gather(v):
+        padded = tf.concat([v, tf.zeros([1, dim], v.dtype)], axis=0)
+
+        def grad(dy):
+            return tf.math.unsorted_segment_sum(dy, index, k + 1)[:-1]
+        return tf.gather(padded, index), grad
+
+    return _gather(vectors)
+
+
+class EmbeddingBase(tf.Module):
+    """Common front end of the hybrid, naive and SOK embeddings (see module docstring)."""
+
+    mode = "base"
+
+    def __init__(self, plan: ShardingPlan, comm, optimizer: RowOptimizerConfig, seed: int = 0,
+                 init_stddev: float = 0.05, name: str = "embedding"):
+        super().__init__(name=name)
+        if plan.world_size != comm.size:
+            raise ValueError(
+                f"the sharding plan was built for world_size={plan.world_size} but the "
+                f"communicator has size {comm.size}; build it with "
+                f"ShardingPlan.build(..., world_size=comm.size)")
+        if not isinstance(optimizer, RowOptimizerConfig):
+            raise TypeError(f"optimizer must be a RowOptimizerConfig, got {type(optimizer).__name__}")
+        self._plan = plan
+        self._comm = comm
+        self.seed = int(seed)
+        self.init_stddev = float(init_stddev)
+        self.optimizer = RowOptimizer(optimizer)
+        self.params = []   # one variable per table, plan order
+        self.slots = []    # one dict of slot variables per table, plan order
+
+    # ---- construction helpers ----
+    def _initial(self, table: TableConfig, rows: np.ndarray) -> np.ndarray:
+        return initial_rows(self.seed, table.name, rows, table.dim, self.init_stddev)
+
+    def _add_table(self, table: TableConfig, var: tf.Variable) -> None:
+        self.params.append(var)
+        self.slots.append(self.optimizer.create_slots(var, f"{table.name}"))
+
+    @property
+    def plan(self) -> ShardingPlan:
+        return self._plan
+
+    @property
+    def comm(self):
+        return self._comm
+
+    @property
+    def trainable_variables(self):
+        """This rank's table variables in plan order (what ``apply_gradients`` expects)."""
+        return tuple(self.params)
+
+    def table_index(self, name: str) -> int:
+        for i, t in enumerate(self._plan.tables):
+            if t.name == name:
+                return i
+        raise KeyError(f"no table {name!r}; tables are {[t.name for t in self._plan.tables]}")
+
+    def memory_bytes(self) -> int:
+        """Bytes of parameters plus optimizer slots held by this rank."""
+        total = 0
+        for var, slots in zip(self.params, self.slots):
+            for v in [var] + list(slots.values()):
+                total += int(np.prod(v.shape)) * v.dtype.size
+        return total
+
+    # ---- forward ----
+    def lookup(self, features: dict) -> dict:
+        """``{feature: int ids of any shape}`` -> ``{feature: float32 ids.shape + [dim]}``."""
+        unknown = sorted(set(features) - set(self._plan.features))
+        if unknown:
+            raise KeyError(f"features {unknown} have no embedding table; the plan knows "
+                           f"{list(self._plan.features)}")
+        requests, layouts = [], []
+        for table in self._plan.tables:
+            feats = [f for f in self._plan.features_of(table.name) if f in features]
+            if not feats:
+                continue
+            ids = []
+            for f in feats:
+                t = tf.convert_to_tensor(features[f])
+                if not t.dtype.is_integer:
+                    raise TypeError(f"feature {f!r}: ids must be integers, got {t.dtype.name}")
+                ids.append(tf.cast(t, tf.int64))
+            flats = [tf.reshape(t, [-1]) for t in ids]
+            flat = flats[0] if len(flats) == 1 else tf.concat(flats, axis=0)
+            pos = tf.where(flat >= 0)[:, 0]
+            requests.append((table, self._clean_rows(table, tf.gather(flat, pos))))
+            layouts.append((feats, ids, flats, flat, pos))
+        out = {}
+        fetched = self._lookup_tables(requests) if requests else []
+        for (table, _), (feats, ids, flats, flat, pos), (vectors, src) in zip(requests, layouts,
+                                                                              fetched):
+            # every position gets the index of its vector; ids < 0 point at the zero row
+            n = tf.size(flat, out_type=tf.int64)
+            k = tf.shape(vectors, out_type=tf.int64)[0]
+            index = tf.tensor_scatter_nd_update(tf.fill([n], k), pos[:, None], src)
+            flat_out = gather_or_zero(vectors, index)
+            if len(flats) == 1:
+                parts = [flat_out]
+            else:
+                parts = tf.split(flat_out, tf.stack([tf.size(x) for x in flats]), axis=0)
+            for f, t, p in zip(feats, ids, parts):
+                out[f] = tf.reshape(p, tf.concat([tf.shape(t), [table.dim]], axis=0))
+        return out
+
+    def _clean_rows(self, table: TableConfig, rows: tf.Tensor) -> tf.Tensor:
+        """Non-negative ids -> global rows: modulo for hashed tables, range-checked otherwise."""
+        if table.hashed:
+            return tf.math.floormod(rows, tf.constant(table.num_rows, tf.int64))
+        check = tf.debugging.assert_less(
+            rows, tf.constant(table.num_rows, tf.int64),
+            # no quotes in the message: graph-mode errors print them escaped
+            message=(f"embedding table {table.name}: id out of range, must be < num_rows="
+                     f"{table.num_rows} (features: {', '.join(self._plan.features_of(table.name))}; "
+                     f"set hashed=True to reduce ids modulo num_rows)"))
+        with tf.control_dependencies([check]):
+            return tf.identity(rows)
+
+    def _lookup_tables(self, requests: list) -> list:
+        """Fetch rows of several tables at once.
+
+        ``requests``: ``[(table, rows int64 [m])]`` with clean global rows, in plan order (the
+        same tables on every rank). Returns ``[(vectors [K, dim], src [m])]`` with
+        ``vectors[src[i]]`` the value of ``rows[i]``.
+        """
+        raise NotImplementedError
+
+    # ---- backward ----
+    def apply_gradients(self, grads) -> None:
+        raise NotImplementedError
+
+    def _check_grads(self, grads) -> list:
+        grads = list(grads)
+        if len(grads) != len(self.params):
+            raise ValueError(f"apply_gradients got {len(grads)} gradients for "
+                             f"{len(self.params)} embedding variables (pass the result of "
+                             f"tape.gradient(loss, emb.trainable_variables))")
+        return grads
+
+    # ---- whole tables (tests, checkpoints, export) ----
+    def gather_full_table(self, name: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def set_full_table(self, name: str, values) -> None:
+        raise NotImplementedError
+
+    def _check_full(self, name: str, values) -> np.ndarray:
+        table = self._plan.table(name)
+        values = np.asarray(values, dtype=np.float32)
+        if values.shape != (table.num_rows, table.dim):
+            raise ValueError(f"table {name!r} is [{table.num_rows}, {table.dim}], "
+                             f"got values of shape {list(values.shape)}")
+        return values
+
+
+def dedupe_rows(grad) -> tuple:
+    """Gradient (IndexedSlices or dense) -> ``(unique rows int64 [K], summed values [K, dim])``."""
+    if isinstance(grad, tf.IndexedSlices):
+        rows, idx = tf.unique(tf.cast(grad.indices, tf.int64), out_idx=tf.int64)
+        values = tf.math.unsorted_segment_sum(grad.values, idx, tf.size(rows, out_type=tf.int64))
+        return rows, values
+    grad = tf.convert_to_tensor(grad)
+    return tf.range(tf.shape(grad, out_type=tf.int64)[0]), grad

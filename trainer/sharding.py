@@ -1,0 +1,148 @@
+"""The sharding plan: which rank owns which embedding row, as plain data (no TF, no Horovod).
+
+Row ``r`` of every table lives on rank ``r % N`` at local row ``r // N`` (the rule SOK uses), so
+rank ``k`` holds ``ceil((num_rows - k) / N)`` rows and hot rows (usually small ids) spread over
+all ranks. The embedding backends, the benchmark and the tests are all built from this object,
+so placement is decided once, here, and can be checked without launching anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+BYTES_PER_FLOAT = 4
+
+
+@dataclass(frozen=True)
+class TableConfig:
+    """One embedding table: ``num_rows`` x ``dim`` float32.
+
+    ``hashed``: ids are reduced modulo ``num_rows`` (hash buckets); otherwise an id outside
+    ``[0, num_rows)`` is an error. Negative ids always mean "no row" (padding).
+    """
+
+    name: str
+    num_rows: int
+    dim: int
+    hashed: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"table name must be a non-empty string, got {self.name!r}")
+        if int(self.num_rows) < 1:
+            raise ValueError(f"table {self.name!r}: num_rows must be >= 1, got {self.num_rows}")
+        if int(self.dim) < 1:
+            raise ValueError(f"table {self.name!r}: dim must be >= 1, got {self.dim}")
+
+    @property
+    def param_bytes(self) -> int:
+        return int(self.num_rows) * int(self.dim) * BYTES_PER_FLOAT
+
+
+@dataclass(frozen=True)
+class ShardingPlan:
+    """Row-wise placement of every table over ``world_size`` ranks.
+
+    ``feature_tables`` is stored as a sorted tuple of ``(feature, table)`` pairs so the plan is
+    hashable and identical on every rank; use ``table_of(feature)`` / ``features_of(table)``.
+    """
+
+    tables: tuple
+    feature_tables: tuple
+    world_size: int
+
+    @classmethod
+    def build(cls, tables: Sequence[TableConfig], feature_tables: Mapping[str, str],
+              world_size: int) -> "ShardingPlan":
+        tables = tuple(tables)
+        if int(world_size) < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if not tables:
+            raise ValueError("a sharding plan needs at least one table")
+        names = [t.name for t in tables]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate table names in the plan: {dup}")
+        if max(int(t.num_rows) for t in tables) * len(tables) >= 2 ** 62:
+            raise ValueError("num_rows x number of tables must stay below 2**62: the hybrid "
+                             "lookup packs (row, table) into one int64 key")
+        known = set(names)
+        pairs = []
+        for feature, table in dict(feature_tables).items():
+            if table not in known:
+                raise ValueError(f"feature {feature!r} maps to unknown table {table!r}; "
+                                 f"tables are {sorted(known)}")
+            pairs.append((str(feature), str(table)))
+        unused = sorted(known - {t for _, t in pairs})
+        if unused:
+            raise ValueError(f"tables {unused} are used by no feature; drop them or map a feature")
+        return cls(tables=tables, feature_tables=tuple(sorted(pairs)), world_size=int(world_size))
+
+    # ---- lookups by name ----
+    def table(self, name: str) -> TableConfig:
+        for t in self.tables:
+            if t.name == name:
+                return t
+        raise KeyError(f"no table {name!r} in the plan; tables are {[t.name for t in self.tables]}")
+
+    def table_of(self, feature: str) -> TableConfig:
+        for f, t in self.feature_tables:
+            if f == feature:
+                return self.table(t)
+        raise KeyError(f"feature {feature!r} has no table in the plan; features are "
+                       f"{[f for f, _ in self.feature_tables]}")
+
+    def features_of(self, table: str) -> tuple:
+        """Features sharing ``table``, in sorted order (the order lookup concatenates them)."""
+        return tuple(f for f, t in self.feature_tables if t == table)
+
+    @property
+    def features(self) -> tuple:
+        return tuple(f for f, _ in self.feature_tables)
+
+    # ---- placement (accepts ints or numpy arrays) ----
+    def owner(self, row):
+        """Rank holding global ``row``."""
+        return np.asarray(row) % self.world_size if not np.isscalar(row) else int(row) % self.world_size
+
+    def local_row(self, row):
+        """Index of global ``row`` inside its owner's shard."""
+        return np.asarray(row) // self.world_size if not np.isscalar(row) else int(row) // self.world_size
+
+    def rows_on_rank(self, table: str, rank: int) -> int:
+        """Number of rows of ``table`` held by ``rank`` (0 when the table has fewer rows than ranks)."""
+        self._check_rank(rank)
+        n = self.table(table).num_rows
+        return max(0, (n - rank + self.world_size - 1) // self.world_size)
+
+    def global_rows(self, table: str, rank: int) -> np.ndarray:
+        """Global row ids held by ``rank``, in local-row order (int64)."""
+        self._check_rank(rank)
+        return np.arange(rank, self.table(table).num_rows, self.world_size, dtype=np.int64)
+
+    # ---- memory ----
+    def bytes_on_rank(self, rank: int, slots_per_row: int = 0) -> int:
+        """Parameter plus optimizer-slot bytes held by ``rank`` when sharded.
+
+        ``slots_per_row``: float vectors of size ``dim`` the optimizer keeps per row
+        (sgd 0, adagrad 1, adam 2; see ``gmeta.trainer.sparse_optim.slots_per_row``).
+        """
+        return sum(self.rows_on_rank(t.name, rank) * t.dim * BYTES_PER_FLOAT * (1 + slots_per_row)
+                   for t in self.tables)
+
+    def bytes_per_rank(self, slots_per_row: int = 0) -> list:
+        return [self.bytes_on_rank(r, slots_per_row) for r in range(self.world_size)]
+
+    def replicated_bytes(self, slots_per_row: int = 0) -> int:
+        """Bytes every rank holds when tables are replicated (the naive baseline)."""
+        return sum(t.param_bytes * (1 + slots_per_row) for t in self.tables)
+
+    def with_world_size(self, world_size: int) -> "ShardingPlan":
+        return ShardingPlan.build(self.tables, dict(self.feature_tables), world_size)
+
+    def _check_rank(self, rank: int) -> None:
+        if not 0 <= int(rank) < self.world_size:
+            raise ValueError(f"rank {rank} outside [0, {self.world_size})")
