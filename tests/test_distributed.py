@@ -21,3 +21,16 @@ def test_meta_step_communication_shape(tmp_path):
         assert one["alltoall_vectors"]["calls"] == lookups
         assert one["alltoall_grads"]["calls"] == lookups
         assert one["broadcast"]["calls"] == 0
+
+
+@pytest.mark.parametrize("np_,mode,model", [(2, "hybrid", "maml_dnn"), (3, "hybrid", "maml_esmm"),
+                                            (2, "naive", "melu")])
+def test_distributed_meta_steps_equal_single_process(tmp_path, np_, mode, model):
+    """N workers on slices of a global batch reach the same dense weights and tables as one process."""
+    horovodrun(np_, ["meta_equivalence.py", tmp_path, REPO / "tests", mode, model], timeout=300)
+    for res in read_rank_results(tmp_path, np_):
+        assert res["moved"] > 1e-3  # training really changed the weights
+        for dist_loss, ref_loss in res["losses"]:
+            assert dist_loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
+        assert max(res["dense_max_diff"].values()) < 1e-5, res["dense_max_diff"]
+        assert max(res["table_max_diff"].values()) < 1e-5, res["table_max_diff"]

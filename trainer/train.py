@@ -29,7 +29,7 @@ class TrainConfig:
     inner_steps: int = 1
     eval_inner_steps: int = -1         # -1: same as inner_steps
     inner_lr: float = 0.5
-    outer_lr: float = 3e-3
+    outer_lr: float = 1e-2
     first_order: bool = False
     meta_sgd: bool = False
     task_loop: bool = False
@@ -38,7 +38,7 @@ class TrainConfig:
     hidden: tuple = (64, 64)
     target: str = "auto"
     emb_optimizer: str = "adagrad"
-    emb_lr: float = 0.05
+    emb_lr: float = 0.2
     generator_epochs: int = 2          # metaemb phase 2
     seed: int = 0
     eval_splits: tuple = ()

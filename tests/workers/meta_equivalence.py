@@ -1,0 +1,55 @@
+"""Worker: N ranks training on slices of a global batch == one process on the whole batch."""
+import json
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+sys.path.insert(0, sys.argv[2])  # tests/ for the batch builder
+from test_meta_learner import SCHEMA, make_batch  # noqa: E402
+
+from gmeta.models.base import ModelConfig  # noqa: E402
+from gmeta.models.registry import build_model  # noqa: E402
+from gmeta.trainer.comm import LocalCommunicator, init_communicator  # noqa: E402
+from gmeta.trainer.meta_learner import MetaConfig, MetaLearner  # noqa: E402
+from gmeta.trainer.setup import build_embedding  # noqa: E402
+
+out_dir, mode, model_name = sys.argv[1], sys.argv[3], sys.argv[4]
+comm = init_communicator("horovod")
+n, r = comm.size, comm.rank
+T_LOCAL = 3
+
+
+def learner_for(c, emb_mode):
+    model = build_model(model_name, SCHEMA, ModelConfig(emb_dim=4, hidden=(8,), seed=1))
+    emb = build_embedding(model, c, mode=emb_mode, optimizer="adagrad", learning_rate=0.1, seed=3)
+    return MetaLearner(model, emb, c, MetaConfig(inner_steps=2, inner_lr=0.3, outer_lr=0.01))
+
+
+def global_batch(step):
+    b = make_batch(T=T_LOCAL * n, seed=100 + step)
+    b["task_mask"] = tf.ones_like(b["task_mask"])  # equal real tasks per rank: mean of means == mean
+    return b
+
+
+dist = learner_for(comm, mode)
+ref = learner_for(LocalCommunicator(), "hybrid")
+dist_step, ref_step = tf.function(dist.train_step), tf.function(ref.train_step)
+losses = []
+for step in range(3):
+    g = global_batch(step)
+    mine = tf.nest.map_structure(lambda t: t[r * T_LOCAL:(r + 1) * T_LOCAL], g)
+    local_loss = float(dist_step(mine))
+    mean_loss = float(comm.allreduce_mean([tf.constant(local_loss)])[0])
+    losses.append([mean_loss, float(ref_step(g))])
+
+dense = {k: float(np.max(np.abs(dist.model.params[k].numpy() - ref.model.params[k].numpy())))
+         for k in dist.model.params}
+tables = {}
+for t in dist.embedding.plan.tables:
+    full = dist.embedding.gather_full_table(t.name)
+    tables[t.name] = float(np.max(np.abs(full - ref.embedding.gather_full_table(t.name))))
+fresh = learner_for(LocalCommunicator(), "hybrid").model.params
+moved = max(float(np.max(np.abs(ref.model.params[k].numpy() - fresh[k].numpy()))) for k in fresh)
+json.dump({"losses": losses, "dense_max_diff": dense, "table_max_diff": tables, "moved": moved},
+          open(f"{out_dir}/rank{r}.json", "w"))
