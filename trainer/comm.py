@@ -5,15 +5,18 @@ single-process path (``LocalCommunicator``, no horovodrun) runs exactly the same
 
 Gradient scaling, written down once
 -----------------------------------
-Every rank computes the *mean* loss over its own local batch. The global objective is the
-mean of those per-rank losses (equal-size batches, see gmeta.io.reader), so:
+Each rank minimises a per-rank objective ``L_r`` chosen so that the global objective is the
+*mean* over ranks of ``L_r``. (The meta-learner uses ``L_r = local loss sum * size / global
+real-task count``, which makes the mean over ranks the exact global mean even when ranks hold
+different numbers of real tasks; the count travels in the same fused allreduce as the dense
+gradients.) Then:
 
-* dense (replicated) gradients are **averaged** over ranks: one fused
-  ``grouped_allreduce(op=Average)`` per step (``allreduce_mean``);
+* dense (replicated) gradients are **averaged** over ranks (``allreduce_mean``; or summed and
+  divided by the global count, which is the same thing);
 * sharded embedding rows receive, through the AlltoAll backward pass, the **sum** over ranks of
-  each rank's local-loss gradient for that row. To be the gradient of the same global mean they
-  must be divided by ``size``. ``sparse_grad_scale()`` returns that factor; the sharded
-  embedding applies it before its row-wise optimizer step, and nothing else rescales.
+  each rank's gradient for that row. To be the gradient of the mean objective they must be
+  divided by ``size``. ``sparse_grad_scale()`` returns that factor; the sharded embedding
+  applies it before its row-wise optimizer step, and nothing else rescales.
 
 Collective safety: every rank must issue the same collectives in the same order. All
 collectives here are issued from code paths that do not depend on rank-local data sizes;

@@ -5,10 +5,11 @@ One meta-step (``train_step``), top to bottom:
      of ids and vectors; no collective anywhere else until step 5);
   2. inner loop: ``inner_steps`` gradient steps on each task's support loss, with the adapted
      parameters held as fast weights ``[T, ...]`` so all T tasks adapt in one computation;
-  3. query loss with the adapted weights (mean over this rank's real tasks);
+  3. query loss with the adapted weights, summed over this rank's real tasks;
   4. meta-gradients, second order by default (the inner gradient is itself differentiated),
      first order on request (inner gradients treated as constants);
-  5. dense meta-gradients averaged in ONE fused grouped allreduce, then Adam;
+  5. dense meta-gradients summed in ONE fused grouped allreduce together with every rank's
+     real-task count, divided by the global count (the exact global mean), then Adam;
      embedding gradients (already routed to their owners by the AlltoAll backward pass) go to
      the embedding's row-wise optimizer, which applies the sparse scaling rule (see comm.py).
 
@@ -50,6 +51,12 @@ class MetaConfig:
 def _concat_parts(a: dict, b: dict) -> dict:
     """Join support and query rows of a batch along the sample axis (for the plain baseline)."""
     return {k: tf.concat([a[k], b[k]], axis=1) for k in a if k in b}
+
+
+def _scale(grad, factor):
+    if isinstance(grad, tf.IndexedSlices):
+        return tf.IndexedSlices(grad.values * factor, grad.indices, grad.dense_shape)
+    return grad * factor
 
 
 class MetaLearner(tf.Module):
@@ -122,8 +129,9 @@ class MetaLearner(tf.Module):
         return self.adapt(params, x, part, steps, first_order)
 
     # ------------------------------------------------------------------ one meta-step
-    def meta_loss(self, batch):
-        """Steps 1-3: lookup, inner loop, query loss (mean over this rank's real tasks)."""
+    def meta_loss_sum(self, batch):
+        """Steps 1-3: lookup, inner loop, query loss. Returns (sum of losses, count) over this
+        rank's real tasks (rows for ``meta="none"``), so the step can normalise globally."""
         cfg = self.config
         task_mask = batch["task_mask"]
         # 1. embeddings of support and query: one lookup, one AlltoAll round trip
@@ -134,29 +142,41 @@ class MetaLearner(tf.Module):
             fast = self._adapted(params, x_support, batch["support"], cfg.inner_steps, cfg.first_order)
             # 3. query loss with the adapted weights
             per_task = self.model.task_loss(self.model.forward(fast, x_query), batch["query"])
-            return tf.reduce_sum(per_task * task_mask) / tf.maximum(tf.reduce_sum(task_mask), 1.0)
+            return tf.reduce_sum(per_task * task_mask), tf.reduce_sum(task_mask)
         # non-meta baseline: the same network on all rows, one plain step
         part = _concat_parts(batch["support"], batch["query"])
         part["mask"] = part["mask"] * task_mask[:, None]
         x = tf.concat([x_support, x_query], axis=1)
         per_task = self.model.task_loss(self.model.forward(params, x), part)
         rows = tf.reduce_sum(part["mask"], axis=1)
-        return tf.reduce_sum(per_task * rows) / tf.maximum(tf.reduce_sum(rows), 1.0)
+        return tf.reduce_sum(per_task * rows), tf.reduce_sum(rows)
+
+    def meta_loss(self, batch):
+        """This rank's mean loss (single-process view; used by tests and diagnostics)."""
+        total, count = self.meta_loss_sum(batch)
+        return total / tf.maximum(count, 1.0)
 
     def train_step(self, batch):
         """One meta-step; see the module docstring for the five stages."""
         with tf.GradientTape() as tape:
-            loss = self.meta_loss(batch)
-        # 4. meta-gradients (second order unless first_order)
+            loss_sum, count = self.meta_loss_sum(batch)
+        # 4. meta-gradients (second order unless first_order) of this rank's SUM of losses
         emb_vars = list(self.embedding.trainable_variables)
-        grads = tape.gradient(loss, self.dense_variables + emb_vars)
+        grads = tape.gradient(loss_sum, self.dense_variables + emb_vars)
+        n_dense = len(self.dense_variables)
         dense_grads = [g if g is not None else tf.zeros_like(v)
-                       for g, v in zip(grads[:len(self.dense_variables)], self.dense_variables)]
-        # 5. one fused allreduce for every dense gradient; row-wise updates for owned rows
-        dense_grads = self.comm.allreduce_mean(dense_grads)
-        self.optimizer.apply(dense_grads)
-        self.embedding.apply_gradients(grads[len(self.dense_variables):])
-        return loss
+                       for g, v in zip(grads[:n_dense], self.dense_variables)]
+        # 5. ONE fused allreduce: every dense gradient plus the real-task count of every rank, so
+        #    the step minimises the exact global mean even when ranks hold different task counts.
+        reduced = self.comm.allreduce_sum(dense_grads + [count])
+        global_count = tf.maximum(reduced[-1], 1.0)
+        self.optimizer.apply([g / global_count for g in reduced[:-1]])
+        # Per-rank objective = local sum * size / global count, whose mean over ranks is the global
+        # mean; the embedding applies the comm.py rule for such per-rank objectives.
+        emb_scale = float(self.comm.size) / global_count
+        self.embedding.apply_gradients([None if g is None else _scale(g, emb_scale)
+                                        for g in grads[n_dense:]])
+        return loss_sum / tf.maximum(count, 1.0)
 
     # ------------------------------------------------------------------ evaluation
     def eval_step(self, batch, steps: int):
