@@ -34,3 +34,19 @@ def test_distributed_meta_steps_equal_single_process(tmp_path, np_, mode, model)
             assert dist_loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
         assert max(res["dense_max_diff"].values()) < 1e-5, res["dense_max_diff"]
         assert max(res["table_max_diff"].values()) < 1e-5, res["table_max_diff"]
+
+
+def test_two_workers_reach_the_single_worker_auc(tiny_synth, tmp_path):
+    """`gmeta train` on 2 workers (hybrid and naive) reproduces the 1-worker test AUC."""
+    from conftest import BIN, last_json, run_gmeta
+
+    flags = ["--model", "maml_dnn", "--data", tiny_synth, "--epochs", "2", "--tracking-uri", "none",
+             "--log-every", "0", "--input-sharding", "replicated", "--output-dir", tmp_path / "runs"]
+    one = last_json(run_gmeta("train", *flags, "--tasks-per-batch", "16", cwd=tmp_path))
+    for mode in ("hybrid", "naive"):
+        two = last_json(horovodrun(2, [BIN / "gmeta", "train", *flags, "--tasks-per-batch", "8",
+                                       "--parallel", mode], timeout=400))
+        for split, res in one.items():
+            for key in ("auc_adapted", "auc_unadapted"):
+                assert abs(two[split][key] - res[key]) <= 0.002, (mode, split, key, two[split], res)
+            assert two[split]["rows"] == res["rows"]

@@ -34,6 +34,7 @@ class TrainConfig:
     meta_sgd: bool = False
     task_loop: bool = False
     parallel: str = "hybrid"           # hybrid | naive | sok | auto
+    input_sharding: str = "units"      # units | replicated (see make_train_input)
     emb_dim: int = 16
     hidden: tuple = (64, 64)
     target: str = "auto"
@@ -60,6 +61,7 @@ class TrainConfig:
             (self.support_size >= 1, "--support-size must be >= 1"),
             (self.query_size >= 1, "--query-size must be >= 1"),
             (self.parallel in ("hybrid", "naive", "sok", "auto"), "--parallel must be hybrid, naive, sok or auto"),
+            (self.input_sharding in ("units", "replicated"), "--input-sharding must be units or replicated"),
             (self.emb_dim >= 1, "--emb-dim must be >= 1"),
             (all(h >= 1 for h in self.hidden), "--hidden sizes must be >= 1"),
             (self.emb_lr > 0, "--emb-lr must be > 0"),
@@ -120,6 +122,10 @@ def add_arguments(p) -> None:
     p.add_argument("--task-loop", action="store_true", help="adapt tasks one by one (DMAML-style baseline)")
     p.add_argument("--parallel", default=d.parallel, choices=("hybrid", "naive", "sok", "auto"),
                    help="embeddings: hybrid (row-sharded, AlltoAll), naive (replicated, dense allreduce), sok (GPU)")
+    p.add_argument("--input-sharding", default=d.input_sharding, choices=("units", "replicated"),
+                   help="units: each worker reads its own stripes (default, scales I/O); replicated: every "
+                        "worker reads all data and takes its slice of each global batch, so results do not "
+                        "depend on the number of workers (costs N x decoding)")
     p.add_argument("--emb-dim", type=int, default=d.emb_dim)
     p.add_argument("--hidden", default=",".join(map(str, d.hidden)), help="MLP sizes, comma separated")
     p.add_argument("--target", default=d.target, help="label to fit for single-head models: auto, click, rating")
@@ -147,7 +153,7 @@ def config_from_args(args) -> TrainConfig:
         support_size=args.support_size, query_size=args.query_size, meta=args.meta,
         inner_steps=args.inner_steps, eval_inner_steps=args.eval_inner_steps, inner_lr=args.inner_lr,
         outer_lr=args.outer_lr, first_order=args.first_order, meta_sgd=args.meta_sgd,
-        task_loop=args.task_loop, parallel=args.parallel, emb_dim=args.emb_dim, hidden=hidden,
+        task_loop=args.task_loop, parallel=args.parallel, input_sharding=args.input_sharding, emb_dim=args.emb_dim, hidden=hidden,
         target=args.target, emb_optimizer=args.emb_optimizer, emb_lr=args.emb_lr,
         generator_epochs=args.generator_epochs, seed=args.seed,
         eval_splits=tuple(s for s in args.eval_splits.split(",") if s),
@@ -173,7 +179,6 @@ class _Log:
 def train(cfg: TrainConfig) -> dict:
     import tensorflow as tf
 
-    from gmeta.io.reader import MetaReader
     from gmeta.io.schema import Schema
     from gmeta.models.registry import build_model
     from gmeta.trainer.comm import init_communicator
@@ -194,8 +199,7 @@ def train(cfg: TrainConfig) -> dict:
                                 learning_rate=cfg.emb_lr, seed=cfg.seed)
     learner = MetaLearner(model, embedding, comm, cfg.meta_config())
     comm.broadcast_variables(learner.dense_variables)
-    reader = MetaReader(cfg.data, split="train", rank=comm.rank, world_size=comm.size,
-                        shuffle=True, seed=cfg.seed, **cfg.reader_kwargs())
+    reader = TrainInput(cfg, comm)
     steps = reader.steps_per_epoch
     log(f"model {cfg.model} ({cfg.meta}), {comm.size} worker(s), parallel={cfg.parallel}, "
         f"{steps} steps/epoch x {cfg.epochs} epochs, T={cfg.tasks_per_batch} S={cfg.support_size} "
@@ -305,6 +309,42 @@ def _fit_generator(learner, reader, cfg, comm, log, tracker) -> list:
     model.set_seen_items(np.array(all_seen, np.int64))
     log(f"metaemb: {len(all_seen)} items seen in training; unseen items get generated embeddings")
     return losses
+
+
+class TrainInput:
+    """The training batches of this rank.
+
+    ``units``: the reader shards (file, stripe) units over ranks; the global batch of a step is
+    whatever the ranks' shuffles put together, so results vary with the number of workers the
+    way any data order does. ``replicated``: every rank reads the whole split as one reader with
+    ``T x N`` tasks per batch and keeps rows ``[rank*T, (rank+1)*T)``; the global batch sequence
+    is then identical for any N, which makes N-worker training reproduce 1-worker training.
+    """
+
+    def __init__(self, cfg, comm):
+        from gmeta.io.reader import MetaReader
+
+        kwargs = cfg.reader_kwargs()
+        self.slice = None
+        if cfg.input_sharding == "replicated" and comm.size > 1:
+            kwargs["tasks_per_batch"] *= comm.size
+            self.reader = MetaReader(cfg.data, split="train", rank=0, world_size=1, shuffle=True,
+                                     seed=cfg.seed, **kwargs)
+            self.slice = (comm.rank * cfg.tasks_per_batch, (comm.rank + 1) * cfg.tasks_per_batch)
+        else:
+            self.reader = MetaReader(cfg.data, split="train", rank=comm.rank, world_size=comm.size,
+                                     shuffle=True, seed=cfg.seed, **kwargs)
+        self.steps_per_epoch = self.reader.steps_per_epoch
+        self.stats = self.reader.stats
+
+    def dataset(self, epoch: int):
+        ds = self.reader.dataset(epoch=epoch)
+        if self.slice is None:
+            return ds
+        import tensorflow as tf
+
+        lo, hi = self.slice
+        return ds.map(lambda b: tf.nest.map_structure(lambda t: t[lo:hi], b))
 
 
 def reader_spec(batch):
