@@ -20,7 +20,7 @@ SUBCOMMANDS = {
     "train": ("gmeta.trainer.train", "meta-train a zoo model (run under horovodrun for many workers)"),
     "evaluate": ("gmeta.trainer.evaluate", "evaluate a logged run or a registered model on a dataset"),
     "register": ("gmeta.trainer.register", "register a run's model in the MLflow registry, with an alias"),
-    "bench": ("gmeta.tools.bench", "benchmarks: io (reader vs raw decode), step (hybrid vs naive)"),
+    "bench": ("gmeta.tools.bench", "benchmarks: io (reader vs raw decode), step (hybrid vs naive), meta (meta-step speed)"),
 }
 
 

@@ -7,6 +7,7 @@ import importlib
 BENCHES = {
     "io": "gmeta.tools.bench_io",      # reader rows/s vs raw pyarrow decode
     "step": "gmeta.tools.bench_step",  # hybrid vs naive embedding step: bytes and memory per worker
+    "meta": "gmeta.tools.bench_meta",  # meta-step speed: vectorized inner loop vs task-by-task loop
 }
 
 

@@ -272,6 +272,8 @@ def _fit(learner, reader, cfg, comm, log, tracker) -> dict:
                     f"({tasks_s:,.0f} tasks/s over {comm.size} worker(s))")
         mean = epoch_loss / max(n, 1)
         history["loss"].append(mean)
+        if epoch == 0:
+            _log_input_stats(reader.stats, cfg, log)
         tracker.log_metrics({"train_loss": mean, "epoch_seconds": time.time() - t_epoch}, step=epoch)
         log(f"epoch {epoch} done: mean loss {mean:.4f}, {time.time() - t_epoch:.1f} s")
     snap = comm.counters.snapshot()
@@ -281,6 +283,15 @@ def _fit(learner, reader, cfg, comm, log, tracker) -> dict:
     history["steps"] = global_step
     tracker.log_metrics({"input_wait_fraction": history["input_wait_fraction"]})
     return history
+
+
+def _log_input_stats(stats: dict, cfg, log) -> None:
+    """Say what padding and capping did to the data (rank 0's share), once."""
+    dropped_s, dropped_q = stats.get("support_rows_dropped", 0), stats.get("query_rows_dropped", 0)
+    log(f"input (this worker, epoch 0): {stats.get('tasks_read', 0):,} tasks, {stats.get('rows_read', 0):,} rows; "
+        f"capped {stats.get('truncated_tasks', 0):,} tasks (dropped {dropped_s:,} support rows beyond "
+        f"S={cfg.support_size} and {dropped_q:,} query rows beyond Q={cfg.query_size}); "
+        f"{stats.get('tasks_without_query', 0):,} tasks had no query rows")
 
 
 def _fit_generator(learner, reader, cfg, comm, log, tracker) -> list:
