@@ -246,15 +246,12 @@ def _fit(learner, reader, cfg, comm, log, tracker) -> dict:
     step_fn = None
     global_step, wait_s, busy_s = 0, 0.0, 0.0
     history = {"loss": []}
+    batches = iter(_all_epochs(reader, cfg.epochs))
     for epoch in range(cfg.epochs):
-        ds = iter(reader.dataset(epoch=epoch))
         epoch_loss, n, t_epoch = 0.0, 0, time.time()
-        while True:
+        for _ in range(reader.steps_per_epoch):
             t0 = time.perf_counter()
-            try:
-                batch = next(ds)
-            except StopIteration:
-                break
+            batch = next(batches)
             t1 = time.perf_counter()
             if step_fn is None:
                 step_fn = learner.compiled_train_step(reader_spec(batch))
@@ -283,6 +280,19 @@ def _fit(learner, reader, cfg, comm, log, tracker) -> dict:
     history["steps"] = global_step
     tracker.log_metrics({"input_wait_fraction": history["input_wait_fraction"]})
     return history
+
+
+def _all_epochs(reader, epochs: int):
+    """Every epoch's batches as one prefetched stream, so the next epoch's reading (shuffle
+    buffer fill, first stripes) overlaps the last steps of the current one."""
+    import tensorflow as tf
+
+    if epochs == 0:
+        return []
+    ds = reader.dataset(epoch=0)
+    for epoch in range(1, epochs):
+        ds = ds.concatenate(reader.dataset(epoch=epoch))
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def _log_input_stats(stats: dict, cfg, log) -> None:
