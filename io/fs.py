@@ -6,6 +6,7 @@ so only the local path is exercised by tests. The HDFS code path is the same pya
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 from urllib.parse import urlparse
@@ -18,22 +19,26 @@ def is_remote(path: str) -> bool:
 
 
 def join(base: str, *parts: str) -> str:
-    return posixpath.join(base, *parts) if is_remote(base) else __import__("os").path.join(base, *parts)
+    return posixpath.join(base, *parts) if is_remote(base) else os.path.join(base, *parts)
 
 
 def resolve(path: str):
     """(filesystem, path-within-filesystem) for a local path, ``file://`` or ``hdfs://`` URI."""
     if path.startswith("hdfs://") or path.startswith("viewfs://"):
         u = urlparse(path)
-        fs = pafs.HadoopFileSystem(host=u.hostname or "default", port=u.port or 0)
-        return fs, u.path
+        return _hadoop(u.hostname or "default", u.port or 0), u.path
     if path.startswith("file://"):
         path = path[len("file://"):]
     if is_remote(path):
         fs, inner = pafs.FileSystem.from_uri(path)
         return fs, inner
-    import os
     return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+@functools.lru_cache(maxsize=8)
+def _hadoop(host: str, port: int):
+    """One connection per namenode: the reader opens a file per stripe from several threads."""
+    return pafs.HadoopFileSystem(host=host, port=port)
 
 
 def read_text(path: str) -> str:

@@ -1,0 +1,181 @@
+"""MetaReader: batch contents against a per-task reference, shapes, caps, shuffling, tf.data."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.orc as orc
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
+from io_data import expected_task, make_table, tiny_schema, write_tiny  # noqa: E402
+
+from gmeta.io.reader import MetaReader  # noqa: E402
+from gmeta.io.writer import INDEX_FILE, TaskWriter, write_dataset_schema  # noqa: E402
+
+FEATURES = ("user_id", "item_id", "tags", "click", "price", "p_click", "mask")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    write_tiny(d, n_tasks=60, rows_per_stripe=40, rows_per_file=120)
+    return str(d)
+
+
+def delivered(reader, epoch=0):
+    """{task id: {side: {feature: array}}} of every real task, plus the batch count."""
+    out, n = {}, 0
+    for b in reader.numpy_batches(epoch):
+        n += 1
+        for i in np.flatnonzero(b["task_mask"] > 0):
+            t = int(b["task_id"][i])
+            assert t not in out, f"task {t} delivered twice"
+            out[t] = {side: {k: b[side][k][i] for k in FEATURES} for side in ("support", "query")}
+    return out, n
+
+
+@pytest.mark.parametrize("S, Q", [(8, 4), (3, 1)])
+def test_batches_match_reference(data, S, Q):
+    """Every task's padded support/query arrays equal the per-task reference (caps, -1 / 0 padding,
+    list padding and truncation, hashed ids modulo num_rows)."""
+    r = MetaReader(data, tasks_per_batch=4, support_size=S, query_size=Q, shuffle=True, seed=3)
+    got, n = delivered(r)
+    assert n == r.steps_per_epoch == 15
+    assert sorted(got) == list(range(60))
+    for t, sides in got.items():
+        want = expected_task(t, S, Q)
+        for side in ("support", "query"):
+            for k in FEATURES:
+                np.testing.assert_array_equal(sides[side][k], want[side][k], err_msg=f"task {t} {side} {k}")
+
+
+def test_truncation_is_counted(data):
+    """Rows past the caps are dropped and counted in reader.stats."""
+    S, Q = 3, 1
+    r = MetaReader(data, tasks_per_batch=4, support_size=S, query_size=Q)
+    list(r.numpy_batches(0))
+    tasks = np.arange(60)
+    n_sup, n_qry = 2 + tasks % 5, 1 + tasks % 3
+    assert r.stats["support_rows_dropped"] == int(np.maximum(n_sup - S, 0).sum())
+    assert r.stats["query_rows_dropped"] == int(np.maximum(n_qry - Q, 0).sum())
+    assert r.stats["truncated_tasks"] == int(((n_sup > S) | (n_qry > Q)).sum())
+    assert r.stats["rows_read"] == int((n_sup + n_qry).sum()) and r.stats["tasks_read"] == 60
+    # tags hold pos % 4 values; values past max_len=3 are dropped
+    assert r.stats["list_values_dropped"] == int(sum(max(0, p % 4 - 3) for n in n_sup + n_qry for p in range(n)))
+    assert r.stats["batches"] == 15 and r.stats["padding_tasks"] == 0
+
+
+def test_shapes_and_padding_of_last_batch(data):
+    """Static [T, S] / [T, S, L] shapes; a partial last batch is padded with task_mask 0, id -1."""
+    r = MetaReader(data, tasks_per_batch=7, support_size=5, query_size=2, shuffle=False)
+    batches = list(r.numpy_batches(0))
+    assert len(batches) == r.steps_per_epoch == 9  # ceil(60 / 7)
+    for b in batches:
+        assert b["task_id"].shape == (7,) and b["task_mask"].dtype == np.float32
+        assert b["support"]["tags"].shape == (7, 5, 3) and b["support"]["tags"].dtype == np.int64
+        assert b["query"]["price"].shape == (7, 2) and b["query"]["price"].dtype == np.float32
+        assert b["support"]["mask"].shape == (7, 5)
+    last = batches[-1]
+    assert last["task_mask"].tolist() == [1, 1, 1, 1, 0, 0, 0]
+    assert last["task_id"][4:].tolist() == [-1, -1, -1]
+    assert (last["support"]["mask"][4:] == 0).all() and (last["support"]["item_id"][4:] == -1).all()
+    assert r.stats["padding_tasks"] == 3
+
+
+def test_shuffle_is_deterministic_and_changes_per_epoch(data):
+    """shuffle=False keeps file order; seed and epoch fix the shuffled order."""
+    def order(**kw):
+        r = MetaReader(data, tasks_per_batch=4, support_size=4, query_size=2, **kw)
+        return [int(t) for b in r.numpy_batches(0) for t in b["task_id"]]
+
+    assert order(shuffle=False) == list(range(60))
+    a0 = order(shuffle=True, seed=1)
+    assert a0 == order(shuffle=True, seed=1)
+    assert sorted(a0) == list(range(60)) and a0 != list(range(60))
+    r = MetaReader(data, tasks_per_batch=4, support_size=4, query_size=2, shuffle=True, seed=1)
+    a1 = [int(t) for b in r.numpy_batches(1) for t in b["task_id"]]
+    assert sorted(a1) == list(range(60)) and a1 != a0
+    assert order(shuffle=True, seed=2) != a0
+
+
+def test_tf_dataset_equals_numpy_batches(data):
+    """reader.dataset(): static element spec, cardinality = steps, same values as numpy_batches."""
+    import tensorflow as tf
+
+    r = MetaReader(data, tasks_per_batch=8, support_size=4, query_size=2, shuffle=True, seed=5)
+    ds = r.dataset(epoch=2)
+    assert int(ds.cardinality()) == r.steps_per_epoch == 8
+    spec = ds.element_spec
+    assert spec["support"]["tags"].shape == (8, 4, 3) and spec["support"]["tags"].dtype == tf.int64
+    assert spec["query"]["click"].shape == (8, 2) and spec["task_mask"].shape == (8,)
+    ref = list(r.numpy_batches(2))
+    got = list(ds.as_numpy_iterator())
+    assert len(got) == len(ref)
+    for g, w in zip(got, ref):
+        np.testing.assert_array_equal(g["task_id"], w["task_id"])
+        for side in ("support", "query"):
+            for k in FEATURES:
+                np.testing.assert_array_equal(g[side][k], w[side][k])
+
+
+def test_query_rows_before_support_rows(tmp_path):
+    """A file whose tasks list query rows first still splits support/query by the flag."""
+    schema = tiny_schema()
+    with TaskWriter(str(tmp_path), schema, rows_per_stripe=30) as w:
+        w.write(make_table(np.arange(12), query_first=True))
+    write_dataset_schema(str(tmp_path), schema)
+    r = MetaReader(str(tmp_path), tasks_per_batch=4, support_size=6, query_size=3, shuffle=False)
+    got, _ = delivered(r)
+    for t in range(12):
+        n_sup, n_qry = 2 + t % 5, 1 + t % 3
+        item = (7 * t + np.arange(n_sup + n_qry)) % 50
+        np.testing.assert_array_equal(got[t]["query"]["item_id"][:n_qry], item[:n_qry])
+        np.testing.assert_array_equal(got[t]["support"]["item_id"][:n_sup], item[n_qry:])
+        assert got[t]["support"]["mask"].sum() == n_sup and got[t]["query"]["mask"].sum() == n_qry
+
+
+def test_scan_plan_equals_index_plan_and_stale_index_is_ignored(tmp_path):
+    """Without (or with a stale) _index.json the reader scans the stripes and gets the same plan."""
+    write_tiny(tmp_path, n_tasks=40, rows_per_stripe=30, rows_per_file=90)
+    with_index = MetaReader(str(tmp_path), tasks_per_batch=4).units
+    scanned = MetaReader(str(tmp_path), tasks_per_batch=4, use_index=False).units
+    assert with_index == scanned and len(scanned) > 3
+    split = tmp_path / "train"
+    index = json.loads((split / INDEX_FILE).read_text())
+    index["files"][0]["bytes"] += 1  # as if the file had been rewritten
+    (split / INDEX_FILE).write_text(json.dumps(index))
+    assert MetaReader(str(tmp_path), tasks_per_batch=4).units == scanned
+    os.remove(split / INDEX_FILE)
+    assert MetaReader(str(tmp_path), tasks_per_batch=4).units == scanned
+
+
+def test_units_are_stripes(data):
+    """Plan units are exactly the (file, stripe) pairs of the files."""
+    r = MetaReader(data, tasks_per_batch=4)
+    files = sorted({u.file for u in r.units})
+    pairs = [(f, i) for f in files for i in range(orc.ORCFile(f).nstripes)]
+    assert [(u.file, u.stripe) for u in r.units] == pairs
+    assert sum(u.tasks for u in r.units) == 60
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="rank=2"):
+        MetaReader("unused", rank=2, world_size=2)
+    with pytest.raises(ValueError, match="tasks_per_batch=0"):
+        MetaReader("unused", tasks_per_batch=0)
+
+
+def test_bench_io_json():
+    """``gmeta bench io --json`` on a small generated dataset: stdout is one JSON line with rates."""
+    from conftest import REPO, last_json, run_gmeta
+
+    proc = run_gmeta("bench", "io", "--json", "--rows", "50000", "--repeat", "1", "--rows-per-stripe", "8192",
+                     cwd=REPO, timeout=240)
+    assert len(proc.stdout.strip().splitlines()) == 1, proc.stdout
+    res = last_json(proc)
+    assert res["raw_rows_per_s"] > 0 and res["reader_rows_per_s"] > 0 and res["ratio"] > 0
+    assert res["rows_delivered"] == res["rows_in_files"] >= 50000 * 0.9
+    assert res["batches"] == res["steps_per_epoch"] and res["stripes"] >= 6

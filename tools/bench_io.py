@@ -1,0 +1,257 @@
+"""Meta-IO throughput: whole-reader rows/s (through to tf.data meta-batches) vs raw pyarrow ORC decode.
+
+Both read the same files in the same run. Raw decode is ``ORCFile.read_stripe`` of every stripe
+with all columns, on one thread and on as many threads as the reader uses; the reader figure
+counts only real rows delivered (mask sums) after a full epoch through ``MetaReader.dataset``,
+iterated inside a tf.function (graph loop; an eager Python loop is reported too). ``ratio`` =
+reader rows/s over raw rows/s at the same thread count; ``cpu_ratio`` compares rows per CPU
+second (all threads), which a shared, busy host disturbs less. Passes are interleaved and the
+best of ``--repeat`` is kept. Without ``--data`` a
+temporary dataset with DESIGN.md's 19-column schema (task id, flag, label, 12 int64 ids,
+4 floats) is generated and removed afterwards. Prints a table and, as its last line, one JSON
+object (with ``--json`` the table goes to stderr, so stdout is only the JSON line).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+ID_VOCABS = (("item_id", 200_000), ("item_category", 1_000), ("item_brand", 20_000), ("item_shop", 50_000),
+             ("age", 10), ("gender", 3), ("occupation", 30), ("city", 400), ("device", 50), ("hour", 24),
+             ("weekday", 7))
+DENSE = ("price", "user_activity", "item_ctr", "position")
+
+
+@dataclass(frozen=True)
+class BenchIoConfig:
+    data: Optional[str]
+    split: str
+    rows: int
+    tasks_per_batch: int
+    support_size: int
+    query_size: int
+    parallel_reads: int
+    repeat: int
+    rows_per_stripe: int
+    compression: str
+    seed: int
+    json_only: bool
+
+    def validate(self) -> "BenchIoConfig":
+        for name in ("rows", "tasks_per_batch", "support_size", "query_size", "parallel_reads", "repeat",
+                     "rows_per_stripe"):
+            if getattr(self, name) < 1:
+                raise SystemExit(f"gmeta bench io: --{name.replace('_', '-')} must be >= 1")
+        return self
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--data", default=None, metavar="DIR",
+                        help="existing Meta-IO dataset (default: generate a temporary one of --rows rows)")
+    parser.add_argument("--split", default="train", help="split to read (default: train)")
+    parser.add_argument("--rows", type=int, default=1_000_000, help="rows of the generated dataset")
+    parser.add_argument("--tasks-per-batch", type=int, default=32, help="T: tasks per meta-batch")
+    parser.add_argument("--support-size", type=int, default=64, help="S: support rows per task")
+    parser.add_argument("--query-size", type=int, default=16, help="Q: query rows per task")
+    parser.add_argument("--parallel-reads", type=int, default=2, help="reader threads (and raw decode threads)")
+    parser.add_argument("--repeat", type=int, default=2, help="passes of each measurement; the best is kept")
+    parser.add_argument("--rows-per-stripe", type=int, default=65536, help="stripe size of the generated dataset")
+    parser.add_argument("--compression", default="zstd", help="compression of the generated dataset")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated dataset and the shuffle")
+    parser.add_argument("--json", action="store_true", help="stdout is only the JSON line (table on stderr)")
+
+
+def bench_schema():
+    """DESIGN.md's 19 columns: task id, flag, one label, 12 int64 ids, 4 floats."""
+    from gmeta.io.schema import DenseFeature, Schema, SparseFeature, TableSpec
+
+    ids = (("user_id", 1 << 20),) + ID_VOCABS
+    return Schema(labels=("click",),
+                  sparse=tuple(SparseFeature(n, n, group="user" if n in ("user_id", "age", "gender", "occupation")
+                                             else "item" if n.startswith("item") else "context") for n, _ in ids),
+                  dense=tuple(DenseFeature(n) for n in DENSE),
+                  tables=tuple(TableSpec(n, v, hashed=(n == "user_id")) for n, v in ids),
+                  item_id_feature="item_id")
+
+
+def generate(out: str, rows: int, rows_per_stripe: int, compression: str, seed: int) -> int:
+    """Write ~``rows`` rows of tasks with 32-64 support and 8-16 query rows; returns rows written."""
+    import pyarrow as pa
+
+    from gmeta.io.writer import TaskWriter, write_dataset_schema
+
+    schema = bench_schema()
+    rng = np.random.default_rng(seed)
+    n_tasks = max(1, rows // 60)
+    n_sup = rng.integers(32, 65, n_tasks)
+    n_qry = rng.integers(8, 17, n_tasks)
+    lens = n_sup + n_qry
+    written = 0
+    with TaskWriter(out, schema, split="train", rows_per_stripe=rows_per_stripe, compression=compression) as w:
+        for lo in range(0, n_tasks, 2000):  # whole tasks per write() call
+            hi = min(n_tasks, lo + 2000)
+            ln = lens[lo:hi]
+            tid = np.repeat(np.arange(lo, hi, dtype=np.int64), ln)
+            n = tid.size
+            starts = np.repeat(np.cumsum(ln) - ln, ln)
+            pos = np.arange(n) - starts
+            cols = {"task_id": tid, "is_query": (pos >= np.repeat(n_sup[lo:hi], ln)).astype(np.int8),
+                    "click": (rng.random(n) < 0.1).astype(np.float32), "user_id": tid}
+            for name, vocab in ID_VOCABS:
+                cols[name] = rng.integers(0, vocab, n)
+            for name in DENSE:
+                cols[name] = rng.random(n, dtype=np.float32)
+            w.write(pa.table({name: cols[name] for name in schema.column_names()}))
+            written += n
+    write_dataset_schema(out, schema)
+    return written
+
+
+def raw_decode(units, threads: int) -> tuple:
+    """(rows, wall seconds, CPU seconds) to decode every stripe, all columns, on ``threads`` threads."""
+    from gmeta.io.reader import _OrcCache
+
+    cache = _OrcCache()
+
+    def one(unit):
+        return cache.get(unit.file).read_stripe(unit.stripe).num_rows
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    with ThreadPoolExecutor(threads) as pool:
+        rows = sum(pool.map(one, units))
+    return rows, time.perf_counter() - t0, time.process_time() - c0
+
+
+def _graph_counter():
+    """A tf.function that iterates a dataset in graph mode and sums the masks (real rows)."""
+    import tensorflow as tf
+
+    @tf.function
+    def count(ds):
+        rows = tf.constant(0.0, tf.float64)
+        batches = tf.constant(0, tf.int64)
+        for b in ds:
+            rows += tf.cast(tf.reduce_sum(b["support"]["mask"]) + tf.reduce_sum(b["query"]["mask"]), tf.float64)
+            batches += 1
+        return rows, batches
+
+    return count
+
+
+def reader_pass(cfg: BenchIoConfig, data: str, epoch: int, counter=None) -> tuple:
+    """(real rows delivered, wall seconds, CPU seconds, batches, reader) for one epoch through
+    tf.data; iterated inside a tf.function when ``counter`` is given, else eagerly from Python."""
+    from gmeta.io.reader import MetaReader
+
+    reader = MetaReader(data, split=cfg.split, tasks_per_batch=cfg.tasks_per_batch, support_size=cfg.support_size,
+                        query_size=cfg.query_size, shuffle=True, seed=cfg.seed,
+                        num_parallel_reads=cfg.parallel_reads, prefetch=2)
+    ds = reader.dataset(epoch)
+    t0, c0 = time.perf_counter(), time.process_time()
+    if counter is not None:
+        rows, batches = (int(v.numpy()) for v in counter(ds))
+    else:
+        rows = batches = 0
+        for batch in ds:
+            rows += int(batch["support"]["mask"].numpy().sum() + batch["query"]["mask"].numpy().sum())
+            batches += 1
+    return rows, time.perf_counter() - t0, time.process_time() - c0, batches, reader
+
+
+def run(cfg: BenchIoConfig) -> dict:
+    import tensorflow as tf  # noqa: F401  (imported before timing so its start-up is not measured)
+
+    from gmeta.io.reader import MetaReader
+
+    tmp = None
+    data = cfg.data
+    try:
+        gen_s = None
+        if data is None:
+            tmp = tempfile.mkdtemp(prefix="gmeta-bench-io-")
+            data = tmp
+            t0 = time.perf_counter()
+            generate(data, cfg.rows, cfg.rows_per_stripe, cfg.compression, cfg.seed)
+            gen_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        plan = MetaReader(data, split=cfg.split, tasks_per_batch=cfg.tasks_per_batch,
+                          support_size=cfg.support_size, query_size=cfg.query_size)
+        plan_s = time.perf_counter() - t0
+        counter = _graph_counter()
+        kinds = {"raw1": lambda e: raw_decode(plan.units, 1),
+                 "rawn": lambda e: raw_decode(plan.units, cfg.parallel_reads),
+                 "graph": lambda e: reader_pass(cfg, data, e, counter),
+                 "eager": lambda e: reader_pass(cfg, data, e)}
+        runs = {k: [] for k in kinds}
+        for e in range(cfg.repeat):  # interleaved, so a busy moment on a shared host hits all kinds
+            for k, f in kinds.items():
+                runs[k].append(f(e))
+        best = {k: min(v, key=lambda r: r[1]) for k, v in runs.items()}
+        rate = {k: best[k][0] / best[k][1] for k in kinds}              # rows per wall second
+        cpu_rate = {k: best[k][0] / max(min(r[2] for r in runs[k]), 1e-9) for k in kinds}  # rows per CPU s
+        rows, batches, reader = best["graph"][0], best["graph"][3], best["graph"][4]
+        if (best["eager"][0], best["eager"][3]) != (rows, batches):
+            raise RuntimeError(f"eager and graph passes disagree: {best['eager'][0]} vs {rows} rows")
+        return {
+            "raw_rows_per_s": round(rate["rawn"]), "reader_rows_per_s": round(rate["graph"]),
+            "ratio": round(rate["graph"] / rate["rawn"], 4),
+            "raw_rows_per_s_1thread": round(rate["raw1"]), "ratio_vs_1thread": round(rate["graph"] / rate["raw1"], 4),
+            "reader_rows_per_s_eager": round(rate["eager"]), "ratio_eager": round(rate["eager"] / rate["rawn"], 4),
+            "raw_rows_per_cpu_s": round(cpu_rate["raw1"]), "reader_rows_per_cpu_s": round(cpu_rate["graph"]),
+            "cpu_ratio": round(cpu_rate["graph"] / cpu_rate["raw1"], 4),
+            "threads": cfg.parallel_reads, "rows_in_files": best["raw1"][0], "rows_delivered": rows,
+            "rows_dropped": int(reader.stats["support_rows_dropped"] + reader.stats["query_rows_dropped"]),
+            "batches": batches, "steps_per_epoch": reader.steps_per_epoch, "stripes": len(plan.units),
+            "tasks_per_batch": cfg.tasks_per_batch, "support_size": cfg.support_size,
+            "query_size": cfg.query_size, "plan_s": round(plan_s, 4),
+            "generate_s": None if gen_s is None else round(gen_s, 2),
+        }
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def format_table(r: dict) -> str:
+    lines = [f"{'measurement':<34}{'rows/s':>14}",
+             f"{'raw pyarrow decode, 1 thread':<34}{r['raw_rows_per_s_1thread']:>14,}",
+             f"{'raw pyarrow decode, ' + str(r['threads']) + ' threads':<34}{r['raw_rows_per_s']:>14,}",
+             f"{'MetaReader -> tf.data, graph loop':<34}{r['reader_rows_per_s']:>14,}",
+             f"{'MetaReader -> tf.data, eager loop':<34}{r['reader_rows_per_s_eager']:>14,}",
+             f"{'raw decode, rows per CPU second':<34}{r['raw_rows_per_cpu_s']:>14,}",
+             f"{'MetaReader, rows per CPU second':<34}{r['reader_rows_per_cpu_s']:>14,}",
+             f"ratio reader / raw ({r['threads']} threads): {r['ratio']:.3f} graph loop, "
+             f"{r['ratio_eager']:.3f} eager loop; vs 1-thread raw {r['ratio_vs_1thread']:.3f}; "
+             f"per CPU second {r['cpu_ratio']:.3f}",
+             f"{r['rows_in_files']:,} rows in {r['stripes']} stripes; {r['rows_delivered']:,} delivered in "
+             f"{r['batches']} batches of T={r['tasks_per_batch']}, S={r['support_size']}, Q={r['query_size']} "
+             f"({r['rows_dropped']:,} dropped past the caps); plan {r['plan_s']} s"]
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    cfg = BenchIoConfig(data=args.data, split=args.split, rows=args.rows, tasks_per_batch=args.tasks_per_batch,
+                        support_size=args.support_size, query_size=args.query_size,
+                        parallel_reads=args.parallel_reads, repeat=args.repeat,
+                        rows_per_stripe=args.rows_per_stripe, compression=args.compression, seed=args.seed,
+                        json_only=args.json).validate()
+    result = run(cfg)
+    print(format_table(result), file=sys.stderr if cfg.json_only else sys.stdout, flush=True)
+    print(json.dumps(result, sort_keys=True), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description=(__doc__ or "").strip().splitlines()[0])
+    add_arguments(p)
+    sys.exit(main(p.parse_args()))
