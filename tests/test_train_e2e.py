@@ -1,5 +1,5 @@
-"""`gmeta train` end to end on synthetic cold-start data: every zoo model, baselines, 2 workers,
-MLflow logging, registration and evaluation of the registered model."""
+"""`gmeta train` end to end on synthetic cold-start data: every zoo model against its unadapted
+predictions and its non-meta baseline, and clear errors for bad flags and data."""
 
 import pytest
 

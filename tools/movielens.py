@@ -174,6 +174,16 @@ def _check_range(values: np.ndarray, lo: int, hi: int, path: str, column: str) -
                            f"[{lo}, {hi}]")
 
 
+def _load_ratings(path: str, sep: str) -> dict:
+    """The user/item/rating/timestamp file of either layout, ratings checked to lie in 1..5."""
+    import pyarrow as pa
+
+    r = read_delimited(path, RATING_FIELDS, dict.fromkeys(RATING_FIELDS, pa.int64()), sep)
+    ratings = {k: _np(r[k]) for k in r.column_names}
+    _check_range(ratings["rating"], 1, 5, path, "rating")
+    return ratings
+
+
 def load_100k(src: str) -> dict:
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -181,10 +191,7 @@ def load_100k(src: str) -> dict:
     from gmeta.io import fs
 
     i64, s = pa.int64(), pa.string()
-    path = fs.join(src, "u.data")
-    r = read_delimited(path, RATING_FIELDS, dict.fromkeys(RATING_FIELDS, i64), "\t")
-    ratings = {k: _np(r[k]) for k in r.column_names}
-    _check_range(ratings["rating"], 1, 5, path, "rating")
+    ratings = _load_ratings(fs.join(src, "u.data"), "\t")
     path = fs.join(src, "u.user")
     u = read_delimited(path, ("id", "age", "gender", "occupation", "zip"),
                        {"id": i64, "age": i64, "gender": s, "occupation": s, "zip": s}, "|")
@@ -220,10 +227,7 @@ def load_1m(src: str) -> dict:
     from gmeta.io import fs
 
     i64, s = pa.int64(), pa.string()
-    path = fs.join(src, "ratings.dat")
-    r = read_delimited(path, RATING_FIELDS, dict.fromkeys(RATING_FIELDS, i64), "::")
-    ratings = {k: _np(r[k]) for k in r.column_names}
-    _check_range(ratings["rating"], 1, 5, path, "rating")
+    ratings = _load_ratings(fs.join(src, "ratings.dat"), "::")
     path = fs.join(src, "users.dat")
     u = read_delimited(path, ("id", "gender", "age", "occupation", "zip"),
                        {"id": i64, "gender": s, "age": i64, "occupation": i64, "zip": s}, "::")

@@ -76,7 +76,7 @@ class MetaLearner(tf.Module):
         self.dense_variables = list(model.params.values()) + list(self.inner_lrs.values())
         self.optimizer = Adam(self.dense_variables, learning_rate=config.outer_lr)
         self._train_fn = None
-        self._eval_fn = None
+        self._eval_fns = {}
 
     # ------------------------------------------------------------------ building blocks
     def embed(self, batch):
@@ -201,6 +201,8 @@ class MetaLearner(tf.Module):
         return self._train_fn
 
     def compiled_eval_step(self, element_spec, steps: int):
-        if self._eval_fn is None:
-            self._eval_fn = tf.function(lambda b: self.eval_step(b, steps), input_signature=[element_spec])
-        return self._eval_fn
+        """One traced eval function per number of adaptation steps (splits share shapes)."""
+        if steps not in self._eval_fns:
+            self._eval_fns[steps] = tf.function(lambda b: self.eval_step(b, steps),
+                                                input_signature=[element_spec])
+        return self._eval_fns[steps]
