@@ -26,6 +26,31 @@ class SchemaError(ValueError):
     """A schema file or a schema/data mismatch; the message names the file and the column."""
 
 
+class NameLookupError(SchemaError, KeyError):
+    """A table or feature name that is not there (a ValueError and a KeyError, so callers of the
+    schema and of the sharding plan can catch what they always caught)."""
+
+    def __str__(self):  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+def find_named(items, name: str, what: str):
+    """The item of ``items`` whose ``.name`` is ``name``; the one lookup-by-name of gmeta."""
+    for item in items:
+        if item.name == name:
+            return item
+    raise NameLookupError(f"no {what} {name!r}; {what}s are {[i.name for i in items]}")
+
+
+def id_rows(ids, num_rows: int, hashed: bool):
+    """Non-negative ids -> table rows: modulo ``num_rows`` for a hashed table, unchanged otherwise.
+
+    The one id-cleaning rule; ``%`` works alike on ints, numpy arrays and TF tensors. Negative ids
+    mean "no row" and are the caller's to mask; range checks of unhashed ids are the caller's too.
+    """
+    return ids % num_rows if hashed else ids
+
+
 @dataclass(frozen=True)
 class TableSpec:
     """An embedding table. ``num_rows`` is the vocabulary size, or the bucket count if hashed."""
@@ -33,6 +58,9 @@ class TableSpec:
     name: str
     num_rows: int
     hashed: bool = False  # ids are taken modulo num_rows (unbounded ids allowed)
+
+    def rows_of(self, ids):
+        return id_rows(ids, self.num_rows, self.hashed)
 
 
 @dataclass(frozen=True)
@@ -75,16 +103,10 @@ class Schema:
 
     # ---------- lookups ----------
     def table(self, name: str) -> TableSpec:
-        for t in self.tables:
-            if t.name == name:
-                return t
-        raise SchemaError(f"no embedding table named {name!r}; tables: {[t.name for t in self.tables]}")
+        return find_named(self.tables, name, "table")
 
     def feature(self, name: str) -> SparseFeature:
-        for f in self.sparse:
-            if f.name == name:
-                return f
-        raise SchemaError(f"no sparse feature named {name!r}; features: {[f.name for f in self.sparse]}")
+        return find_named(self.sparse, name, "sparse feature")
 
     def features_of_table(self, table: str) -> tuple:
         return tuple(f for f in self.sparse if f.table == table)

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from gmeta.io.errors import DataError
-from gmeta.io.schema import Schema
+from gmeta.io.schema import Schema, id_rows
 
 TASK_TYPE = pa.int64()
 QUERY_TYPE = pa.int8()
@@ -136,7 +136,7 @@ def check_ids(mat: np.ndarray, names, limits: np.ndarray, hashed: np.ndarray, fi
                         f"{int(limits[col])} (mark the table hashed in schema.json to take ids modulo "
                         f"num_rows)", file=file, stripe=stripe, column=names[col])
     for col in np.flatnonzero(over & hashed) if reduce_hashed else ():
-        np.remainder(mat[:, col], limits[col], out=mat[:, col])
+        mat[:, col] = id_rows(mat[:, col], int(limits[col]), True)
 
 
 def check_id_values(values: np.ndarray, name: str, limit: int, hashed: bool, file, stripe=None) -> np.ndarray:
@@ -154,25 +154,8 @@ def check_id_values(values: np.ndarray, name: str, limit: int, hashed: bool, fil
             raise DataError(f"id {int(values[pos])} at list value {pos} is >= the table's num_rows {limit} "
                             f"(mark the table hashed in schema.json to take ids modulo num_rows)",
                             file=file, stripe=stripe, column=name)
-        values = np.remainder(values, limit)
+        values = id_rows(values, limit, True)
     return values
-
-
-def summarize_stripe(task_ids: np.ndarray, flags: np.ndarray, file, stripe, task_column: str = "task_id",
-                     query_column: str = "is_query"):
-    """Check a stripe's task and flag columns; return (its ``_index.json`` entry, its task ids)."""
-    starts, ids = task_runs(task_ids, file, stripe, task_column)
-    check_query_flags(flags, file, stripe, query_column)
-    n = int(task_ids.shape[0])
-    if n == 0:
-        raise DataError("stripe has no rows", file=file, stripe=stripe)
-    lens = np.diff(np.append(starts, n))
-    query = np.add.reduceat(flags.astype(np.int64), starts)
-    support = lens - query
-    entry = {"rows": n, "tasks": int(ids.size), "first_task": int(ids[0]), "last_task": int(ids[-1]),
-             "support_rows": int(support.sum()), "query_rows": int(query.sum()),
-             "max_support": int(support.max()), "max_query": int(query.max())}
-    return entry, ids
 
 
 def check_tasks_disjoint(ids_per_unit: list, units: list, column: str = "task_id") -> None:

@@ -11,13 +11,12 @@ write is one ``add()`` and may end a stripe, and no stripe boundary can fall ins
 compression the estimate counts only compressed blocks already emitted, so a small buffer can
 merge into the next stripe (still whole tasks); the compression block size is scaled down for
 small stripes so a buffer of ``rows_per_stripe`` rows normally is one stripe. The true layout is
-read back from each finished file (task and flag columns only) and checked before it goes into
-``_index.json``.
+read back from each finished file (task and flag columns only, by ``gmeta.io.index.scan_file``,
+the scanner the reader's plan uses too) and checked before it goes into ``_index.json``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Iterable, Mapping, Optional, Union
 
@@ -27,13 +26,11 @@ import pyarrow.orc as orc
 
 from gmeta.io import fs
 from gmeta.io.errors import DataError
+from gmeta.io.index import INDEX_FILE, INDEX_FORMAT, INDEX_VERSION, index_text, scan_file
 from gmeta.io.schema import SCHEMA_FILE, Schema, SchemaError
 from gmeta.io.validate import (arrow_schema, check_finite, check_id_values, check_ids, check_no_nulls,
-                               check_query_flags, check_tasks_disjoint, summarize_stripe, task_runs)
+                               check_query_flags, check_tasks_disjoint, task_runs)
 
-INDEX_FILE = "_index.json"
-INDEX_FORMAT = "gmeta-meta-io-index"
-INDEX_VERSION = 1
 COMPRESSIONS = ("uncompressed", "snappy", "zlib", "lz4", "zstd")
 
 
@@ -147,8 +144,7 @@ class TaskWriter:
                       "rows": int(sum(f["rows"] for f in self._files)),
                       "tasks": int(sum(f["tasks"] for f in self._files)),
                       "files": self._files}
-        fs.write_text_atomic(fs.join(self.split_dir, INDEX_FILE),
-                             json.dumps(self.index, indent=1, sort_keys=True) + "\n")
+        fs.write_text_atomic(fs.join(self.split_dir, INDEX_FILE), index_text(self.index))
         return self.index
 
     def abort(self) -> None:
@@ -317,18 +313,8 @@ class TaskWriter:
 
     def _read_back(self, path: str, rows_written: int) -> dict:
         """The file's real stripe layout (task and flag columns only), checked against the rules."""
-        s = self.schema
-        with fs.open_input_file(path) as f:
-            reader = orc.ORCFile(f)
-            stripes, ids, units = [], [], []
-            for i in range(reader.nstripes):
-                batch = reader.read_stripe(i, columns=[s.task_column, s.query_column])
-                entry, stripe_ids = summarize_stripe(_numpy(batch.column(0)), _numpy(batch.column(1)), path, i,
-                                                     s.task_column, s.query_column)
-                stripes.append(entry)
-                ids.append(stripe_ids)
-                units.append((path, i))
-        check_tasks_disjoint(ids, units, s.task_column)
+        stripes, ids = scan_file(path, self.schema)
+        check_tasks_disjoint(ids, [(path, i) for i in range(len(stripes))], self.schema.task_column)
         rows = sum(e["rows"] for e in stripes)
         if rows != rows_written:
             raise DataError(f"read back {rows} rows but {rows_written} were written", file=path)

@@ -9,9 +9,9 @@ has two phases:
    exactly like ``maml_dnn``;
 2. ``generator``: base model frozen; for each meta-batch, every row's item-id embedding is
    replaced by the generated one. Cold-start loss ``L_a`` on the support rows (batch a); then one
-   gradient step of each item's generated embedding on ``L_a`` (rows of the same item share it)
-   and the warm-up loss ``L_b`` on the query rows (batch b) with the stepped embeddings. The
-   generator minimises ``alpha * L_a + (1 - alpha) * L_b``.
+   gradient step of each item's generated embedding on ``L_a`` (a task's rows of the same item
+   share it) and the warm-up loss ``L_b`` on the query rows (batch b) with the stepped
+   embeddings. The generator minimises ``alpha * L_a + (1 - alpha) * L_b``, summed over tasks.
 
 At evaluation an item that never appeared in the training split uses its generated embedding;
 seen items keep their trained one. Defaults: embeddings 16, MLP 64-64, generator one hidden layer
@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from gmeta.models import layers
-from gmeta.models.base import resolve_target
+from gmeta.models.base import TrainingPhase, resolve_target
 from gmeta.models.mlp_head import MLPHeadModel
 
 
@@ -40,8 +40,7 @@ class MetaEmb(MLPHeadModel):
             raise ValueError("metaemb needs schema.item_id_feature (the item id whose embedding it generates)")
         super().__init__(schema, config)
         self.item_feature = schema.item_id_feature
-        item_table = schema.table(schema.feature(self.item_feature).table)
-        self.item_rows, self.item_hashed = item_table.num_rows, item_table.hashed
+        self.item_table = schema.table(schema.feature(self.item_feature).table)
         self.side_features = tuple(f for f in self.sparse_features
                                    if f != self.item_feature and schema.feature(f).group == "item")
         self.side_dense = tuple(d.name for d in schema.dense if d.group == "item")
@@ -53,26 +52,48 @@ class MetaEmb(MLPHeadModel):
         self.alpha = float(config.extra.get("alpha", 0.1))
         self.warmup_lr = float(config.extra.get("warmup_lr", 0.1))
         # 1.0 for item rows seen in the training split; filled by ``set_seen_items``
-        self.seen = tf.Variable(tf.zeros([self.item_rows]), trainable=False, name="seen_items")
+        self.seen = tf.Variable(tf.zeros([self.item_table.num_rows]), trainable=False, name="seen_items")
         self.generate_for = "none"  # none | cold | all  (a Python switch, fixed per traced function)
+
+    # ---- state ----
+    def state_variables(self) -> dict:
+        state = super().state_variables()
+        state.update({f"gen/{n}": v for n, v in self.gen_params.items()})
+        state["seen"] = self.seen
+        return state
+
+    def plain_state(self) -> dict:
+        return {"generate_for": self.generate_for}
+
+    def load_plain_state(self, state: dict) -> None:
+        super().load_plain_state(state)
+        mode = state.get("generate_for", self.generate_for)
+        if mode not in ("none", "cold", "all"):
+            raise ValueError(f"metaemb: generate_for must be none, cold or all, got {mode!r}")
+        self.generate_for = mode
+
+    def training_phases(self) -> tuple:
+        """Phase 2: the generator, trained with the base model frozen (module docstring)."""
+        return (TrainingPhase(name="generator", variables=tuple(self.gen_params.values()),
+                              loss_sum=self.generator_loss_sum, finish=self._finish_generator,
+                              needs_values=(self.item_feature,)),)
+
+    def _finish_generator(self, trained: bool, values: dict) -> None:
+        """Unseen items use generated embeddings only when a generator was really trained."""
+        if trained:
+            self.set_seen_items(values[self.item_feature])
+        self.generate_for = "cold" if trained else "none"
 
     # ---- the generator ----
     def generate(self, vectors: dict, part: dict):
         """Generated item-id embedding per row: [T, N, D]."""
-        cols = []
-        for f in self.side_features:
-            v = vectors[f]
-            if self.schema.feature(f).is_list:
-                v = layers.pool_list(v, part[f])
-            cols.append(tf.stop_gradient(v))  # the base model is frozen in this phase
-        cols += [part[d][..., None] for d in self.side_dense]
-        x = tf.concat(cols, axis=-1)
+        frozen = {f: tf.stop_gradient(vectors[f]) for f in self.side_features}  # base model frozen
+        x = self.concat_features(frozen, part, self.side_features, self.side_dense)
         scale = float(np.sqrt(3.0 / self.config.emb_dim))  # output range of a trained embedding
         return scale * tf.tanh(layers.mlp(self.gen_params, "gen", x, 2))
 
     def item_rows_of(self, ids):
-        ids = tf.maximum(ids, 0)
-        return ids % self.item_rows if self.item_hashed else ids
+        return self.item_table.rows_of(tf.maximum(ids, 0))
 
     def build_inputs(self, vectors, part):
         if self.generate_for == "none":
@@ -87,69 +108,46 @@ class MetaEmb(MLPHeadModel):
         return super().build_inputs(vectors, part)
 
     def set_seen_items(self, item_ids: np.ndarray) -> None:
-        mask = np.zeros([self.item_rows], np.float32)
+        mask = np.zeros([self.item_table.num_rows], np.float32)
         ids = np.asarray(item_ids, np.int64)
-        ids = ids[ids >= 0]
-        mask[ids % self.item_rows if self.item_hashed else ids] = 1.0
+        mask[self.item_table.rows_of(ids[ids >= 0])] = 1.0
         self.seen.assign(mask)
 
     # ---- phase 2 objective ----
-    def generator_loss(self, learner, batch):
-        """alpha * cold-start loss on support + (1 - alpha) * warm-up loss on query."""
+    def generator_loss_sum(self, vectors: dict, params: dict, batch):
+        """Sum over real tasks with query rows of alpha * cold-start loss on support +
+        (1 - alpha) * warm-up loss on query, and their count (the trainer's scaling rule)."""
         support, query = batch["support"], batch["query"]
         task_mask = batch["task_mask"]
+        counted = task_mask * tf.cast(tf.reduce_sum(query["mask"], axis=1) > 0, tf.float32)
         s_len = support["mask"].shape[1]
-        ids = {f: tf.concat([support[f], query[f]], axis=1) for f in self.sparse_features}
-        vectors = {f: tf.stop_gradient(v) for f, v in learner.embedding.lookup(ids).items()}
         both = {k: tf.concat([support[k], query[k]], axis=1) for k in support if k in query}
         generated = self.generate(vectors, both)                         # [T, S+Q, D]
-        params = {n: tf.stop_gradient(v) for n, v in learner.params().items()}
         item_ids = both[self.item_feature]
 
-        def loss_with(item_vectors, part, lo, hi):
+        def task_losses(item_vectors, part, lo, hi):
             vec = {f: v[:, lo:hi] for f, v in vectors.items()}
             vec[self.item_feature] = item_vectors
             x = super(MetaEmb, self).build_inputs(vec, part)
-            per_task = self.task_loss(self.forward(params, x), part)
-            return tf.reduce_sum(per_task * task_mask) / tf.maximum(tf.reduce_sum(task_mask), 1.0)
+            return self.task_loss(self.forward(params, x), part)         # [T]
 
         gen_s = generated[:, :s_len]
         with tf.GradientTape() as tape:
             tape.watch(gen_s)
-            loss_a = loss_with(gen_s, support, 0, s_len)
-        grad_rows = tape.gradient(loss_a, gen_s)                       # [T, S, D]
-        # one warm-up step per item: rows of the same item share one embedding and one gradient
-        uniq, pos = tf.unique(tf.reshape(item_ids, [-1]))
+            loss_a = task_losses(gen_s, support, 0, s_len)
+            total_a = tf.reduce_sum(loss_a)
+        grad_rows = tape.gradient(total_a, gen_s)                        # [T, S, D], per task
+        # one warm-up step per (task, item): a task's rows of the same item share one embedding
+        # and one gradient; tasks stay independent, so the loss is a sum over tasks
+        task_index = tf.range(tf.shape(item_ids, out_type=tf.int64)[0])[:, None]
+        keys = task_index * self.item_table.num_rows + self.item_rows_of(item_ids)
+        uniq, pos = tf.unique(tf.reshape(keys, [-1]))
         pos = tf.reshape(pos, tf.shape(item_ids))                      # [T, S+Q]
         d = self.config.emb_dim
         per_item = tf.math.unsorted_segment_sum(tf.reshape(grad_rows, [-1, d]),
                                                 tf.reshape(pos[:, :s_len], [-1]), tf.size(uniq))
         step = tf.reshape(tf.gather(per_item, pos), tf.shape(generated))
         warmed = generated - self.warmup_lr * step
-        loss_b = loss_with(warmed[:, s_len:], query, s_len, None)
-        return self.alpha * loss_a + (1.0 - self.alpha) * loss_b
-
-
-class GeneratorTrainer:
-    """Phase 2 of MetaEmb: trains the generator with the base model frozen."""
-
-    def __init__(self, model: MetaEmb, learner, learning_rate: float):
-        from gmeta.trainer.dense_optim import Adam
-
-        self.model, self.learner = model, learner
-        self.variables = list(model.gen_params.values())
-        self.optimizer = Adam(self.variables, learning_rate=learning_rate)
-        self._fn = None
-
-    def step(self, batch):
-        with tf.GradientTape() as tape:
-            loss = self.model.generator_loss(self.learner, batch)
-        grads = tape.gradient(loss, self.variables)
-        grads = [g if g is not None else tf.zeros_like(v) for g, v in zip(grads, self.variables)]
-        self.optimizer.apply(self.learner.comm.allreduce_mean(grads))
-        return loss
-
-    def compiled(self, element_spec):
-        if self._fn is None:
-            self._fn = tf.function(self.step, input_signature=[element_spec])
-        return self._fn
+        loss_b = task_losses(warmed[:, s_len:], query, s_len, None)
+        per_task = self.alpha * loss_a + (1.0 - self.alpha) * loss_b
+        return tf.reduce_sum(per_task * counted), tf.reduce_sum(counted)

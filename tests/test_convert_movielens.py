@@ -57,32 +57,37 @@ def _fixture():
     return items, users, ratings
 
 
-def write_100k(d, items, users, ratings):
+def _item_100k(it):
+    date = f"01-Jan-{it['year']}" if it["year"] else ""
+    flags = "|".join("1" if g in it["genres"] else "0" for g in range(len(GENRES)))
+    return f"{it['id']}|{it['title']}|{date}||http://x/{it['id']}|{flags}"
+
+
+def _item_1m(it):
+    title = f"{it['title']} ({it['year']})" if it["year"] else it["title"]
+    return f"{it['id']}::{title}::{'|'.join(GENRES[g] for g in it['genres'])}"
+
+
+# per layout: its (ratings, users, items) files and how one rating / user / item is written there
+LAYOUTS = {
+    "100k": (("u.data", "u.user", "u.item"),
+             (lambda r: "\t".join(map(str, r)),
+              lambda u: f"{u['id']}|{u['age']}|{u['gender']}|{OCCUPATIONS[u['occupation']]}|{u['zip']}",
+              _item_100k)),
+    "1m": (("ratings.dat", "users.dat", "movies.dat"),
+           (lambda r: "::".join(map(str, r)),
+            lambda u: f"{u['id']}::{u['gender']}::{AGE_1M[u['age']]}::{u['occupation']}::{u['zip']}",
+            _item_1m)),
+}
+
+
+def write_raw(d, layout, items, users, ratings):
+    """The fixture as the raw files of ``layout`` (latin-1 text, like the real files)."""
     os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, "u.data"), "w") as f:
-        f.writelines(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in ratings)
-    with open(os.path.join(d, "u.user"), "w") as f:
-        f.writelines(f"{u['id']}|{u['age']}|{u['gender']}|{OCCUPATIONS[u['occupation']]}|{u['zip']}\n" for u in users)
-    with open(os.path.join(d, "u.item"), "w", encoding="latin-1") as f:
-        for it in items:
-            date = f"01-Jan-{it['year']}" if it["year"] else ""
-            flags = "|".join("1" if g in it["genres"] else "0" for g in range(len(GENRES)))
-            f.write(f"{it['id']}|{it['title']}|{date}||http://x/{it['id']}|{flags}\n")
-
-
-def write_1m(d, items, users, ratings):
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, "ratings.dat"), "w") as f:
-        f.writelines(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in ratings)
-    with open(os.path.join(d, "users.dat"), "w") as f:
-        f.writelines(f"{u['id']}::{u['gender']}::{AGE_1M[u['age']]}::{u['occupation']}::{u['zip']}\n" for u in users)
-    with open(os.path.join(d, "movies.dat"), "w", encoding="latin-1") as f:
-        for it in items:
-            title = f"{it['title']} ({it['year']})" if it["year"] else it["title"]
-            f.write(f"{it['id']}::{title}::{'|'.join(GENRES[g] for g in it['genres'])}\n")
-
-
-WRITERS = {"100k": write_100k, "1m": write_1m}
+    files, lines = LAYOUTS[layout]
+    for name, line, rows in zip(files, lines, (ratings, users, items)):
+        with open(os.path.join(d, name), "w", encoding="latin-1") as f:
+            f.writelines(line(row) + "\n" for row in rows)
 
 
 def expected_tasks(items, users, ratings):
@@ -116,9 +121,9 @@ def converted(tmp_path_factory):
     items, users, ratings = _fixture()
     root = tmp_path_factory.mktemp("ml")
     out = {}
-    for layout, write in WRITERS.items():
+    for layout in LAYOUTS:
         src, dst = root / f"src{layout}", root / f"out{layout}"
-        write(str(src), items, users, ratings)
+        write_raw(str(src), layout, items, users, ratings)
         assert gmeta(["convert", "movielens", "--src", str(src), "--out", str(dst), "--quiet"]) == 0
         out[layout] = str(dst)
     return out, (items, users, ratings)
@@ -269,29 +274,21 @@ def test_bad_input_names_file_and_line(tmp_path, capsys, mutate, message):
     """Malformed or inconsistent raw files give an error naming the file (and line), not a crash."""
     items, users, ratings = _fixture()
     src = tmp_path / "src"
-    write_100k(str(src), items, users, ratings)
+    write_raw(str(src), "100k", items, users, ratings)
     lines = (src / "u.data").read_text().splitlines(keepends=True)
     (src / "u.data").write_text("".join(mutate(lines)))
     assert gmeta(["convert", "movielens", "--src", str(src), "--out", str(tmp_path / "o")]) == 2
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--query-size", "0"], "--query-size must be >= 1"),
-    (["--min-ratings", "10"], "--min-ratings must exceed --query-size"),
-    (["--max-ratings", "12"], "--max-ratings must be >= --min-ratings"),
-    (["--cold-user-frac", "1.5"], "--cold-user-frac must be in [0, 1)"),
-    (["--compression", "gzip"], "--compression must be one of"),
-])
-def test_bad_flags_are_named(tmp_path, capsys, flags, message):
-    assert gmeta(["convert", "movielens", "--src", str(tmp_path), "--out", str(tmp_path / "o")] + flags) == 2
-    assert message in capsys.readouterr().err
+# Bad flags of `gmeta convert movielens`: tests/test_datagen.py::test_bad_flags_are_named, one test
+# for every dataset-producing command (they share their flag checks, gmeta.tools.common).
 
 
 def test_refuses_to_overwrite_without_flag(converted, tmp_path, capsys):
     items, users, ratings = converted[1]
     src = tmp_path / "src"
-    write_1m(str(src), items, users, ratings)
+    write_raw(str(src), "1m", items, users, ratings)
     out = tmp_path / "out"
     assert gmeta(["convert", "movielens", "--src", str(src), "--out", str(out), "--quiet"]) == 0
     assert gmeta(["convert", "movielens", "--src", str(src), "--out", str(out), "--quiet"]) == 2

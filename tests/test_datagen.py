@@ -14,6 +14,7 @@ import pytest
 
 from gmeta.cli import main as gmeta
 from gmeta.io.schema import Schema
+from gmeta.io.tables import arrow_table
 from gmeta.tools import datagen as dg
 
 SPLITS = ("train", "user_cold", "item_cold", "user_item_cold")
@@ -233,7 +234,7 @@ def test_streams_in_chunks(tmp_path):
         tracemalloc.start()
         rows = 0
         for cols in dg.iter_split(w, dg.split_specs(c)[0]):
-            rows += dg.arrow_table(schema, cols).num_rows
+            rows += arrow_table(schema, cols).num_rows
         p = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         return p, rows
@@ -250,6 +251,42 @@ def test_streams_in_chunks(tmp_path):
     index = json.loads(open(os.path.join(d, "train", "_index.json")).read())
     assert index["tasks"] == 2000 and sum(len(f["stripes"]) for f in index["files"]) >= 10
     assert Schema.load(d).splits == ("train",)
+
+
+def test_summary_aucs_are_the_metrics_auc_on_bounded_memory():
+    """The summary's AUCs are gmeta.trainer.metrics.auc over all query rows; past ``sample_rows``
+    over a uniform, seeded sample whose pool stays below 1.25 times that size."""
+    from gmeta.trainer.metrics import auc as metrics_auc
+
+    rng = np.random.default_rng(0)
+    chunks = []
+    for c in range(20):
+        p = rng.random(1000).astype(np.float32)
+        click = (rng.random(1000) < p).astype(np.float32)
+        chunks.append({"task_id": np.repeat(np.arange(100 * c, 100 * c + 100), 10),
+                       "is_query": (np.arange(1000) % 2).astype(np.int8), "click": click,
+                       "conversion": click * (rng.random(1000) < 0.5), "rating": np.full(1000, 3, np.float32),
+                       "p_click": p, "p_ctcvr": p / 2, "side_logit": p + rng.standard_normal(1000)})
+    full = dg.SplitStats(np.random.default_rng(1))
+    small = [dg.SplitStats(np.random.default_rng(1), sample_rows=1000) for _ in range(2)]
+    for cols in chunks:
+        for stats in [full] + small:
+            stats.add(cols)
+        assert small[0].query.held <= 1250
+    q = {k: np.concatenate([c[k][c["is_query"] == 1] for c in chunks])
+         for k in ("p_click", "click", "p_ctcvr", "conversion", "side_logit")}
+    exact = full.summary()
+    assert set(exact) == {"users", "rows", "query_rows", "ctr", "cvr", "mean_rating", "oracle_auc_click",
+                          "oracle_auc_ctcvr", "side_only_auc_click"}
+    assert (exact["users"], exact["rows"], exact["query_rows"], exact["mean_rating"]) == (2000, 20000, 10000, 3.0)
+    assert exact["oracle_auc_click"] == round(metrics_auc(q["p_click"], q["click"]), 6)
+    assert exact["oracle_auc_ctcvr"] == round(metrics_auc(q["p_ctcvr"], q["conversion"]), 6)
+    assert exact["side_only_auc_click"] == round(metrics_auc(q["side_logit"], q["click"]), 6)
+    sampled = small[0].summary()
+    assert len(small[0].query.rows()["click"]) == 1000 and sampled == small[1].summary()
+    assert abs(sampled["oracle_auc_click"] - exact["oracle_auc_click"]) < 0.05
+    assert abs(sampled["side_only_auc_click"] - exact["side_only_auc_click"]) < 0.05
+    assert {k: sampled[k] for k in ("users", "rows", "ctr")} == {k: exact[k] for k in ("users", "rows", "ctr")}
 
 
 def test_progress_and_summary(tmp_path, capsys):
@@ -276,23 +313,32 @@ def test_sample_distinct_law():
     assert all(len(set(row)) == 50 for row in out.tolist())
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--support-min", "0"], "--support-min must be >= 1"),
-    (["--support-min", "30", "--support-max", "20"], "--support-max must be >= --support-min"),
-    (["--items", "30"], "--items must be >= --support-max + --query-size"),
-    (["--cold-items", "5"], "--cold-items must be >= --query-size"),
-    (["--query-size", "0"], "--query-size must be >= 1"),
-    (["--zipf", "-1"], "--zipf must be in [0, 5]"),
-    (["--zipf", "nan"], "--zipf must be in [0, 5]"),
-    (["--rows-per-stripe", "20"], "--rows-per-stripe must hold the largest task"),
-    (["--compression", "gzip"], "--compression must be one of"),
-    (["--train-users", "0"], "--train-users must be >= 1"),
-    (["--latent-dim", "0"], "--latent-dim must be in [1, 256]"),
-    (["--chunk-users", "0"], "--chunk-users must be >= 1"),
-    (["--seed", "-3"], "--seed must be >= 0"),
-])
-def test_bad_flags_are_named(tmp_path, capsys, flags, message):
-    assert gmeta(["datagen", "--out", str(tmp_path / "d")] + flags) == 2
+CONVERT = ("convert", "movielens", "--src", "raw")   # flags are checked before --src is read
+
+
+@pytest.mark.parametrize("command, flags, message", [
+    (("datagen",), ["--support-min", "0"], "--support-min must be >= 1"),
+    (("datagen",), ["--support-min", "30", "--support-max", "20"], "--support-max must be >= --support-min"),
+    (("datagen",), ["--items", "30"], "--items must be >= --support-max + --query-size"),
+    (("datagen",), ["--cold-items", "5"], "--cold-items must be >= --query-size"),
+    (("datagen",), ["--query-size", "0"], "--query-size must be >= 1"),
+    (("datagen",), ["--zipf", "-1"], "--zipf must be in [0, 5]"),
+    (("datagen",), ["--zipf", "nan"], "--zipf must be in [0, 5]"),
+    (("datagen",), ["--rows-per-stripe", "20"], "--rows-per-stripe must hold the largest task"),
+    (("datagen",), ["--compression", "gzip"], "--compression must be one of"),
+    (("datagen",), ["--train-users", "0"], "--train-users must be >= 1"),
+    (("datagen",), ["--latent-dim", "0"], "--latent-dim must be in [1, 256]"),
+    (("datagen",), ["--chunk-users", "0"], "--chunk-users must be >= 1"),
+    (("datagen",), ["--seed", "-3"], "--seed must be >= 0"),
+    (CONVERT, ["--query-size", "0"], "--query-size must be >= 1"),
+    (CONVERT, ["--min-ratings", "10"], "--min-ratings must exceed --query-size"),
+    (CONVERT, ["--max-ratings", "12"], "--max-ratings must be >= --min-ratings"),
+    (CONVERT, ["--cold-user-frac", "1.5"], "--cold-user-frac must be in [0, 1)"),
+    (CONVERT, ["--compression", "gzip"], "--compression must be one of"),
+], ids=lambda v: v[0] if isinstance(v, (tuple, list)) else None)   # e.g. "datagen---zipf---zipf must..."
+def test_bad_flags_are_named(tmp_path, capsys, command, flags, message):
+    """Every dataset-producing command (datagen, convert movielens) names the bad flag, writes nothing."""
+    assert gmeta([*command, "--out", str(tmp_path / "d")] + flags) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
 

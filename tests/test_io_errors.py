@@ -85,22 +85,19 @@ def test_bad_values_in_second_stripe(tmp_path, column, values, text):
     expect(e, file="b.orc", stripe=1, column=column, text=text)
 
 
-def test_null_values(tmp_path):
+@pytest.mark.parametrize("column, values, text, when", [
+    ("item_id", lambda n: [None] + [1] * (n - 1), "null", "read"),
+    ("is_query", lambda n: np.r_[np.zeros(n - 1, int), 3], "must be 0 (support) or 1 (query)", "plan"),
+    ("task_id", lambda n: np.full(n, -4), "negative task id -4", "plan"),
+], ids=["null", "bad_query_flag", "negative_task_id"])
+def test_bad_values_in_only_stripe(tmp_path, column, values, text, when):
+    """Task and flag columns are checked when the plan is made (they are all the scan reads),
+    other columns while reading."""
     t = make_table(np.arange(4))
-    t = with_column(t, "item_id", [None] + [1] * (t.num_rows - 1))
-    data = raw_dataset(tmp_path, {"a.orc": [t]})
+    data = raw_dataset(tmp_path, {"a.orc": [with_column(t, column, values(t.num_rows))]})
     with pytest.raises(DataError) as e:
-        read_all(data)
-    expect(e, file="a.orc", stripe=0, column="item_id", text="null")
-
-
-def test_bad_query_flag(tmp_path):
-    t = make_table(np.arange(4))
-    t = with_column(t, "is_query", np.r_[np.zeros(t.num_rows - 1, int), 3])
-    data = raw_dataset(tmp_path, {"a.orc": [t]})
-    with pytest.raises(DataError) as e:
-        MetaReader(data)
-    expect(e, file="a.orc", stripe=0, column="is_query", text="must be 0 (support) or 1 (query)")
+        (MetaReader if when == "plan" else read_all)(data)
+    expect(e, file="a.orc", stripe=0, column=column, text=text)
 
 
 def test_task_split_across_stripes(tmp_path):
@@ -125,15 +122,6 @@ def test_task_not_contiguous_inside_stripe(tmp_path):
     with pytest.raises(DataError) as e:
         MetaReader(data)
     expect(e, file="a.orc", stripe=0, column="task_id", text="task 1 is not contiguous")
-
-
-def test_negative_task_id(tmp_path):
-    t = make_table([0, 1])
-    t = with_column(t, "task_id", np.full(t.num_rows, -4))
-    data = raw_dataset(tmp_path, {"a.orc": [t]})
-    with pytest.raises(DataError) as e:
-        MetaReader(data)
-    expect(e, file="a.orc", stripe=0, column="task_id", text="negative task id -4")
 
 
 def test_empty_files(tmp_path):

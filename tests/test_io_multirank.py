@@ -10,7 +10,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
 from io_data import write_tiny  # noqa: E402
 
 from conftest import horovodrun, read_rank_results  # noqa: E402
-from gmeta.io.reader import MetaReader, shard_units  # noqa: E402
+from gmeta.io.plan import shard_units  # noqa: E402
+from gmeta.io.reader import MetaReader  # noqa: E402
 
 N_TASKS = 97
 

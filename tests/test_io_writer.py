@@ -106,48 +106,42 @@ def _with(table, name, values):
     return table.set_column(table.schema.get_field_index(name), name, pa.array(values, table.schema.field(name).type))
 
 
-@pytest.mark.parametrize("case, column, needle", [
-    ("split_across_calls", "task_id", "already written by an earlier write() call"),
-    ("non_contiguous", "task_id", "not contiguous"),
-    ("nan_label", "click", "non-finite"),
-    ("inf_dense", "price", "non-finite"),
-    ("negative_id", "item_id", "negative id"),
-    ("negative_task", "task_id", "negative task id"),
-    ("id_too_large", "item_id", ">= the table's num_rows 50"),
-    ("bad_flag", "is_query", "must be 0 (support) or 1 (query)"),
-    ("missing_column", "price", "missing"),
-    ("extra_column", "bogus", "not in schema.json"),
-    ("null", "click", "null"),
-    ("uncastable", "price", "cannot store"),
-])
-def test_rejects_bad_tables(tmp_path, case, column, needle):
+def _set(name, head=(), tail=()):
+    """A change of ``name``: ``head`` values first, ``tail`` values last, zeros between."""
+    return lambda t: _with(t, name, np.r_[head, np.zeros(t.num_rows - len(head) - len(tail)), tail])
+
+
+# (breakage, column the error must name, text it must hold); None: the task is split over two calls
+BAD_TABLES = {
+    "split_across_calls": (None, "task_id", "already written by an earlier write() call"),
+    "non_contiguous": (lambda t: pa.concat_tables([t, make_table([0])]), "task_id", "not contiguous"),
+    "nan_label": (_set("click", head=[np.nan]), "click", "non-finite"),
+    "inf_dense": (_set("price", tail=[np.inf]), "price", "non-finite"),
+    "negative_id": (_set("item_id", head=[3, -2]), "item_id", "negative id"),
+    "negative_task": (_set("task_id", tail=[-5]), "task_id", "negative task id"),
+    "id_too_large": (_set("item_id", tail=[50]), "item_id", ">= the table's num_rows 50"),
+    "bad_flag": (_set("is_query", tail=[2]), "is_query", "must be 0 (support) or 1 (query)"),
+    "missing_column": (lambda t: t.drop_columns(["price"]), "price", "missing"),
+    "extra_column": (lambda t: t.append_column("bogus", pa.array(np.zeros(t.num_rows))), "bogus", "not in schema.json"),
+    "null": (lambda t: t.set_column(2, "click", pa.array([None] + [0.0] * (t.num_rows - 1), pa.float32())),
+             "click", "null"),
+    "uncastable": (lambda t: t.set_column(t.schema.get_field_index("price"), "price", pa.array(["x"] * t.num_rows)),
+                   "price", "cannot store"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TABLES))
+def test_rejects_bad_tables(tmp_path, case):
     """Each broken table raises a DataError naming the column; nothing broken reaches a file."""
-    schema = tiny_schema()
-    good = make_table(np.arange(3))
-    n = good.num_rows
-    bad = {
-        "split_across_calls": None,
-        "non_contiguous": lambda t: pa.concat_tables([t, make_table([0])]),
-        "nan_label": lambda t: _with(t, "click", np.r_[np.nan, np.zeros(n - 1)]),
-        "inf_dense": lambda t: _with(t, "price", np.r_[np.zeros(n - 1), np.inf]),
-        "negative_id": lambda t: _with(t, "item_id", np.r_[3, -2, np.zeros(n - 2, int)]),
-        "negative_task": lambda t: _with(t, "task_id", np.r_[np.full(n - 1, 0), -5]),
-        "id_too_large": lambda t: _with(t, "item_id", np.r_[np.zeros(n - 1, int), 50]),
-        "bad_flag": lambda t: _with(t, "is_query", np.r_[np.zeros(n - 1, int), 2]),
-        "missing_column": lambda t: t.drop_columns(["price"]),
-        "extra_column": lambda t: t.append_column("bogus", pa.array(np.zeros(n))),
-        "null": lambda t: t.set_column(2, "click", pa.array([None] + [0.0] * (n - 1), pa.float32())),
-        "uncastable": lambda t: t.set_column(t.schema.get_field_index("price"), "price",
-                                             pa.array(["x"] * n)),
-    }[case]
-    w = TaskWriter(str(tmp_path), schema, rows_per_stripe=100)
-    if case == "split_across_calls":
+    bad, column, needle = BAD_TABLES[case]
+    w = TaskWriter(str(tmp_path), tiny_schema(), rows_per_stripe=100)
+    if bad is None:
         w.write(make_table([0, 1]))
         with pytest.raises(DataError) as err:
             w.write(make_table([1, 2]))
     else:
         with pytest.raises(DataError) as err:
-            w.write(bad(good))
+            w.write(bad(make_table(np.arange(3))))
     assert needle in str(err.value) and err.value.column == column, str(err.value)
     assert "write() call" in str(err.value)
     w.abort()

@@ -118,9 +118,9 @@ def generate(out: str, rows: int, rows_per_stripe: int, compression: str, seed: 
 
 def raw_decode(units, threads: int) -> tuple:
     """(rows, wall seconds, CPU seconds) to decode every stripe, all columns, on ``threads`` threads."""
-    from gmeta.io.reader import _OrcCache
+    from gmeta.io.stripes import OrcFileCache
 
-    cache = _OrcCache()
+    cache = OrcFileCache()
 
     def one(unit):
         return cache.get(unit.file).read_stripe(unit.stripe).num_rows

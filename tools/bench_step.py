@@ -192,7 +192,8 @@ def _worker(out_dir: str, cfg: BenchStepConfig) -> int:
                               {"item_id": "item", "hist_items": "item"}, comm.size)
     w = tf.constant(np.linspace(-1.0, 1.0, cfg.dim, dtype=np.float32))
     batches = [draw_ids(cfg, comm.rank, s) for s in range(cfg.warmup + cfg.steps)]
-    flat = [np.concatenate([b["item_id"], b["hist_items"].ravel()]) for b in batches]
+    # distinct ids of the TIMED steps, the steps the byte counters and timings cover
+    flat = [np.concatenate([b["item_id"], b["hist_items"].ravel()]) for b in batches[cfg.warmup:]]
     unique = np.mean([np.unique(f[f >= 0]).size for f in flat])
     spec = {"item_id": tf.TensorSpec([None], tf.int64),
             "hist_items": tf.TensorSpec([None, HIST], tf.int64)}
@@ -207,7 +208,8 @@ def _worker(out_dir: str, cfg: BenchStepConfig) -> int:
                 vecs = emb.lookup(ids)
                 s = tf.reduce_sum(vecs["item_id"] * w, -1) + tf.reduce_sum(vecs["hist_items"] * w, [-2, -1])
                 loss = tf.reduce_mean(tf.square(s - 1.0))
-            emb.apply_gradients(tape.gradient(loss, emb.trainable_variables))
+            # each rank's loss is a mean over its rows: step with 1/N of the sum over ranks
+            emb.apply_gradients(tape.gradient(loss, emb.trainable_variables), scale=1.0 / comm.size)
             return loss
 
         for b in batches[:cfg.warmup]:

@@ -38,7 +38,9 @@ Splits (ids: users ``[0, U)`` are warm, ``[U, U + 2C)`` are new; items ``[0, I)`
 Task ids are user ids. ``--cold-users 0`` writes ``train`` only.
 The per-split summary (``DIR/datagen.json``) gives rows, CTR, CVR and, on query rows, the oracle
 AUC and a *side-only* AUC: the same score with the individual deviation and bias zeroed. The gap
-between the two is the headroom that per-user adaptation can claim.
+between the two is the headroom that per-user adaptation can claim. The AUCs are
+``gmeta.trainer.metrics.auc`` over all query rows of a split, or over a fixed-seed uniform sample
+of ``SUMMARY_SAMPLE_ROWS`` of them on larger splits, so memory stays bounded.
 
 Streaming: users are generated ``--chunk-users`` at a time, vectorized with numpy, and each chunk
 is written before the next is made, so memory does not grow with the row count. Random streams
@@ -49,12 +51,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from gmeta.io.tables import arrow_table
+from gmeta.tools.common import (OutputConfig, add_output_arguments, check_flags, group_arange, prepare_out,
+                                run_command)
+from gmeta.trainer.metrics import auc
 
 # ---- fixed "physics" of the world; flags scale the world, these shape it ----
 N_AGE, N_GENDER, N_OCCUPATION = 7, 2, 21
@@ -72,20 +78,21 @@ TARGET_CTR, TARGET_CVR = 0.28, 0.15
 USER_BLOCK = 1024           # users are generated in fixed blocks, independent of --chunk-users
 ITEM_BLOCK = 16384          # items per block when scoring tags
 
+SUMMARY_SAMPLE_ROWS = 1 << 19  # query rows per split behind the summary AUCs (a uniform sample past this;
+                               # AUC standard error ~1e-3 there; the sample pool holds < 1.25x this many rows)
+
 # stream keys: default_rng([seed, KEY, ...])
-_WORLD, _USERS, _ROWS, _CALIBRATION = 1, 2, 3, 4
+_WORLD, _USERS, _ROWS, _CALIBRATION, _SUMMARY = 1, 2, 3, 4, 5
 
 SPLITS = ("train", "user_cold", "item_cold", "user_item_cold")
-from gmeta.io.writer import COMPRESSIONS  # noqa: E402 (one list of codecs, owned by the writer)
 
 
 class DatagenError(ValueError):
     """A bad flag or an impossible request; the message names the flag."""
 
 
-@dataclass(frozen=True)
-class DatagenConfig:
-    out: str
+@dataclass(frozen=True, kw_only=True)
+class DatagenConfig(OutputConfig):
     seed: int = 0
     train_users: int = 2500
     cold_users: int = 400
@@ -96,42 +103,34 @@ class DatagenConfig:
     query_size: int = 10
     zipf: float = 1.1
     latent_dim: int = 8
-    rows_per_stripe: int = 8192
     rows_per_file: int = 1_000_000
-    compression: str = "zstd"
     chunk_users: int = 2048
-    overwrite: bool = False
-    quiet: bool = False
 
     def validate(self) -> "DatagenConfig":
-        def need(ok: bool, flag: str, what: str, value) -> None:
-            if not ok:
-                raise DatagenError(f"{flag} {what} (got {value})")
-
-        need(bool(self.out), "--out", "must name a directory", repr(self.out))
-        need(self.seed >= 0, "--seed", "must be >= 0", self.seed)
-        need(self.train_users >= 1, "--train-users", "must be >= 1", self.train_users)
-        need(self.cold_users >= 0, "--cold-users", "must be >= 0", self.cold_users)
-        need(self.support_min >= 1, "--support-min", "must be >= 1", self.support_min)
-        need(self.support_max >= self.support_min, "--support-max",
-             f"must be >= --support-min ({self.support_min})", self.support_max)
-        need(self.query_size >= 1, "--query-size", "must be >= 1", self.query_size)
         task = self.support_max + self.query_size
-        need(self.items >= task, "--items",
-             f"must be >= --support-max + --query-size ({task}): a task's items are distinct", self.items)
-        if self.cold_users > 0:
-            need(self.cold_items >= self.query_size, "--cold-items",
-                 f"must be >= --query-size ({self.query_size}) when --cold-users > 0", self.cold_items)
-        need(self.cold_items >= 0, "--cold-items", "must be >= 0", self.cold_items)
-        need(math.isfinite(self.zipf) and 0 <= self.zipf <= 5, "--zipf", "must be in [0, 5]", self.zipf)
-        need(1 <= self.latent_dim <= 256, "--latent-dim", "must be in [1, 256]", self.latent_dim)
-        need(self.rows_per_stripe >= task, "--rows-per-stripe",
-             f"must hold the largest task (--support-max + --query-size = {task})", self.rows_per_stripe)
-        need(self.rows_per_file >= self.rows_per_stripe, "--rows-per-file",
-             f"must be >= --rows-per-stripe ({self.rows_per_stripe})", self.rows_per_file)
-        need(self.compression in COMPRESSIONS, "--compression", f"must be one of {COMPRESSIONS}",
-             repr(self.compression))
-        need(self.chunk_users >= 1, "--chunk-users", "must be >= 1", self.chunk_users)
+        out = self.output_checks(task, "--support-max + --query-size")
+        check_flags([
+            out["--out"],
+            (self.seed >= 0, "--seed", "must be >= 0", self.seed),
+            (self.train_users >= 1, "--train-users", "must be >= 1", self.train_users),
+            (self.cold_users >= 0, "--cold-users", "must be >= 0", self.cold_users),
+            (self.support_min >= 1, "--support-min", "must be >= 1", self.support_min),
+            (self.support_max >= self.support_min, "--support-max", f"must be >= --support-min ({self.support_min})",
+             self.support_max),
+            (self.query_size >= 1, "--query-size", "must be >= 1", self.query_size),
+            (self.items >= task, "--items",
+             f"must be >= --support-max + --query-size ({task}): a task's items are distinct", self.items),
+            (self.cold_users == 0 or self.cold_items >= self.query_size, "--cold-items",
+             f"must be >= --query-size ({self.query_size}) when --cold-users > 0", self.cold_items),
+            (self.cold_items >= 0, "--cold-items", "must be >= 0", self.cold_items),
+            (math.isfinite(self.zipf) and 0 <= self.zipf <= 5, "--zipf", "must be in [0, 5]", self.zipf),
+            (1 <= self.latent_dim <= 256, "--latent-dim", "must be in [1, 256]", self.latent_dim),
+            out["--rows-per-stripe"],
+            (self.rows_per_file >= self.rows_per_stripe, "--rows-per-file",
+             f"must be >= --rows-per-stripe ({self.rows_per_stripe})", self.rows_per_file),
+            out["--compression"],
+            (self.chunk_users >= 1, "--chunk-users", "must be >= 1", self.chunk_users),
+        ], DatagenError)
         return self
 
 
@@ -297,12 +296,6 @@ def sample_with_replacement(rng, cdf: np.ndarray, n: int) -> np.ndarray:
     return np.minimum(np.searchsorted(cdf, rng.random(n), side="right"), len(cdf) - 1)
 
 
-def group_arange(counts: np.ndarray) -> np.ndarray:
-    """[0..c0-1, 0..c1-1, ...] for counts [c0, c1, ...]."""
-    starts = np.cumsum(counts) - counts
-    return np.arange(counts.sum()) - np.repeat(starts, counts)
-
-
 def sample_distinct(rng, pool: Pool, need: np.ndarray, rounds: int = 4) -> np.ndarray:
     """For every group g, ``need[g]`` distinct pool indices drawn by popularity without replacement.
 
@@ -459,76 +452,52 @@ def build_schema(cfg: DatagenConfig):
     ).validate("gmeta datagen schema")
 
 
-def padded_to_list_array(mat: np.ndarray):
-    """A [rows, L] -1-padded int matrix (valid entries first) -> pyarrow list<int64>."""
-    import pyarrow as pa
-
-    valid = mat >= 0
-    offsets = np.zeros(len(mat) + 1, np.int32)
-    np.cumsum(valid.sum(axis=1), out=offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(mat[valid].astype(np.int64)))
-
-
-def arrow_table(schema, columns: dict):
-    """A pyarrow Table with exactly the schema's columns, in canonical order and types."""
-    import pyarrow as pa
-
-    list_features = {f.name for f in schema.sparse if f.is_list}
-    int_columns = {schema.task_column} | {f.name for f in schema.sparse}
-    arrays = []
-    for name in schema.column_names():
-        col = columns[name]
-        if name in list_features:
-            arrays.append(padded_to_list_array(col) if isinstance(col, np.ndarray) else col)
-        elif name == schema.query_column:
-            arrays.append(pa.array(np.asarray(col, np.int8)))
-        elif name in int_columns:
-            arrays.append(pa.array(np.asarray(col, np.int64)))
-        else:
-            arrays.append(pa.array(np.asarray(col, np.float32)))
-    return pa.Table.from_arrays(arrays, names=schema.column_names())
-
-
 # ----------------------------------------------------------------------------- metrics
-class BinnedAuc:
-    """Streaming ROC AUC: label counts per bin of logit(score); ties within a bin count one half.
+class RowSample:
+    """A uniform random sample of at most ``cap`` rows of a stream of column dicts: the rows with
+    the ``cap`` smallest random keys (bottom-k), so memory stays bounded on any split size. Rows
+    whose key cannot make the cut are dropped on arrival and the pool is trimmed back to ``cap``
+    whenever it grows by a quarter (rarely, once the cut has settled)."""
 
-    2^17 bins over logit in [-20, 20] (width 3e-4), so the error is far below the AUC's own noise.
-    """
+    def __init__(self, rng: np.random.Generator, cap: int):
+        self.rng, self.cap = rng, int(cap)
+        self.parts, self.held = [], 0   # (keys, columns) of rows that may still make the sample
+        self.cut = np.inf               # the cap-th smallest key so far: larger keys never make it
 
-    def __init__(self, bins: int = 1 << 17, lo: float = -20.0, hi: float = 20.0):
-        self.bins, self.lo, self.hi = bins, lo, hi
-        self.pos = np.zeros(bins, np.int64)
-        self.neg = np.zeros(bins, np.int64)
+    def add(self, cols: dict) -> None:
+        keys = self.rng.random(len(next(iter(cols.values()))))
+        keep = keys < self.cut
+        self.parts.append((keys[keep], {k: v[keep] for k, v in cols.items()}))
+        self.held += int(np.count_nonzero(keep))
+        if self.held >= self.cap + self.cap // 4 + 1:
+            self._trim()
 
-    def add_logit(self, logit: np.ndarray, label: np.ndarray) -> None:
-        b = ((np.clip(logit, self.lo, self.hi) - self.lo) * (self.bins / (self.hi - self.lo))).astype(np.int64)
-        b = np.minimum(b, self.bins - 1)
-        label = label.astype(bool)
-        self.pos += np.bincount(b[label], minlength=self.bins)
-        self.neg += np.bincount(b[~label], minlength=self.bins)
+    def _trim(self) -> None:
+        if not self.parts:
+            return
+        keys = np.concatenate([p[0] for p in self.parts])
+        best = np.argpartition(keys, self.cap - 1)[:self.cap] if keys.size > self.cap else slice(None)
+        cols = {k: np.concatenate([p[1][k] for p in self.parts])[best] for k in self.parts[0][1]}  # a column at a time
+        keys = keys[best]
+        if keys.size == self.cap:
+            self.cut = keys.max()
+        self.parts, self.held = [(keys, cols)], keys.size
 
-    def add_prob(self, p: np.ndarray, label: np.ndarray) -> None:
-        p = np.clip(p.astype(np.float64), 1e-12, 1 - 1e-12)
-        self.add_logit(np.log(p) - np.log1p(-p), label)
-
-    def value(self) -> float:
-        n_pos, n_neg = self.pos.sum(), self.neg.sum()
-        if n_pos == 0 or n_neg == 0:
-            return float("nan")
-        neg_below = np.cumsum(self.neg) - self.neg
-        pos = self.pos.astype(np.float64)
-        return float((pos @ neg_below + 0.5 * pos @ self.neg) / (float(n_pos) * float(n_neg)))
+    def rows(self) -> dict:
+        """The sampled rows (all rows seen, while they are at most ``cap``)."""
+        self._trim()
+        return self.parts[0][1] if self.parts else {}
 
 
 class SplitStats:
-    """Per-split counts and query-row AUCs, accumulated chunk by chunk."""
+    """Per-split counts, accumulated chunk by chunk, and query-row AUCs (``gmeta.trainer.metrics.auc``,
+    exact with mid-rank ties) over all query rows, or a uniform sample of ``sample_rows`` of them."""
 
-    def __init__(self):
+    def __init__(self, rng: np.random.Generator, sample_rows: int = SUMMARY_SAMPLE_ROWS):
         self.users = self.rows = self.query_rows = 0
         self.clicks = self.conversions = 0.0
         self.rating_sum = 0.0
-        self.auc_click, self.auc_ctcvr, self.auc_side = BinnedAuc(), BinnedAuc(), BinnedAuc()
+        self.query = RowSample(rng, sample_rows)
 
     def add(self, cols: dict) -> None:
         q = cols["is_query"] == 1
@@ -538,19 +507,20 @@ class SplitStats:
         self.clicks += float(cols["click"].sum())
         self.conversions += float(cols["conversion"].sum())
         self.rating_sum += float(cols["rating"].sum())
-        self.auc_click.add_prob(cols["p_click"][q], cols["click"][q])
-        self.auc_ctcvr.add_prob(cols["p_ctcvr"][q], cols["conversion"][q])
-        self.auc_side.add_logit(cols["side_logit"][q], cols["click"][q])
+        scores = {k: cols[k][q] for k in ("p_click", "p_ctcvr", "side_logit")}
+        self.query.add({**scores, "click": cols["click"][q].astype(np.int8),
+                        "conversion": cols["conversion"][q].astype(np.int8)})
 
     def summary(self) -> dict:
         r = lambda x: round(float(x), 6) if math.isfinite(x) else None  # noqa: E731 (JSON has no NaN)
+        q = self.query.rows()
+        a = lambda score, label: r(auc(q[score], q[label])) if q else None  # noqa: E731
         return {"users": self.users, "rows": self.rows, "query_rows": self.query_rows,
                 "ctr": r(self.clicks / max(self.rows, 1)),
                 "cvr": r(self.conversions / max(self.clicks, 1)),
                 "mean_rating": r(self.rating_sum / max(self.rows, 1)),
-                "oracle_auc_click": r(self.auc_click.value()),
-                "oracle_auc_ctcvr": r(self.auc_ctcvr.value()),
-                "side_only_auc_click": r(self.auc_side.value())}
+                "oracle_auc_click": a("p_click", "click"), "oracle_auc_ctcvr": a("p_ctcvr", "conversion"),
+                "side_only_auc_click": a("side_logit", "click")}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -573,30 +543,6 @@ class _Progress:
               file=sys.stderr, flush=True)
 
 
-def prepare_out(out: str, overwrite: bool, names, error=None) -> None:
-    """Refuse to mix with an existing dataset unless ``overwrite``; then remove only ``names``
-    (our own outputs) from ``out``, leaving anything else there alone."""
-    from gmeta.io import fs
-
-    error = error or DatagenError
-    kinds = fs.pafs.FileType
-    info = fs.file_info(out)
-    if info.type == kinds.NotFound:
-        return
-    if info.type != kinds.Directory:
-        raise error(f"--out {out!r} exists and is not a directory")
-    present = [e for e in fs.list_dir(out) if e.base_name in names]
-    if present and not overwrite:
-        raise error(f"--out {out!r} already holds {[e.base_name for e in present]}; "
-                    f"pass --overwrite to replace them")
-    for e in present:
-        filesystem, inner = fs.resolve(fs.join(out, e.base_name))
-        if e.type == kinds.Directory:
-            filesystem.delete_dir(inner)
-        else:
-            filesystem.delete_file(inner)
-
-
 def generate(cfg: DatagenConfig) -> dict:
     """Write the dataset; return the summary that also goes to ``DIR/datagen.json``."""
     from gmeta.io.fs import join, write_text
@@ -604,14 +550,14 @@ def generate(cfg: DatagenConfig) -> dict:
 
     cfg.validate()
     specs = split_specs(cfg)
-    prepare_out(cfg.out, cfg.overwrite, ("schema.json", "datagen.json", *SPLITS))
+    prepare_out(cfg.out, cfg.overwrite, ("schema.json", "datagen.json", *SPLITS), error=DatagenError)
     t0 = time.perf_counter()
     world = World(cfg)
     schema = build_schema(cfg)
     progress = _Progress(cfg.quiet)
     splits = {}
     for spec in specs:
-        stats = SplitStats()
+        stats = SplitStats(np.random.default_rng([cfg.seed, _SUMMARY, spec.index]))
         with TaskWriter(cfg.out, schema, split=spec.name, rows_per_stripe=cfg.rows_per_stripe,
                         rows_per_file=cfg.rows_per_file, compression=cfg.compression) as writer:
             for cols in iter_split(world, spec):
@@ -662,29 +608,11 @@ def add_arguments(parser) -> None:
     a("--query-size", type=int, default=d.query_size, help="query rows per task")
     a("--zipf", type=float, default=d.zipf, help="Zipf exponent of item popularity (0 = uniform)")
     a("--latent-dim", type=int, default=d.latent_dim, help="dimension of the user/item latents")
-    a("--rows-per-stripe", type=int, default=d.rows_per_stripe, help="ORC stripe size in rows")
     a("--rows-per-file", type=int, default=d.rows_per_file, help="rows per ORC file")
-    a("--compression", default=d.compression, help=f"ORC compression: {', '.join(COMPRESSIONS)}")
     a("--chunk-users", type=int, default=d.chunk_users,
       help="users generated and written per chunk (bounds memory; part of the data's identity)")
-    a("--overwrite", action="store_true", help="replace an existing dataset in --out")
-    a("--quiet", action="store_true", help="no progress or summary output")
+    add_output_arguments(parser, d, quiet_help="no progress or summary output")
 
 
 def main(args) -> int:
-    try:
-        cfg = DatagenConfig(
-            out=args.out, seed=args.seed, train_users=args.train_users, cold_users=args.cold_users,
-            items=args.items, cold_items=args.cold_items, support_min=args.support_min,
-            support_max=args.support_max, query_size=args.query_size, zipf=args.zipf,
-            latent_dim=args.latent_dim, rows_per_stripe=args.rows_per_stripe,
-            rows_per_file=args.rows_per_file, compression=args.compression,
-            chunk_users=args.chunk_users, overwrite=args.overwrite, quiet=args.quiet).validate()
-        summary = generate(cfg)
-    except DatagenError as exc:
-        print(f"gmeta datagen: error: {exc}", file=sys.stderr)
-        return 2
-    if not cfg.quiet:
-        print(format_summary(summary))
-        print(f"wrote {os.path.join(cfg.out, 'schema.json')} and datagen.json")
-    return 0
+    return run_command("datagen", DatagenConfig, args, generate, DatagenError, format_summary, "datagen.json")

@@ -33,14 +33,14 @@ a warm split and no cold item occurs in train. Ids: warm users and items come fi
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from gmeta.tools.datagen import arrow_table, group_arange, prepare_out
+from gmeta.io.tables import arrow_table
+from gmeta.tools.common import (OutputConfig, add_output_arguments, check_flags, group_arange, prepare_out,
+                                run_command)
 
 SPLITS = ("train", "user_cold", "item_cold", "user_item_cold")
 GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
@@ -54,32 +54,29 @@ LAYOUTS = {
     "100k": ("u.data", "u.user", "u.item"),
     "1m": ("ratings.dat", "users.dat", "movies.dat"),
 }
+# per layout: the ratings file's separator, the user file's field order and separator
+DELIMITERS = {"100k": ("\t", "|"), "1m": ("::", "::")}
+USER_FIELDS = {"100k": ("id", "age", "gender", "occupation", "zip"), "1m": ("id", "gender", "age", "occupation", "zip")}
 
 
 class ConvertError(ValueError):
     """Bad input files or flags; the message names the file (and line/column) or the flag."""
 
 
-@dataclass(frozen=True)
-class MovieLensConfig:
+@dataclass(frozen=True, kw_only=True)
+class MovieLensConfig(OutputConfig):
     src: str
-    out: str
     min_ratings: int = 13
     max_ratings: int = 100
     query_size: int = 10
     cold_user_frac: float = 0.2
     cold_item_frac: float = 0.2
-    rows_per_stripe: int = 8192
-    compression: str = "zstd"
-    overwrite: bool = False
-    quiet: bool = False
 
     def validate(self) -> "MovieLensConfig":
-        from gmeta.tools.datagen import COMPRESSIONS
-
-        checks = [
+        out = self.output_checks(self.max_ratings, "--max-ratings")
+        check_flags([
             (bool(self.src), "--src", "must name a directory", repr(self.src)),
-            (bool(self.out), "--out", "must name a directory", repr(self.out)),
+            out["--out"],
             (self.query_size >= 1, "--query-size", "must be >= 1", self.query_size),
             (self.min_ratings > self.query_size, "--min-ratings",
              f"must exceed --query-size ({self.query_size}) so every task has support rows", self.min_ratings),
@@ -87,14 +84,9 @@ class MovieLensConfig:
              f"must be >= --min-ratings ({self.min_ratings})", self.max_ratings),
             (0.0 <= self.cold_user_frac < 1.0, "--cold-user-frac", "must be in [0, 1)", self.cold_user_frac),
             (0.0 <= self.cold_item_frac < 1.0, "--cold-item-frac", "must be in [0, 1)", self.cold_item_frac),
-            (self.rows_per_stripe >= self.max_ratings, "--rows-per-stripe",
-             f"must hold the largest task (--max-ratings = {self.max_ratings})", self.rows_per_stripe),
-            (self.compression in COMPRESSIONS, "--compression", f"must be one of {COMPRESSIONS}",
-             repr(self.compression)),
-        ]
-        for ok, flag, what, value in checks:
-            if not ok:
-                raise ConvertError(f"{flag} {what} (got {value})")
+            out["--rows-per-stripe"],
+            out["--compression"],
+        ], ConvertError)
         return self
 
 
@@ -184,24 +176,46 @@ def _load_ratings(path: str, sep: str) -> dict:
     return ratings
 
 
-def load_100k(src: str) -> dict:
+def load(src: str, layout: str) -> dict:
+    """Ratings, users and items of either layout (the item files are the part that differs)."""
+    from gmeta.io import fs
+
+    ratings_file, users_file, items_file = LAYOUTS[layout]
+    rating_sep, sep = DELIMITERS[layout]
+    ratings = _load_ratings(fs.join(src, ratings_file), rating_sep)
+    users = _load_users(fs.join(src, users_file), layout, sep)
+    load_items = _load_items_100k if layout == "100k" else _load_items_1m
+    return {"ratings": ratings, "users": users, "items": load_items(fs.join(src, items_file))}
+
+
+def _load_users(path: str, layout: str, sep: str) -> dict:
+    """Users: raw id, age group, gender (1 = F), occupation id, first character of the zip code.
+    100K names occupations (ids in sorted-name order); 1M gives the codes, checked for range."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from gmeta.io import fs
-
     i64, s = pa.int64(), pa.string()
-    ratings = _load_ratings(fs.join(src, "u.data"), "\t")
-    path = fs.join(src, "u.user")
-    u = read_delimited(path, ("id", "age", "gender", "occupation", "zip"),
-                       {"id": i64, "age": i64, "gender": s, "occupation": s, "zip": s}, "|")
+    by_name = layout == "100k"
+    u = read_delimited(path, USER_FIELDS[layout], {"id": i64, "age": i64, "gender": s, "zip": s,
+                                                   "occupation": s if by_name else i64}, sep)
     gender = _np(u["gender"])
     _check_gender(gender, path)
-    occ_names, occupation = _vocab(_np(u["occupation"]))
+    if by_name:
+        occ_names, occupation = _vocab(_np(u["occupation"]))
+        n_occupations = len(occ_names)
+    else:
+        occupation, n_occupations = _np(u["occupation"]), N_OCCUPATIONS_1M
+        _check_range(occupation, 0, N_OCCUPATIONS_1M - 1, path, "occupation")
     zip_first = _np(pc.utf8_slice_codeunits(pc.utf8_upper(u["zip"]), 0, 1))
-    users = {"id": _np(u["id"]), "age": _age_group(_np(u["age"])), "gender": (gender == "F").astype(np.int64),
-             "occupation": occupation, "zip_first": zip_first, "n_occupations": len(occ_names)}
-    path = fs.join(src, "u.item")
+    return {"id": _np(u["id"]), "age": _age_group(_np(u["age"])), "gender": (gender == "F").astype(np.int64),
+            "occupation": occupation, "zip_first": zip_first, "n_occupations": n_occupations}
+
+
+def _load_items_100k(path: str) -> dict:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    i64, s = pa.int64(), pa.string()
     names = ["id", "title", "release", "video", "url"] + [f"g{k}" for k in range(len(GENRES))]
     t = read_delimited(path, names, {"id": i64, "title": s, "release": s, "video": s, "url": s,
                                      **{f"g{k}": i64 for k in range(len(GENRES))}}, "|")
@@ -215,30 +229,14 @@ def load_100k(src: str) -> dict:
                            f"is not DD-Mon-YYYY")
     release = _np(pc.fill_null(pc.cast(stamp, pa.int64()), np.iinfo(np.int64).min))
     year = _np(pc.fill_null(pc.year(stamp), 0))
-    items = {"id": _np(t["id"]), "release": release, "year": _year_bucket(year),
-             "genres": _flags_to_padded(flags)}
-    return {"ratings": ratings, "users": users, "items": items}
+    return {"id": _np(t["id"]), "release": release, "year": _year_bucket(year), "genres": _flags_to_padded(flags)}
 
 
-def load_1m(src: str) -> dict:
+def _load_items_1m(path: str) -> dict:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from gmeta.io import fs
-
     i64, s = pa.int64(), pa.string()
-    ratings = _load_ratings(fs.join(src, "ratings.dat"), "::")
-    path = fs.join(src, "users.dat")
-    u = read_delimited(path, ("id", "gender", "age", "occupation", "zip"),
-                       {"id": i64, "gender": s, "age": i64, "occupation": i64, "zip": s}, "::")
-    gender = _np(u["gender"])
-    _check_gender(gender, path)
-    occupation = _np(u["occupation"])
-    _check_range(occupation, 0, N_OCCUPATIONS_1M - 1, path, "occupation")
-    zip_first = _np(pc.utf8_slice_codeunits(pc.utf8_upper(u["zip"]), 0, 1))
-    users = {"id": _np(u["id"]), "age": _age_group(_np(u["age"])), "gender": (gender == "F").astype(np.int64),
-             "occupation": occupation, "zip_first": zip_first, "n_occupations": N_OCCUPATIONS_1M}
-    path = fs.join(src, "movies.dat")
     t = read_delimited(path, ("id", "title", "genres"), {"id": i64, "title": s, "genres": s}, "::")
     found = pc.extract_regex(t["title"], r"\((?P<year>\d{4})\)\s*$")
     year = _np(pc.fill_null(pc.cast(pc.struct_field(found, "year"), pa.int64()), 0))
@@ -251,9 +249,7 @@ def load_1m(src: str) -> dict:
     counts = _np(pc.list_value_length(parts))
     flags = np.zeros((len(counts), len(GENRES)), np.int64)
     flags[np.repeat(np.arange(len(counts)), counts), _np(gid)] = 1
-    items = {"id": _np(t["id"]), "release": year, "year": _year_bucket(year),
-             "genres": _flags_to_padded(flags)}
-    return {"ratings": ratings, "users": users, "items": items}
+    return {"id": _np(t["id"]), "release": year, "year": _year_bucket(year), "genres": _flags_to_padded(flags)}
 
 
 def _check_gender(gender: np.ndarray, path: str) -> None:
@@ -379,7 +375,7 @@ def convert(cfg: MovieLensConfig) -> dict:
     t0 = time.perf_counter()
     layout = detect_layout(cfg.src)
     prepare_out(cfg.out, cfg.overwrite, ("schema.json", "convert.json", *SPLITS), error=ConvertError)
-    data = load_100k(cfg.src) if layout == "100k" else load_1m(cfg.src)
+    data = load(cfg.src, layout)
     built = build_tasks(data, cfg, join(cfg.src, LAYOUTS[layout][0]))
     nonempty = [s for s in SPLITS if len(built["splits"][s]["task_id"])]
     if "train" not in nonempty:
@@ -433,24 +429,9 @@ def add_arguments(parser) -> None:
     a("--cold-user-frac", type=float, default=d.cold_user_frac,
       help="share of users (latest first rating) that are cold")
     a("--cold-item-frac", type=float, default=d.cold_item_frac, help="share of items (latest released) that are cold")
-    a("--rows-per-stripe", type=int, default=d.rows_per_stripe, help="ORC stripe size in rows")
-    a("--compression", default=d.compression, help="ORC compression (zstd, snappy, zlib, lz4, uncompressed)")
-    a("--overwrite", action="store_true", help="replace an existing dataset in --out")
-    a("--quiet", action="store_true", help="print nothing on success")
+    add_output_arguments(parser, d, quiet_help="print nothing on success")
 
 
 def main(args) -> int:
-    try:
-        cfg = MovieLensConfig(
-            src=args.src, out=args.out, min_ratings=args.min_ratings, max_ratings=args.max_ratings,
-            query_size=args.query_size, cold_user_frac=args.cold_user_frac, cold_item_frac=args.cold_item_frac,
-            rows_per_stripe=args.rows_per_stripe, compression=args.compression, overwrite=args.overwrite,
-            quiet=args.quiet).validate()
-        summary = convert(cfg)
-    except ConvertError as exc:
-        print(f"gmeta convert movielens: error: {exc}", file=sys.stderr)
-        return 2
-    if not cfg.quiet:
-        print(format_summary(summary))
-        print(f"wrote {os.path.join(cfg.out, 'schema.json')} and convert.json")
-    return 0
+    return run_command("convert movielens", MovieLensConfig, args, convert, ConvertError, format_summary,
+                       "convert.json")

@@ -3,20 +3,24 @@
 Everything else takes a ``Communicator`` (rank, size and a handful of collectives), so the
 single-process path (``LocalCommunicator``, no horovodrun) runs exactly the same code.
 
-Gradient scaling, written down once
------------------------------------
-Each rank minimises a per-rank objective ``L_r`` chosen so that the global objective is the
-*mean* over ranks of ``L_r``. (The meta-learner uses ``L_r = local loss sum * size / global
-real-task count``, which makes the mean over ranks the exact global mean even when ranks hold
-different numbers of real tasks; the count travels in the same fused allreduce as the dense
-gradients.) Then:
+Gradient scaling: one rule, written down once
+---------------------------------------------
+Every rank contributes SUMS, never means, and there is one division, by the global count of
+what the loss averages over (real tasks with at least one query row for MAML; real rows for the
+plain baseline). ``sum_for_global_mean`` is that rule: ONE fused ``grouped_allreduce`` (Sum)
+carries every tensor that must be summed over ranks (the dense gradients, and for the
+replicated embedding baseline its dense table gradients and row-touched counts) plus this
+rank's count, and returns the sums and ``1 / global count``. Then:
 
-* dense (replicated) gradients are **averaged** over ranks (``allreduce_mean``; or summed and
-  divided by the global count, which is the same thing);
-* sharded embedding rows receive, through the AlltoAll backward pass, the **sum** over ranks of
-  each rank's gradient for that row. To be the gradient of the mean objective they must be
-  divided by ``size``. ``sparse_grad_scale()`` returns that factor; the sharded embedding
-  applies it before its row-wise optimizer step, and nothing else rescales.
+* dense (replicated) parameters step with ``sum * scale``;
+* sharded embedding rows already hold the sum over ranks when they come home through the
+  AlltoAll backward pass (each rank sends the gradient of its own loss sum), so the embedding
+  multiplies them by the same ``scale`` before its row-wise optimizer;
+* the replicated baseline's table gradients are summed in the same collective and scaled alike.
+
+So every parameter steps along the gradient of the exact global mean, whatever the number of
+ranks and however unevenly real tasks are spread over them. The meta-learner's step and the
+extra training phases (MetaEmb's generator) use this function and nothing else rescales.
 
 Collective safety: every rank must issue the same collectives in the same order. All
 collectives here are issued from code paths that do not depend on rank-local data sizes;
@@ -25,6 +29,7 @@ ranks with nothing to send still call ``alltoall`` with zero splits.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -89,25 +94,38 @@ class Communicator:
     def __post_init__(self):
         self.counters = CommCounters()
 
-    # ---- scaling rule (see module docstring) ----
-    def sparse_grad_scale(self) -> float:
-        return 1.0 / float(self.size)
+    def with_own_counters(self) -> "Communicator":
+        """The same communicator (same ranks, same collectives) counting into fresh counters,
+        so a second model trained in the same run (the plain baseline) is reported apart."""
+        twin = copy.copy(self)
+        twin.counters = CommCounters()
+        return twin
+
+    # ---- the scaling rule (see module docstring) ----
+    def sum_for_global_mean(self, sums: Sequence[tf.Tensor], count: tf.Tensor):
+        """``(sums over ranks, 1 / global count)`` in ONE fused allreduce (see module docstring).
+
+        ``count`` is this rank's float32 count of what the loss averages over; a global count of
+        0 (no rank had anything real) gives scale 1 on zero sums, never a division by zero.
+        """
+        reduced = self.allreduce_sum(list(sums) + [tf.cast(count, tf.float32)])
+        return reduced[:-1], 1.0 / tf.maximum(reduced[-1], 1.0)
 
     # ---- collectives, counted ----
     def allreduce_mean(self, tensors: Sequence[tf.Tensor], kind: str = "allreduce") -> list:
         """Average a list of dense tensors over ranks in ONE fused collective."""
-        tensors = list(tensors)
-        if not tensors:
-            return []
-        self.counters.add(kind, tensors)
-        return self._grouped_allreduce(tensors, average=True)
+        return self._reduce(tensors, kind, average=True)
 
     def allreduce_sum(self, tensors: Sequence[tf.Tensor], kind: str = "allreduce") -> list:
+        """Sum a list of dense tensors over ranks in ONE fused collective."""
+        return self._reduce(tensors, kind, average=False)
+
+    def _reduce(self, tensors, kind: str, average: bool) -> list:
         tensors = list(tensors)
         if not tensors:
             return []
         self.counters.add(kind, tensors)
-        return self._grouped_allreduce(tensors, average=False)
+        return self._grouped_allreduce(tensors, average=average)
 
     def alltoall(self, tensor: tf.Tensor, splits: tf.Tensor, kind: str):
         """Send ``tensor`` rows ``splits[i]`` to rank i; returns (received, received_splits).

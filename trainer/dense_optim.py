@@ -10,13 +10,24 @@ import tensorflow as tf
 
 
 class Adam(tf.Module):
-    def __init__(self, variables, learning_rate=1e-3, beta1=0.9, beta2=0.999, epsilon=1e-8):
+    def __init__(self, variables, learning_rate=1e-3, beta1=0.9, beta2=0.999, epsilon=1e-8, names=None):
         super().__init__(name="dense_adam")
         self.variables_ = list(variables)
+        self.names = list(names) if names is not None else [f"v{i}" for i in range(len(self.variables_))]
+        if len(self.names) != len(self.variables_):
+            raise ValueError(f"Adam got {len(self.names)} names for {len(self.variables_)} variables")
         self.lr, self.beta1, self.beta2, self.epsilon = learning_rate, beta1, beta2, epsilon
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         self.m = [tf.Variable(tf.zeros_like(v), trainable=False, name="m") for v in self.variables_]
         self.v = [tf.Variable(tf.zeros_like(v), trainable=False, name="v") for v in self.variables_]
+
+    def state_variables(self) -> dict:
+        """The step counter and both moments of every variable, by the variables' names."""
+        state = {"step": self.step}
+        for name, m, v in zip(self.names, self.m, self.v):
+            state[f"m/{name}"] = m
+            state[f"v/{name}"] = v
+        return state
 
     def apply(self, grads) -> None:
         self.step.assign_add(1)

@@ -85,10 +85,22 @@ class EmbeddingBase(tf.Module):
         return tuple(self.params)
 
     def table_index(self, name: str) -> int:
-        for i, t in enumerate(self._plan.tables):
-            if t.name == name:
-                return i
-        raise KeyError(f"no table {name!r}; tables are {[t.name for t in self._plan.tables]}")
+        return self._plan.table_index(name)
+
+    def state_variables(self) -> dict:
+        """This rank's shard of every table and its row-wise optimizer state, by name.
+
+        Names do not depend on the world size (``table/<name>`` is this rank's rows of that
+        table, in the plan's local-row order); ``gather_full_table`` turns a shard into the
+        whole table.
+        """
+        state = {}
+        for table, var, slots in zip(self._plan.tables, self.params, self.slots):
+            state[f"table/{table.name}"] = var
+            for slot, v in slots.items():
+                state[f"table/{table.name}/{slot}"] = v
+        state["table_optimizer/iterations"] = self.optimizer.iterations
+        return state
 
     def memory_bytes(self) -> int:
         """Bytes of parameters plus optimizer slots held by this rank."""
@@ -139,9 +151,9 @@ class EmbeddingBase(tf.Module):
         return out
 
     def _clean_rows(self, table: TableConfig, rows: tf.Tensor) -> tf.Tensor:
-        """Non-negative ids -> global rows: modulo for hashed tables, range-checked otherwise."""
+        """Non-negative ids -> global rows: the table's id rule, range-checked when not hashed."""
         if table.hashed:
-            return tf.math.floormod(rows, tf.constant(table.num_rows, tf.int64))
+            return table.rows_of(rows)
         check = tf.debugging.assert_less(
             rows, tf.constant(table.num_rows, tf.int64),
             # no quotes in the message: graph-mode errors print them escaped
@@ -160,9 +172,28 @@ class EmbeddingBase(tf.Module):
         """
         raise NotImplementedError
 
-    # ---- backward ----
-    def apply_gradients(self, grads) -> None:
+    # ---- backward (the scaling rule is gmeta.trainer.comm's) ----
+    def reduction_inputs(self, grads) -> list:
+        """Tensors of this rank that must be summed over ranks before ``apply_reduced``.
+
+        Sharded tables need none (their gradients come home through the AlltoAll backward
+        pass, already summed over ranks); the replicated baseline returns its dense gradients
+        so they travel in the step's one fused allreduce.
+        """
+        return []
+
+    def apply_reduced(self, grads, reduced, scale) -> None:
+        """Row-wise update with ``scale`` x (sum over ranks of the gradient); ``reduced`` is the
+        summed ``reduction_inputs(grads)``."""
         raise NotImplementedError
+
+    def apply_gradients(self, grads, scale=1.0) -> None:
+        """Standalone update (tests, benchmarks): ``grads`` from
+        ``tape.gradient(loss, emb.trainable_variables)``; every row steps with ``scale`` x the
+        sum over ranks of its gradient (pass ``1 / N`` when each rank's loss is a mean)."""
+        grads = self._check_grads(grads)
+        inputs = self.reduction_inputs(grads)
+        self.apply_reduced(grads, self._comm.allreduce_sum(inputs) if inputs else [], scale)
 
     def _check_grads(self, grads) -> list:
         grads = list(grads)

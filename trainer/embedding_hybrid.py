@@ -9,9 +9,9 @@ rank needs, R = pairs it serves to anyone):
      (tables may differ in dim), split per requesting rank
   4. AlltoAll of the vectors back (``kind="alltoall_vectors"``), unpacked per table, expanded
 Backward: the vector gradient travels the reverse AlltoAll (``alltoall_grads``) and reaches
-the shards as IndexedSlices of local rows; for a row it holds the *sum* over ranks, so
-``apply_gradients`` multiplies by ``comm.sparse_grad_scale()`` (= 1/N, see gmeta.trainer.comm)
-before the row-wise optimizer touches only those rows.
+the shards as IndexedSlices of local rows; for a row it holds the *sum* over ranks, which
+``apply_reduced`` multiplies by the step's scale (gmeta.trainer.comm's rule) before the row-wise
+optimizer touches only those rows. Owners and local rows come from the plan's placement rule.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class HybridEmbedding(EmbeddingBase):
         for table, rows in requests:
             uniq, inv = tf.unique(rows, out_idx=tf.int64)
             keys.append(uniq * num_tables + self.table_index(table.name))
-            owners.append(tf.math.floormod(uniq, n))
+            owners.append(self._plan.owner(uniq, table.name))
             uniques.append((uniq, inv))
         owner = tf.concat(owners, axis=0)
         order = tf.argsort(owner, stable=True)
@@ -72,14 +72,15 @@ class HybridEmbedding(EmbeddingBase):
         n = self._comm.size
         num_tables = len(self._plan.tables)
         table_of = tf.math.floormod(recv, num_tables)
-        local = tf.math.floordiv(tf.math.floordiv(recv, num_tables), n)
+        rows = tf.math.floordiv(recv, num_tables)
         dims = self._dims_of(recv)
         offset = tf.math.cumsum(dims, exclusive=True)
         positions, values = [], []
         for table, _ in requests:
             i = self.table_index(table.name)
             sel = tf.where(tf.equal(table_of, i))[:, 0]
-            values.append(tf.reshape(tf.gather(self.params[i], tf.gather(local, sel)), [-1]))
+            local = self._plan.local_row(tf.gather(rows, sel), table.name)
+            values.append(tf.reshape(tf.gather(self.params[i], local), [-1]))
             positions.append(tf.cast(tf.reshape(
                 _element_index(tf.gather(offset, sel), table.dim), [-1]), tf.int32))
         served = tf.dynamic_stitch(positions, values)
@@ -92,11 +93,10 @@ class HybridEmbedding(EmbeddingBase):
         dims = tf.constant([t.dim for t in self._plan.tables], tf.int64)
         return tf.gather(dims, tf.math.floormod(keys, len(self._plan.tables)))
 
-    def apply_gradients(self, grads) -> None:
+    def apply_reduced(self, grads, reduced, scale) -> None:
         """Row-wise update of the owned rows; no collective (the gradients already came home)."""
         grads = self._check_grads(grads)
         t = self.optimizer.next_step()
-        scale = self._comm.sparse_grad_scale()
         for var, slots, g in zip(self.params, self.slots, grads):
             if g is None:
                 continue
@@ -110,13 +110,13 @@ class HybridEmbedding(EmbeddingBase):
         shards = self._comm.allgather_object(shard)
         full = np.empty((table.num_rows, table.dim), dtype=np.float32)
         for rank, part in enumerate(shards):
-            full[rank::self._comm.size] = part
+            full[self._plan.global_rows(name, rank)] = part
         return full
 
     def set_full_table(self, name: str, values) -> None:
         """Load a whole table; each rank keeps its own rows (optimizer state is untouched)."""
         values = self._check_full(name, values)
-        self.params[self.table_index(name)].assign(values[self._comm.rank::self._comm.size])
+        self.params[self.table_index(name)].assign(values[self._plan.global_rows(name, self._comm.rank)])
 
 
 def _element_index(offsets, dim: int):

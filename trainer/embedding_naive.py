@@ -1,11 +1,13 @@
 """The replicated baseline (DMAML style): every rank holds every full table.
 
-Lookup is a local gather. ``apply_gradients`` turns each table's gradient into a dense
-``[num_rows, dim]`` tensor plus a ``[num_rows]`` "row touched" count, and averages all of them
-over ranks in ONE fused all-reduce (counted as ``allreduce`` bytes: the full tables, which is
-the traffic the hybrid design avoids). The averaged gradient equals the hybrid path's
-``sum / N`` (see gmeta.trainer.comm); the touched mask makes the lazy optimizers update exactly
-the rows some rank looked up, so both modes give the same numbers.
+Lookup is a local gather. ``reduction_inputs`` turns each table's gradient into a dense
+``[num_rows, dim]`` tensor plus a ``[num_rows]`` "row touched" count; the meta-step sums them
+over ranks in its ONE fused all-reduce, together with the dense meta-gradients (counted as
+``allreduce`` bytes: the full tables, which is the traffic the hybrid design avoids), so the
+baseline is the strongest version of itself. The summed gradient equals what the hybrid path's
+rows receive through AlltoAll, and both are scaled by the same rule (gmeta.trainer.comm); the
+touched mask makes the lazy optimizers update exactly the rows some rank looked up, so both
+modes give the same numbers.
 """
 
 from __future__ import annotations
@@ -31,10 +33,9 @@ class NaiveEmbedding(EmbeddingBase):
         return [(tf.gather(self.params[self.table_index(t.name)], rows),
                  tf.range(tf.size(rows, out_type=tf.int64))) for t, rows in requests]
 
-    def apply_gradients(self, grads) -> None:
-        """Dense all-reduce (mean) of every table's gradient, then the row-wise update."""
+    def reduction_inputs(self, grads) -> list:
+        """Every table's gradient as a dense table, then every table's row-touched count."""
         grads = self._check_grads(grads)
-        t = self.optimizer.next_step()
         dense, touched = [], []
         # every table takes part even without a gradient, so all ranks send the same tensors
         for table, var, g in zip(self._plan.tables, self.params, grads):
@@ -49,11 +50,15 @@ class NaiveEmbedding(EmbeddingBase):
             else:
                 dense.append(tf.convert_to_tensor(g))
                 touched.append(tf.ones([n], var.dtype))
-        reduced = self._comm.allreduce_mean(dense + touched)
+        return dense + touched
+
+    def apply_reduced(self, grads, reduced, scale) -> None:
+        """Row-wise update of the rows any rank touched, with the summed gradients x ``scale``."""
+        t = self.optimizer.next_step()
         k = len(self.params)
         for var, slots, g, seen in zip(self.params, self.slots, reduced[:k], reduced[k:]):
             rows = tf.where(seen > 0)[:, 0]
-            self.optimizer.apply_rows(var, slots, rows, tf.gather(g, rows), t)
+            self.optimizer.apply_rows(var, slots, rows, tf.gather(g, rows) * scale, t)
 
     def gather_full_table(self, name: str) -> np.ndarray:
         """Whole table as numpy (local: every rank already has it; no collective)."""

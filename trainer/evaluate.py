@@ -24,6 +24,7 @@ class EvaluateConfig:
     eval_splits: tuple = ()
     inner_steps: int = -1
     tasks_per_batch: int = 32
+    plain_baseline: str = ""
 
 
 def add_arguments(p) -> None:
@@ -36,34 +37,41 @@ def add_arguments(p) -> None:
     p.add_argument("--eval-splits", default="", help="comma separated; default: every split but train")
     p.add_argument("--inner-steps", type=int, default=-1, help="-1: the value the model was trained with")
     p.add_argument("--tasks-per-batch", type=int, default=32)
+    p.add_argument("--plain-baseline", default="", metavar="MODEL",
+                   help="a --meta none model (export directory, models:/ URI or run id) to report "
+                        "unadapted and fine-tuned next to this one")
 
 
 def main(args) -> int:
     cfg = EvaluateConfig(data=args.data, run=args.run, model_uri=args.model_uri, export=args.export,
                          tracking_uri=args.tracking_uri,
                          eval_splits=tuple(s for s in args.eval_splits.split(",") if s),
-                         inner_steps=args.inner_steps, tasks_per_batch=args.tasks_per_batch)
+                         inner_steps=args.inner_steps, tasks_per_batch=args.tasks_per_batch,
+                         plain_baseline=args.plain_baseline)
     return run_guarded(lambda: evaluate(cfg) and 0)
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
-    from gmeta.trainer.evaluation import evaluate_splits, evaluation_splits
+    from gmeta.trainer.evaluation import evaluate_splits, evaluation_splits, item_mean_baseline
     from gmeta.trainer.export import load_model
-    from gmeta.trainer.tracking import model_dir_from_uri, model_uri_of_run
+    from gmeta.trainer.report import print_report
+    from gmeta.trainer.tracking import resolve_export_dir
+    from gmeta.trainer.train import load_plain_baseline
 
-    if cfg.export:
-        export_dir = cfg.export
-    else:
-        uri = cfg.model_uri or model_uri_of_run(cfg.run, cfg.tracking_uri)
-        export_dir = model_dir_from_uri(uri, cfg.tracking_uri)
-    learner, meta = load_model(export_dir)
+    source = cfg.export or cfg.model_uri or cfg.run
+    learner, meta = load_model(resolve_export_dir(source, cfg.tracking_uri))
     run = meta.get("run_config", {})
     steps = cfg.inner_steps if cfg.inner_steps >= 0 else (
         run.get("inner_steps", 1) if run.get("eval_inner_steps", -1) < 0 else run["eval_inner_steps"])
     reader_kwargs = {"tasks_per_batch": cfg.tasks_per_batch,
                      "support_size": run.get("support_size", 40), "query_size": run.get("query_size", 10)}
-    splits = evaluation_splits(learner.model.schema, cfg.eval_splits)
-    results = evaluate_splits(learner, cfg.data, splits, learner.comm, reader_kwargs, steps,
-                              log=lambda m: print(f"[gmeta] {m}", file=sys.stderr, flush=True))
+    schema = learner.model.schema
+    splits = evaluation_splits(schema, cfg.eval_splits)
+    plain = load_plain_baseline(cfg.plain_baseline, cfg.tracking_uri) if cfg.plain_baseline else None
+    item_mean = item_mean_baseline(cfg.data, schema, learner.model.target) if "train" in schema.splits else None
+    results, _ = evaluate_splits(learner, cfg.data, splits, learner.comm, reader_kwargs, steps,
+                                 log=lambda m: print(f"[gmeta] {m}", file=sys.stderr, flush=True),
+                                 plain=plain, item_mean=item_mean)
+    print_report(results, sys.stderr)
     print(json.dumps(results, sort_keys=True), flush=True)
     return results

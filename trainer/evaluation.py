@@ -1,7 +1,22 @@
-"""Cold-start evaluation: query AUC before and after adapting on each task's support set.
+"""Cold-start evaluation: per-task metrics of query scores before and after adapting on each
+task's support set, next to honest baselines, with 95% bootstrap intervals over tasks.
 
-Every rank evaluates its shard of each split; predictions are gathered once per split (the same
-collective on every rank) and the AUC is pooled over all query rows of all real tasks.
+Every rank evaluates its shard of each split; the per-row outputs are gathered once per split
+(the same collective on every rank) and every rank computes the same report with
+``gmeta.trainer.metrics`` (the one implementation of the metrics). Per split and for the
+headline score of the model (and each extra head, e.g. MAML-ESMM's pCTCVR), the report holds:
+
+* ``adapted`` / ``unadapted``: the model after / before the inner loop on the support set;
+* ``oracle``: the generator's true probability, when the dataset carries it;
+* baselines on the same query rows: ``constant`` (chance by the tie rule), ``item_mean`` (the
+  smoothed training mean of the item's label: popularity for clicks, mean rating for ratings),
+  and, when a plain network is given, ``plain`` (the same network trained without meta-learning)
+  and ``plain_finetuned`` (that network after the same inner loop on the support set);
+* ``differences``: the adapted model minus each baseline in GAUC and nDCG@5, with a paired
+  bootstrap interval and whether it excludes 0.
+
+Flat headline keys (``gauc_adapted``, ``auc_adapted`` = pooled AUC, ...) sit next to the nested
+metrics so dashboards and tuning read one number.
 """
 
 from __future__ import annotations
@@ -11,9 +26,11 @@ import time
 
 import numpy as np
 
-from gmeta.trainer.metrics import auc
+from gmeta.trainer import metrics
 
 ORACLE_FOR = {"auc": "p_click", "auc_ctcvr": "p_ctcvr"}
+COMPARED = ("gauc", "ndcg@5")
+FLAT = ("gauc", "ndcg@5", "mrr")
 
 
 def evaluation_splits(schema, requested=None) -> list:
@@ -24,49 +41,124 @@ def evaluation_splits(schema, requested=None) -> list:
     return splits
 
 
+def item_mean_baseline(dataset_dir: str, schema, target: str):
+    """The item-mean baseline fitted on every training row, or None when the schema names no
+    single-valued item feature."""
+    from gmeta.io.plan import read_columns
+    from gmeta.trainer.baselines import ItemMeanBaseline
+
+    item = schema.item_id_feature
+    if item is None or schema.feature(item).is_list:
+        return None
+    cols = read_columns(dataset_dir, "train", [item, target])
+    return ItemMeanBaseline.fit(cols[item], cols[target])
+
+
 def evaluate_splits(learner, dataset_dir: str, splits, comm, reader_kwargs: dict, inner_steps: int,
-                    log=print) -> dict:
+                    log=print, plain=None, item_mean=None, n_boot: int = 1000) -> tuple:
+    """``(report, per_task)``: the JSON-able report per split (module docstring) and the per-task
+    arrays behind it (``{split: {"<head>/<scorer>": per-task dict}}``) for paired comparisons.
+
+    ``plain``: a learner of the same network trained with ``meta="none"`` (or None).
+    ``item_mean``: a fitted ``ItemMeanBaseline`` (or None).
+    """
     from gmeta.io.reader import MetaReader
 
-    schema = learner.model.schema
-    results = {}
+    report, per_task = {}, {}
     for split in splits:
         t0 = time.time()
         reader = MetaReader(dataset_dir, split=split, rank=comm.rank, world_size=comm.size,
                             shuffle=False, seed=0, **reader_kwargs)
-        ds = reader.dataset(epoch=0)
-        fn = learner.compiled_eval_step(ds.element_spec, inner_steps)
-        chunks = []
-        for batch in ds:
-            out = fn(batch)
-            keep = out.pop("mask").numpy() > 0
-            row = {k: v.numpy()[keep] for k, v in out.items()}
-            for oracle in schema.oracle:
-                row[f"oracle/{oracle}"] = batch["query"][oracle].numpy()[keep]
-            chunks.append(row)
-        local = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
-        gathered = [g for g in comm.allgather_object(local) if g]
+        rows = _collect(learner, plain, reader, inner_steps, learner.model.schema.oracle)
+        gathered = [g for g in comm.allgather_object(rows) if g]
         merged = {k: np.concatenate([g[k] for g in gathered]) for k in gathered[0]} if gathered else {}
-        results[split] = _split_metrics(merged, schema)
-        results[split]["tasks"] = int(sum(comm.allgather_object(reader.stats.get("tasks_read", 0))))
-        log(f"evaluated {split}: {results[split]['rows']} query rows in {time.time() - t0:.1f} s")
-    return results
+        tasks = int(sum(comm.allgather_object(reader.stats.get("tasks_read", 0))))
+        report[split], per_task[split] = _split_report(merged, learner.model, item_mean, n_boot)
+        report[split]["tasks"] = tasks
+        log(f"evaluated {split}: {report[split]['rows']} query rows of {tasks} tasks in "
+            f"{time.time() - t0:.1f} s")
+    return report, per_task
 
 
-def _split_metrics(merged: dict, schema) -> dict:
-    out = {}
-    names = sorted({k.split("/")[0] for k in merged if not k.startswith("oracle/")})
-    for name in names:
-        label = merged[f"{name}/label"]
-        out[f"{name}_adapted"] = _round(auc(merged[f"{name}/adapted"], label))
-        out[f"{name}_unadapted"] = _round(auc(merged[f"{name}/unadapted"], label))
-        oracle = ORACLE_FOR.get(name)
+def _collect(learner, plain, reader, inner_steps: int, oracle_columns) -> dict:
+    """This rank's real query rows of one split: the model's (and the plain network's) scores,
+    labels, task and item ids, oracle columns."""
+    ds = reader.dataset(epoch=0)
+    fn = learner.compiled_eval_step(ds.element_spec, inner_steps)
+    plain_fn = plain.compiled_eval_step(ds.element_spec, inner_steps) if plain is not None else None
+    chunks = []
+    for batch in ds:
+        out = fn(batch)
+        keep = out.pop("mask").numpy() > 0
+        row = {k: v.numpy()[keep] for k, v in out.items()}
+        if plain_fn is not None:
+            p = plain_fn(batch)
+            for k, v in p.items():
+                if k.endswith(("/adapted", "/unadapted")):
+                    row[f"plain:{k}"] = v.numpy()[keep]
+        for oracle in oracle_columns:
+            row[f"oracle/{oracle}"] = batch["query"][oracle].numpy()[keep]
+        chunks.append(row)
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
+
+
+def _split_report(merged: dict, model, item_mean, n_boot: int) -> tuple:
+    heads = [k[:-len("/label")] for k in merged if k.endswith("/label")]
+    report = {"rows": int(merged["task"].size) if merged else 0}
+    per_task = {}
+    if not merged:
+        return report, per_task
+    task = merged["task"]
+    is_rating = model.target == "rating"
+    for h, head in enumerate(heads):
+        label = merged[f"{head}/label"]
+        ratings = merged.get("rating") if is_rating and h == 0 else None
+        probabilities = not (is_rating and h == 0)
+        scorers = {"adapted": merged[f"{head}/adapted"], "unadapted": merged[f"{head}/unadapted"]}
+        oracle = ORACLE_FOR.get(head)
         if oracle and f"oracle/{oracle}" in merged:
-            out[f"{name}_oracle"] = _round(auc(merged[f"oracle/{oracle}"], label))
-    first = next(iter(merged.values()), np.zeros(0))
-    out["rows"] = int(first.shape[0])
-    return out
+            scorers["oracle"] = merged[f"oracle/{oracle}"]
+        if h == 0:
+            scorers["constant"] = np.full(label.shape, 0.5)
+            if item_mean is not None and "item" in merged:
+                scorers["item_mean"] = item_mean.scores(merged["item"])
+            if f"plain:{head}/adapted" in merged:
+                scorers["plain"] = merged[f"plain:{head}/unadapted"]
+                scorers["plain_finetuned"] = merged[f"plain:{head}/adapted"]
+        section = {}
+        for name, scores in scorers.items():
+            # the oracle and the constant are probabilities even for a rating model's labels
+            probs = probabilities or name in ("oracle", "constant")
+            rates = ratings if name not in ("oracle", "constant") else None
+            summary, per_task[f"{head}/{name}"] = metrics.evaluate_scores(
+                task, scores, label, ratings=rates, probabilities=probs and rates is None,
+                n_boot=n_boot, return_per_task=True)
+            section[name] = _clean(summary)
+        section["differences"] = {
+            other: {m: _clean(metrics.paired_difference(per_task[f"{head}/adapted"],
+                                                        per_task[f"{head}/{other}"], m, n_boot=n_boot))
+                    for m in COMPARED}
+            for other in section if other not in ("adapted",)}
+        report[head] = section
+        # flat keys: the pooled AUC under its historical names, per-task headline metrics
+        for name in ("adapted", "unadapted", "oracle"):
+            if name in section:
+                report[f"{head}_{name}"] = section[name]["pooled_auc"]["value"]
+        if h == 0:
+            for m in FLAT:
+                for name in ("adapted", "unadapted"):
+                    report[f"{m}_{name}"] = section[name][m]["value"]
+    return report, per_task
 
 
-def _round(x: float):
-    return None if x is None or math.isnan(x) else round(float(x), 5)
+def _clean(obj):
+    """Round floats, NaN -> None (valid JSON), recursively."""
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (float, np.floating)):
+        return None if math.isnan(obj) else round(float(obj), 5)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj

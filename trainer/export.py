@@ -2,8 +2,8 @@
 
 Layout of an export directory::
 
-    gmeta_model.json   model name, model/meta config, schema, embedding layout
-    dense.npz          every dense variable (model params, Meta-SGD rates, extras) by name
+    gmeta_model.json   model name, model/meta config, schema, embedding layout, model switches
+    dense.npz          every replicated model variable by its state name (gmeta.trainer.state)
     embeddings.npz     every embedding table, full (gathered from all shards)
 
 Gathering the tables is a collective: every rank calls ``export_model``; rank 0 writes.
@@ -20,38 +20,32 @@ import numpy as np
 EXPORT_FILE = "gmeta_model.json"
 
 
-def _dense_state(learner) -> dict:
-    model = learner.model
-    state = {f"params/{n}": v.numpy() for n, v in model.params.items()}
-    state.update({f"inner_lr/{n}": v.numpy() for n, v in learner.inner_lrs.items()})
-    for n, v in getattr(model, "gen_params", {}).items():
-        state[f"gen/{n}"] = v.numpy()
-    if hasattr(model, "seen"):
-        state["seen"] = model.seen.numpy()
-    return state
-
-
 def export_model(learner, run_config: dict, directory: str, is_writer: bool) -> str | None:
     """Write the export; every rank must call (tables are gathered collectively)."""
+    from gmeta.trainer.state import run_state
+
     tables = {name: learner.embedding.gather_full_table(name)
               for name in sorted(t.name for t in learner.embedding.plan.tables)}
     if not is_writer:
         return None
+    state = run_state(learner)
     os.makedirs(directory, exist_ok=True)
     model = learner.model
     meta = {
-        "format": 1,
+        "format": 2,
         "model": model.name,
         "model_config": {k: (list(v) if isinstance(v, tuple) else v)
                          for k, v in dataclasses.asdict(model.config).items()},
         "meta_config": dataclasses.asdict(learner.config),
         "schema": model.schema.to_json(),
         "tables": {name: list(t.shape) for name, t in tables.items()},
+        "model_state": state.plain,
         "run_config": run_config,
     }
     with open(os.path.join(directory, EXPORT_FILE), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
-    np.savez(os.path.join(directory, "dense.npz"), **_dense_state(learner))
+    np.savez(os.path.join(directory, "dense.npz"),
+             **{n: v.numpy() for n, v in state.model_variables().items()})
     np.savez(os.path.join(directory, "embeddings.npz"), **tables)
     return directory
 
@@ -64,6 +58,7 @@ def load_model(directory: str, comm=None):
     from gmeta.trainer.comm import LocalCommunicator
     from gmeta.trainer.meta_learner import MetaConfig, MetaLearner
     from gmeta.trainer.setup import build_embedding
+    from gmeta.trainer.state import assign_by_name, run_state
 
     path = os.path.join(directory, EXPORT_FILE)
     if not os.path.exists(path):
@@ -82,17 +77,9 @@ def load_model(directory: str, comm=None):
     with np.load(os.path.join(directory, "embeddings.npz")) as tables:
         for name in tables.files:
             embedding.set_full_table(name, tables[name])
+    state = run_state(learner)
     with np.load(os.path.join(directory, "dense.npz")) as dense:
-        for key in dense.files:
-            kind, _, name = key.partition("/")
-            if kind == "params":
-                model.params[name].assign(dense[key])
-            elif kind == "inner_lr":
-                learner.inner_lrs[name].assign(dense[key])
-            elif kind == "gen":
-                model.gen_params[name].assign(dense[key])
-            elif key == "seen":
-                model.seen.assign(dense[key])
-    if hasattr(model, "generate_for"):
-        model.generate_for = "cold"
+        assign_by_name(state.model_variables(), {k: dense[k] for k in dense.files},
+                       os.path.join(directory, "dense.npz"))
+    model.load_plain_state(meta.get("model_state", {}))
     return learner, meta

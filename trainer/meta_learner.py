@@ -8,10 +8,11 @@ One meta-step (``train_step``), top to bottom:
   3. query loss with the adapted weights, summed over this rank's real tasks;
   4. meta-gradients, second order by default (the inner gradient is itself differentiated),
      first order on request (inner gradients treated as constants);
-  5. dense meta-gradients summed in ONE fused grouped allreduce together with every rank's
-     real-task count, divided by the global count (the exact global mean), then Adam;
-     embedding gradients (already routed to their owners by the AlltoAll backward pass) go to
-     the embedding's row-wise optimizer, which applies the sparse scaling rule (see comm.py).
+  5. ONE fused allreduce (``comm.sum_for_global_mean``, the scaling rule of comm.py) sums the
+     dense meta-gradients, the replicated baseline's table gradients (none for sharded tables)
+     and every rank's count of real tasks with query rows; everything steps with sum / global
+     count, the exact global mean: Adam for the dense parameters, the row-wise optimizer for the
+     embedding rows (whose gradients the AlltoAll backward pass already summed at their owners).
 
 ``meta="none"`` trains the same network plainly on all rows (support and query), the non-meta
 baseline. ``task_loop=True`` adapts tasks one at a time (the DMAML-style baseline).
@@ -35,6 +36,8 @@ class MetaConfig:
     meta_sgd: bool = False      # learn the inner learning rate per parameter entry
     task_loop: bool = False     # adapt tasks one by one (baseline for the vectorized loop)
     outer_lr: float = 1e-3
+    clip_norm: float = 0.0      # outer loop: clip the dense meta-gradient's global norm (0 = off)
+    inner_clip: float = 0.0     # inner loop: clip each task's gradient norm (0 = off)
 
     def validate(self) -> "MetaConfig":
         if self.meta not in ("maml", "none"):
@@ -45,18 +48,28 @@ class MetaConfig:
             raise ValueError(f"--inner-lr must be > 0, got {self.inner_lr}")
         if not self.outer_lr > 0:
             raise ValueError(f"--outer-lr must be > 0, got {self.outer_lr}")
+        if self.clip_norm < 0 or self.inner_clip < 0:
+            raise ValueError("--clip-norm and --inner-clip must be >= 0 (0 = off)")
         return self
+
+
+def batch_spec(batch) -> dict:
+    """The ``tf.TensorSpec`` structure of a meta-batch (static shapes: one trace per shape)."""
+    return tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), batch)
+
+
+def _clip_per_task(grads: dict, max_norm: float) -> dict:
+    """Scale each task's gradient (over all its fast weights [T, ...]) to norm <= max_norm."""
+    sq = tf.add_n([tf.reduce_sum(tf.square(tf.reshape(g, [tf.shape(g)[0], -1])), axis=1)
+                   for g in grads.values()])
+    factor = max_norm / tf.maximum(tf.sqrt(sq), max_norm)                       # [T]
+    return {n: g * tf.reshape(factor, tf.concat([[-1], tf.ones([tf.rank(g) - 1], tf.int32)], 0))
+            for n, g in grads.items()}
 
 
 def _concat_parts(a: dict, b: dict) -> dict:
     """Join support and query rows of a batch along the sample axis (for the plain baseline)."""
     return {k: tf.concat([a[k], b[k]], axis=1) for k in a if k in b}
-
-
-def _scale(grad, factor):
-    if isinstance(grad, tf.IndexedSlices):
-        return tf.IndexedSlices(grad.values * factor, grad.indices, grad.dense_shape)
-    return grad * factor
 
 
 class MetaLearner(tf.Module):
@@ -74,9 +87,19 @@ class MetaLearner(tf.Module):
                                              name=f"inner_lr_{n.replace('/', '_')}")
                               for n in model.adapted_names()}
         self.dense_variables = list(model.params.values()) + list(self.inner_lrs.values())
-        self.optimizer = Adam(self.dense_variables, learning_rate=config.outer_lr)
+        self.optimizer = Adam(self.dense_variables, learning_rate=config.outer_lr,
+                              names=[f"params/{n}" for n in model.params] + [f"inner_lr/{n}" for n in self.inner_lrs])
         self._train_fn = None
         self._eval_fns = {}
+
+    # ------------------------------------------------------------------ state
+    def state_variables(self) -> dict:
+        """Every replicated variable that defines this learner, by name: the model's state, the
+        Meta-SGD rates and the outer optimizer's slots (identical on every rank)."""
+        state = dict(self.model.state_variables())
+        state.update({f"inner_lr/{n}": v for n, v in self.inner_lrs.items()})
+        state.update({f"outer_optimizer/{k}": v for k, v in self.optimizer.state_variables().items()})
+        return state
 
     # ------------------------------------------------------------------ building blocks
     def embed(self, batch):
@@ -105,8 +128,11 @@ class MetaLearner(tf.Module):
                 # tasks are independent, so d(sum of task losses)/d(fast_t) is task t's gradient
                 total = tf.reduce_sum(self.model.task_loss(outputs, part))
             grads = tape.gradient(total, fast)
+            grads = {n: grads[n] if grads[n] is not None else tf.zeros_like(fast[n]) for n in fast}
+            if self.config.inner_clip > 0:
+                grads = _clip_per_task(grads, self.config.inner_clip)
             for n in fast:
-                g = grads[n] if grads[n] is not None else tf.zeros_like(fast[n])
+                g = grads[n]
                 if first_order:
                     g = tf.stop_gradient(g)
                 lr = self.inner_lrs.get(n, self.config.inner_lr)
@@ -140,9 +166,11 @@ class MetaLearner(tf.Module):
         if cfg.meta == "maml":
             # 2. inner loop on the support sets, all tasks at once
             fast = self._adapted(params, x_support, batch["support"], cfg.inner_steps, cfg.first_order)
-            # 3. query loss with the adapted weights
+            # 3. query loss with the adapted weights; a task without query rows has no loss and
+            #    does not count
             per_task = self.model.task_loss(self.model.forward(fast, x_query), batch["query"])
-            return tf.reduce_sum(per_task * task_mask), tf.reduce_sum(task_mask)
+            counted = task_mask * tf.cast(tf.reduce_sum(batch["query"]["mask"], axis=1) > 0, tf.float32)
+            return tf.reduce_sum(per_task * counted), tf.reduce_sum(counted)
         # non-meta baseline: the same network on all rows, one plain step
         part = _concat_parts(batch["support"], batch["query"])
         part["mask"] = part["mask"] * task_mask[:, None]
@@ -161,26 +189,26 @@ class MetaLearner(tf.Module):
         with tf.GradientTape() as tape:
             loss_sum, count = self.meta_loss_sum(batch)
         # 4. meta-gradients (second order unless first_order) of this rank's SUM of losses
-        emb_vars = list(self.embedding.trainable_variables)
-        grads = tape.gradient(loss_sum, self.dense_variables + emb_vars)
         n_dense = len(self.dense_variables)
+        grads = tape.gradient(loss_sum, self.dense_variables + list(self.embedding.trainable_variables))
         dense_grads = [g if g is not None else tf.zeros_like(v)
                        for g, v in zip(grads[:n_dense], self.dense_variables)]
-        # 5. ONE fused allreduce: every dense gradient plus the real-task count of every rank, so
-        #    the step minimises the exact global mean even when ranks hold different task counts.
-        reduced = self.comm.allreduce_sum(dense_grads + [count])
-        global_count = tf.maximum(reduced[-1], 1.0)
-        self.optimizer.apply([g / global_count for g in reduced[:-1]])
-        # Per-rank objective = local sum * size / global count, whose mean over ranks is the global
-        # mean; the embedding applies the comm.py rule for such per-rank objectives.
-        emb_scale = float(self.comm.size) / global_count
-        self.embedding.apply_gradients([None if g is None else _scale(g, emb_scale)
-                                        for g in grads[n_dense:]])
-        return loss_sum / tf.maximum(count, 1.0)
+        emb_grads = grads[n_dense:]
+        # 5. ONE fused allreduce, one division by the global count (the rule of comm.py); the
+        #    loss rides along, so every rank reports (and guards on) the same global mean
+        emb_inputs = self.embedding.reduction_inputs(emb_grads)
+        sums, scale = self.comm.sum_for_global_mean(dense_grads + emb_inputs + [loss_sum], count)
+        dense_step = [g * scale for g in sums[:n_dense]]
+        if self.config.clip_norm > 0:
+            dense_step, _ = tf.clip_by_global_norm(dense_step, self.config.clip_norm)
+        self.optimizer.apply(dense_step)
+        self.embedding.apply_reduced(emb_grads, sums[n_dense:-1], scale)
+        return sums[-1] * scale
 
     # ------------------------------------------------------------------ evaluation
     def eval_step(self, batch, steps: int):
-        """Query scores before and after adapting on the support set (no parameter update)."""
+        """Query scores before and after adapting on the support set (no parameter update),
+        with what per-task metrics need per query row: the task, the item and the raw rating."""
         x_support, x_query = self.embed(batch)
         params = self.params()
         query = batch["query"]
@@ -188,7 +216,12 @@ class MetaLearner(tf.Module):
         before = self.model.scores(self.model.forward(params, x_query), query)
         fast = self.adapt(params, x_support, batch["support"], steps, first_order=True)
         after = self.model.scores(self.model.forward(fast, x_query), query)
-        out = {"mask": mask}
+        out = {"mask": mask, "task": tf.broadcast_to(batch["task_id"][:, None], tf.shape(mask))}
+        item = self.model.schema.item_id_feature
+        if item is not None and not self.model.schema.feature(item).is_list:
+            out["item"] = query[item]
+        if "rating" in query:
+            out["rating"] = query["rating"]
         for name, (score, label) in before.items():
             out[f"{name}/unadapted"] = score
             out[f"{name}/adapted"] = after[name][0]
@@ -201,8 +234,10 @@ class MetaLearner(tf.Module):
         return self._train_fn
 
     def compiled_eval_step(self, element_spec, steps: int):
-        """One traced eval function per number of adaptation steps (splits share shapes)."""
-        if steps not in self._eval_fns:
-            self._eval_fns[steps] = tf.function(lambda b: self.eval_step(b, steps),
-                                                input_signature=[element_spec])
-        return self._eval_fns[steps]
+        """One traced eval function per number of adaptation steps and batch shape (splits may
+        differ in support/query caps)."""
+        key = (steps, tuple((tuple(s.shape), s.dtype.name) for s in tf.nest.flatten(element_spec)))
+        if key not in self._eval_fns:
+            self._eval_fns[key] = tf.function(lambda b: self.eval_step(b, steps),
+                                              input_signature=[element_spec])
+        return self._eval_fns[key]

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from gmeta.trainer.sharding import ShardingPlan, TableConfig
+from gmeta.trainer.sharding import ShardingPlan
 
 
 def build_plan(model, world_size: int) -> ShardingPlan:
-    """One table config per table the model looks up, at the model's embedding dimension."""
-    feature_tables = model.embedding_tables()
-    tables = []
-    for name in sorted(set(feature_tables.values())):
-        spec = model.schema.table(name)
-        tables.append(TableConfig(name=name, num_rows=spec.num_rows, dim=model.config.emb_dim,
-                                  hashed=spec.hashed))
-    return ShardingPlan.build(tables, feature_tables, world_size)
+    """The plan for the tables the model looks up, at the model's embedding dimension."""
+    return ShardingPlan.from_schema(model.schema, model.sparse_features, model.config.emb_dim,
+                                    world_size)
 
 
 def build_embedding(model, comm, mode: str, optimizer: str, learning_rate: float, seed: int,

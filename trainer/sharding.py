@@ -1,9 +1,13 @@
 """The sharding plan: which rank owns which embedding row, as plain data (no TF, no Horovod).
 
-Row ``r`` of every table lives on rank ``r % N`` at local row ``r // N`` (the rule SOK uses), so
-rank ``k`` holds ``ceil((num_rows - k) / N)`` rows and hot rows (usually small ids) spread over
-all ranks. The embedding backends, the benchmark and the tests are all built from this object,
-so placement is decided once, here, and can be checked without launching anything.
+Placement is ONE rule, ``ShardingPlan.owner`` / ``ShardingPlan.local_row``: row ``r`` of every
+table lives on rank ``r % N`` at local row ``r // N`` (the rule SOK uses), so rank ``k`` holds
+``ceil((num_rows - k) / N)`` rows and hot rows (usually small ids) spread over all ranks. The
+rule is written with ``%`` and ``//`` only, so the same function serves Python ints, numpy
+arrays and TF tensors: the embedding backends ask the plan inside their traced lookups, the
+benchmark and the tests ask it in numpy. ``global_rows`` / ``rows_on_rank`` are the rule's
+inverse (tests check them against it). A different placement is a change to those functions.
+The plan is built from the dataset schema in one call (``ShardingPlan.from_schema``).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from gmeta.io.schema import find_named, id_rows
 
 BYTES_PER_FLOAT = 4
 
@@ -40,6 +46,10 @@ class TableConfig:
     @property
     def param_bytes(self) -> int:
         return int(self.num_rows) * int(self.dim) * BYTES_PER_FLOAT
+
+    def rows_of(self, ids):
+        """Non-negative ids -> rows of this table (the schema's one id rule: modulo if hashed)."""
+        return id_rows(ids, self.num_rows, self.hashed)
 
 
 @dataclass(frozen=True)
@@ -81,12 +91,22 @@ class ShardingPlan:
             raise ValueError(f"tables {unused} are used by no feature; drop them or map a feature")
         return cls(tables=tables, feature_tables=tuple(sorted(pairs)), world_size=int(world_size))
 
+    @classmethod
+    def from_schema(cls, schema, features: Sequence[str], dim: int, world_size: int) -> "ShardingPlan":
+        """The plan for the tables the given sparse ``features`` of ``schema`` look up, every
+        table at embedding dimension ``dim``: the one way a run builds its plan."""
+        feature_tables = {f: schema.feature(f).table for f in features}
+        tables = [TableConfig(name=spec.name, num_rows=spec.num_rows, dim=int(dim), hashed=spec.hashed)
+                  for spec in (schema.table(n) for n in sorted(set(feature_tables.values())))]
+        return cls.build(tables, feature_tables, world_size)
+
     # ---- lookups by name ----
     def table(self, name: str) -> TableConfig:
-        for t in self.tables:
-            if t.name == name:
-                return t
-        raise KeyError(f"no table {name!r} in the plan; tables are {[t.name for t in self.tables]}")
+        return find_named(self.tables, name, "table")
+
+    def table_index(self, name: str) -> int:
+        """Position of table ``name`` in plan order (the order of every per-table list)."""
+        return self.tables.index(self.table(name))
 
     def table_of(self, feature: str) -> TableConfig:
         for f, t in self.feature_tables:
@@ -103,14 +123,14 @@ class ShardingPlan:
     def features(self) -> tuple:
         return tuple(f for f, _ in self.feature_tables)
 
-    # ---- placement (accepts ints or numpy arrays) ----
-    def owner(self, row):
-        """Rank holding global ``row``."""
-        return np.asarray(row) % self.world_size if not np.isscalar(row) else int(row) % self.world_size
+    # ---- placement: the one rule (ints, numpy arrays and TF int64 tensors alike) ----
+    def owner(self, rows, table: str | None = None):
+        """Rank holding global ``rows`` of ``table`` (today the same rule for every table)."""
+        return rows % self.world_size
 
-    def local_row(self, row):
-        """Index of global ``row`` inside its owner's shard."""
-        return np.asarray(row) // self.world_size if not np.isscalar(row) else int(row) // self.world_size
+    def local_row(self, rows, table: str | None = None):
+        """Index of global ``rows`` inside their owner's shard."""
+        return rows // self.world_size
 
     def rows_on_rank(self, table: str, rank: int) -> int:
         """Number of rows of ``table`` held by ``rank`` (0 when the table has fewer rows than ranks)."""

@@ -8,7 +8,8 @@ AlltoAll, both issued by SOK through Horovod, not through our communicator). Eac
 bag of length one with combiner "sum", so the result is a plain row lookup.
 
 Gradients: SOK's backward returns IndexedSlices of *local* rows holding the sum over ranks (the
-same as the hybrid path), so ``apply_gradients`` is the hybrid one (x 1/N, then row-wise).
+same as the hybrid path), so ``apply_reduced`` is the hybrid one (x the step's scale, then
+row-wise; see gmeta.trainer.comm).
 Counters: SOK's traffic bypasses ``comm``; we record the bytes this rank hands to SOK (unique
 keys as ``alltoall_ids``, returned vectors as ``alltoall_vectors``) so reports stay comparable;
 the backward exchange is not visible to us and is not counted.

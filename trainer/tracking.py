@@ -46,13 +46,18 @@ class Tracker:
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         if self.enabled:
-            flat = {k: float(v) for k, v in flatten("", metrics, {}).items()
+            # MLflow metric names allow neither "@" (ndcg@5 -> ndcg_at5) nor NaN-free Nones
+            flat = {k.replace("@", "_at"): float(v) for k, v in flatten("", metrics, {}).items()
                     if isinstance(v, (int, float)) and v is not None}
             self._mlflow.log_metrics(flat, step=step)
 
     def log_dict(self, obj: dict, name: str) -> None:
         if self.enabled:
             self._mlflow.log_dict(obj, name)
+
+    def log_artifacts(self, directory: str, artifact_path: str) -> None:
+        if self.enabled:
+            self._mlflow.log_artifacts(directory, artifact_path)
 
     def log_model(self, export_dir: str) -> str | None:
         if not self.enabled:
@@ -96,6 +101,20 @@ def model_uri_of_run(run_id: str, tracking_uri: str) -> str:
     if not uri:
         raise ValueError(f"--run {run_id}: the run logged no gmeta model (tag {MODEL_URI_TAG} missing)")
     return uri
+
+
+def resolve_export_dir(source: str, tracking_uri) -> str:
+    """A gmeta export directory from a local directory, a ``models:/`` or ``runs:/`` URI, or an
+    MLflow run id (downloaded from the tracking store)."""
+    if os.path.isdir(source):
+        if not os.path.exists(os.path.join(source, "gmeta_model.json")):
+            raise FileNotFoundError(f"{source}: a directory but not a gmeta export (no gmeta_model.json)")
+        return source
+    if not tracking_uri:
+        raise ValueError(f"{source}: not a local export directory, and tracking is off (--tracking-uri none)")
+    if "://" in source or source.startswith(("models:/", "runs:/")):
+        return model_dir_from_uri(source, tracking_uri)
+    return model_dir_from_uri(model_uri_of_run(source, tracking_uri), tracking_uri)
 
 
 def dumps(obj) -> str:

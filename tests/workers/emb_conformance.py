@@ -35,7 +35,8 @@ def make_step(emb):
         with tf.GradientTape() as tape:
             vecs = emb.lookup(ids)
             loss = ref.local_loss(vecs, tf.shape(ids["item_id"])[0])
-        emb.apply_gradients(tape.gradient(loss, emb.trainable_variables))
+        # each rank's loss is its share of a mean over ranks: scale the sum over ranks by 1/N
+        emb.apply_gradients(tape.gradient(loss, emb.trainable_variables), scale=1.0 / emb.comm.size)
         return vecs
     return step
 

@@ -1,4 +1,8 @@
-"""Worker: N ranks training on slices of a global batch == one process on the whole batch."""
+"""Worker: N ranks training on slices of a global batch == one process on the whole batch.
+
+argv: OUT_DIR TESTS_DIR MODE MODEL. Every rank also runs the single-process reference on the
+whole global batch (LocalCommunicator) and reports the largest differences.
+"""
 import json
 import sys
 
@@ -6,6 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 sys.path.insert(0, sys.argv[2])  # tests/ for the batch builder
+from _guard import guard  # noqa: E402
 from test_meta_learner import SCHEMA, make_batch  # noqa: E402
 
 from gmeta.models.base import ModelConfig  # noqa: E402
@@ -14,43 +19,50 @@ from gmeta.trainer.comm import LocalCommunicator, init_communicator  # noqa: E40
 from gmeta.trainer.meta_learner import MetaConfig, MetaLearner  # noqa: E402
 from gmeta.trainer.setup import build_embedding  # noqa: E402
 
-out_dir, mode, model_name = sys.argv[1], sys.argv[3], sys.argv[4]
-comm = init_communicator("horovod")
-n, r = comm.size, comm.rank
 T_LOCAL = 3
+OUTER_LR = 0.01
 
 
-def learner_for(c, emb_mode):
-    model = build_model(model_name, SCHEMA, ModelConfig(emb_dim=4, hidden=(8,), seed=1))
-    emb = build_embedding(model, c, mode=emb_mode, optimizer="adagrad", learning_rate=0.1, seed=3)
-    return MetaLearner(model, emb, c, MetaConfig(inner_steps=2, inner_lr=0.3, outer_lr=0.01))
+def main(out_dir, mode, model_name):
+    comm = init_communicator("horovod")
+    n, r = comm.size, comm.rank
+
+    def learner_for(c, emb_mode):
+        model = build_model(model_name, SCHEMA, ModelConfig(emb_dim=4, hidden=(8,), seed=1))
+        emb = build_embedding(model, c, mode=emb_mode, optimizer="adagrad", learning_rate=0.1, seed=3)
+        return MetaLearner(model, emb, c, MetaConfig(inner_steps=2, inner_lr=0.3, outer_lr=OUTER_LR))
+
+    def global_batch(step):
+        # the last task is padding, so the last rank holds fewer real tasks than the others
+        return make_batch(T=T_LOCAL * n, seed=100 + step)
+
+    dist = learner_for(comm, mode)
+    ref = learner_for(LocalCommunicator(), "hybrid")
+    initial = {k: v.numpy().copy() for k, v in ref.model.params.items()}
+    dist_step, ref_step = tf.function(dist.train_step), tf.function(ref.train_step)
+    losses, first_step_move = [], None
+    for step in range(3):
+        g = global_batch(step)
+        mine = tf.nest.map_structure(lambda t: t[r * T_LOCAL:(r + 1) * T_LOCAL], g)
+        loss_sum, count = dist.meta_loss_sum(mine)
+        total, n_tasks = comm.allreduce_sum([loss_sum, count])
+        losses.append([float(total / n_tasks), float(ref.meta_loss(g))])
+        dist_step(mine)
+        ref_step(g)
+        if step == 0:
+            # Adam's first step moves every parameter with a non-zero gradient by ~outer_lr
+            first_step_move = max(float(np.max(np.abs(v.numpy() - initial[k])))
+                                  for k, v in ref.model.params.items())
+
+    dense = {k: float(np.max(np.abs(dist.model.params[k].numpy() - ref.model.params[k].numpy())))
+             for k in dist.model.params}
+    tables = {}
+    for t in dist.embedding.plan.tables:
+        full = dist.embedding.gather_full_table(t.name)
+        tables[t.name] = float(np.max(np.abs(full - ref.embedding.gather_full_table(t.name))))
+    json.dump({"losses": losses, "dense_max_diff": dense, "table_max_diff": tables,
+               "first_step_move": first_step_move, "outer_lr": OUTER_LR},
+              open(f"{out_dir}/rank{r}.json", "w"))
 
 
-def global_batch(step):
-    # the last task is padding, so the last rank holds fewer real tasks than the others
-    return make_batch(T=T_LOCAL * n, seed=100 + step)
-
-
-dist = learner_for(comm, mode)
-ref = learner_for(LocalCommunicator(), "hybrid")
-dist_step, ref_step = tf.function(dist.train_step), tf.function(ref.train_step)
-losses = []
-for step in range(3):
-    g = global_batch(step)
-    mine = tf.nest.map_structure(lambda t: t[r * T_LOCAL:(r + 1) * T_LOCAL], g)
-    loss_sum, count = dist.meta_loss_sum(mine)
-    total, n_tasks = comm.allreduce_sum([loss_sum, count])
-    losses.append([float(total / n_tasks), float(ref.meta_loss(g))])
-    dist_step(mine)
-    ref_step(g)
-
-dense = {k: float(np.max(np.abs(dist.model.params[k].numpy() - ref.model.params[k].numpy())))
-         for k in dist.model.params}
-tables = {}
-for t in dist.embedding.plan.tables:
-    full = dist.embedding.gather_full_table(t.name)
-    tables[t.name] = float(np.max(np.abs(full - ref.embedding.gather_full_table(t.name))))
-fresh = learner_for(LocalCommunicator(), "hybrid").model.params
-moved = max(float(np.max(np.abs(ref.model.params[k].numpy() - fresh[k].numpy()))) for k in fresh)
-json.dump({"losses": losses, "dense_max_diff": dense, "table_max_diff": tables, "moved": moved},
-          open(f"{out_dir}/rank{r}.json", "w"))
+guard(main, sys.argv[1], sys.argv[3], sys.argv[4])

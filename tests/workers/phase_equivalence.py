@@ -1,0 +1,52 @@
+"""Worker: MetaEmb's generator phase on N ranks == one process on the whole batch.
+
+argv: OUT_DIR TESTS_DIR. Ranks hold uneven numbers of real tasks (the global batch ends with a
+padding task, and one real task has no query rows), so a per-rank mean averaged over ranks
+would differ from the global mean; the step must follow the one scaling rule.
+"""
+import json
+import sys
+
+import numpy as np
+import tensorflow as tf
+
+sys.path.insert(0, sys.argv[2])  # tests/ for the batch builder
+from _guard import guard  # noqa: E402
+from test_meta_learner import SCHEMA, make_batch  # noqa: E402
+
+from gmeta.models.base import ModelConfig  # noqa: E402
+from gmeta.models.registry import build_model  # noqa: E402
+from gmeta.trainer.comm import LocalCommunicator, init_communicator  # noqa: E402
+from gmeta.trainer.meta_learner import MetaConfig, MetaLearner  # noqa: E402
+from gmeta.trainer.phases import PhaseStep  # noqa: E402
+from gmeta.trainer.setup import build_embedding  # noqa: E402
+
+T_LOCAL = 3
+
+
+def main(out_dir):
+    comm = init_communicator("horovod")
+    n, r = comm.size, comm.rank
+
+    def phase_step(c):
+        model = build_model("metaemb", SCHEMA, ModelConfig(emb_dim=4, hidden=(8,), seed=1))
+        emb = build_embedding(model, c, mode="hybrid", optimizer="adagrad", learning_rate=0.1, seed=3)
+        learner = MetaLearner(model, emb, c, MetaConfig(inner_steps=1, inner_lr=0.3))
+        return PhaseStep(model.training_phases()[0], learner, learning_rate=0.01)
+
+    dist, ref = phase_step(comm), phase_step(LocalCommunicator())
+    initial = [v.numpy().copy() for v in ref.variables_]
+    for step in range(2):
+        g = make_batch(T=T_LOCAL * n, seed=200 + step)
+        query_mask = g["query"]["mask"].numpy().copy()
+        query_mask[1] = 0.0  # a real task without query rows: it must not count
+        g = dict(g, query=dict(g["query"], mask=tf.constant(query_mask)))
+        mine = tf.nest.map_structure(lambda t: t[r * T_LOCAL:(r + 1) * T_LOCAL], g)
+        dist.step(mine)
+        ref.step(g)
+    diffs = [float(np.max(np.abs(a.numpy() - b.numpy()))) for a, b in zip(dist.variables_, ref.variables_)]
+    moved = max(float(np.max(np.abs(v.numpy() - i))) for v, i in zip(ref.variables_, initial))
+    json.dump({"max_diff": max(diffs), "moved": moved}, open(f"{out_dir}/rank{r}.json", "w"))
+
+
+guard(main, sys.argv[1])

@@ -1,0 +1,94 @@
+"""What the dataset-producing commands (``gmeta datagen``, ``gmeta convert ...``) share: their
+output flags and how they are checked, preparing the output directory, and a numpy helper."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from gmeta.io.writer import COMPRESSIONS
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputConfig:
+    """Where and how a command writes its dataset."""
+
+    out: str
+    rows_per_stripe: int = 8192
+    compression: str = "zstd"
+    overwrite: bool = False
+    quiet: bool = False
+
+    def output_checks(self, largest_task: int, largest_flags: str) -> dict:
+        """``(ok, flag, what, value)`` per output flag, for ``check_flags`` in the command's order."""
+        return {
+            "--out": (bool(self.out), "--out", "must name a directory", repr(self.out)),
+            "--rows-per-stripe": (self.rows_per_stripe >= largest_task, "--rows-per-stripe",
+                                  f"must hold the largest task ({largest_flags} = {largest_task})",
+                                  self.rows_per_stripe),
+            "--compression": (self.compression in COMPRESSIONS, "--compression", f"must be one of {COMPRESSIONS}",
+                              repr(self.compression)),
+        }
+
+
+def run_command(name: str, config_cls, args, run, error, format_summary, summary_file: str) -> int:
+    """``gmeta NAME``'s main: its config from the parsed flags (every flag's dest is a field's
+    name), validated, then ``run(cfg)``. ``error`` (a bad flag or input) is printed, exit status 2."""
+    try:
+        cfg = config_cls(**{f.name: getattr(args, f.name) for f in fields(config_cls)}).validate()
+        summary = run(cfg)
+    except error as exc:
+        print(f"gmeta {name}: error: {exc}", file=sys.stderr)
+        return 2
+    if not cfg.quiet:
+        print(format_summary(summary))
+        print(f"wrote {os.path.join(cfg.out, 'schema.json')} and {summary_file}")
+    return 0
+
+
+def check_flags(checks, error) -> None:
+    """Raise ``error("FLAG WHAT (got VALUE)")`` for the first failed ``(ok, flag, what, value)``."""
+    for ok, flag, what, value in checks:
+        if not ok:
+            raise error(f"{flag} {what} (got {value})")
+
+
+def add_output_arguments(parser, defaults: OutputConfig, quiet_help: str) -> None:
+    """The output flags every dataset-producing command takes (``--out`` is added by the command)."""
+    a = parser.add_argument
+    a("--rows-per-stripe", type=int, default=defaults.rows_per_stripe, help="ORC stripe size in rows")
+    a("--compression", default=defaults.compression, help=f"ORC compression: {', '.join(COMPRESSIONS)}")
+    a("--overwrite", action="store_true", help="replace an existing dataset in --out")
+    a("--quiet", action="store_true", help=quiet_help)
+
+
+def prepare_out(out: str, overwrite: bool, names, error=ValueError) -> None:
+    """Refuse to mix with an existing dataset unless ``overwrite``; then remove only ``names``
+    (our own outputs) from ``out``, leaving anything else there alone."""
+    from gmeta.io import fs
+
+    kinds = fs.pafs.FileType
+    info = fs.file_info(out)
+    if info.type == kinds.NotFound:
+        return
+    if info.type != kinds.Directory:
+        raise error(f"--out {out!r} exists and is not a directory")
+    present = [e for e in fs.list_dir(out) if e.base_name in names]
+    if present and not overwrite:
+        raise error(f"--out {out!r} already holds {[e.base_name for e in present]}; "
+                    f"pass --overwrite to replace them")
+    for e in present:
+        filesystem, inner = fs.resolve(fs.join(out, e.base_name))
+        if e.type == kinds.Directory:
+            filesystem.delete_dir(inner)
+        else:
+            filesystem.delete_file(inner)
+
+
+def group_arange(counts: np.ndarray) -> np.ndarray:
+    """[0..c0-1, 0..c1-1, ...] for counts [c0, c1, ...]."""
+    starts = np.cumsum(counts) - counts
+    return np.arange(counts.sum()) - np.repeat(starts, counts)

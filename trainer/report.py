@@ -1,0 +1,75 @@
+"""The evaluation report as people read it: one table per split and head, and the per-task
+arrays saved next to the run so ``gmeta compare`` can test differences between runs."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+ROWS = ("adapted", "unadapted", "plain_finetuned", "plain", "item_mean", "constant", "oracle")
+LABELS = {"adapted": "model, adapted", "unadapted": "model, unadapted",
+          "plain_finetuned": "plain, fine-tuned", "plain": "plain", "item_mean": "item mean",
+          "constant": "constant", "oracle": "oracle"}
+COLUMNS = ("gauc", "ndcg@5", "mrr", "logloss", "rmse", "pooled_auc")
+
+
+def _cell(m) -> str:
+    if not m or m.get("value") is None:
+        return "-"
+    if m.get("lo") is None:
+        return f"{m['value']:.4f}"
+    return f"{m['value']:.4f} [{m['lo']:.3f},{m['hi']:.3f}]"
+
+
+def format_report(results: dict) -> str:
+    """Per split and head: every scorer's per-task metrics with 95% intervals over tasks, then
+    which differences from the adapted model are significant."""
+    lines = []
+    for split, res in results.items():
+        for head, section in res.items():
+            if not isinstance(section, dict) or "adapted" not in section:
+                continue
+            columns = [c for c in COLUMNS if any(c in section.get(r, {}) for r in ROWS)]
+            lines.append(f"\n{split} / {head}: {res['rows']} query rows, {res.get('tasks', '?')} tasks "
+                         f"(95% bootstrap intervals over tasks)")
+            lines.append(f"  {'scorer':<18}" + "".join(f"{c:>24}" for c in columns))
+            for row in ROWS:
+                if row in section:
+                    lines.append(f"  {LABELS[row]:<18}" + "".join(f"{_cell(section[row].get(c)):>24}"
+                                                                   for c in columns))
+            for other, diffs in section.get("differences", {}).items():
+                parts = []
+                for metric, d in diffs.items():
+                    if d.get("diff") is None:
+                        continue
+                    verdict = "significant" if d["significant"] else "not significant"
+                    parts.append(f"{metric} {d['diff']:+.4f} [{d['lo']:+.3f},{d['hi']:+.3f}] {verdict}"
+                                 if d.get("lo") is not None else f"{metric} {d['diff']:+.4f}")
+                if parts:
+                    lines.append(f"  adapted - {LABELS[other]:<17} " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def print_report(results: dict, out) -> None:
+    print(format_report(results), file=out, flush=True)
+
+
+def save_per_task(per_task: dict, directory: str) -> str:
+    """One ``<split>.npz`` per split; keys ``<head>/<scorer>/<column>`` (task ids, rows, metrics)."""
+    os.makedirs(directory, exist_ok=True)
+    for split, scorers in per_task.items():
+        arrays = {f"{name}/{col}": np.asarray(values) for name, pt in scorers.items()
+                  for col, values in pt.items()}
+        np.savez(os.path.join(directory, f"{split}.npz"), **arrays)
+    return directory
+
+
+def load_per_task(path: str) -> dict:
+    """Inverse of ``save_per_task`` for one split file: ``{"<head>/<scorer>": per-task dict}``."""
+    out: dict = {}
+    with np.load(path, allow_pickle=False) as f:
+        for key in f.files:
+            name, _, col = key.rpartition("/")
+            out.setdefault(name, {})[col] = f[key]
+    return out
