@@ -52,6 +52,7 @@ class TrainConfig:
     generator_epochs: int = 2          # metaemb phase 2
     seed: int = 0
     eval_splits: tuple = ()
+    validation_split: str = AUTO       # evaluated after every epoch; auto: "val" when the data has it
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "gmeta"
     run_name: str = ""
@@ -202,6 +203,9 @@ def add_arguments(p) -> None:
     p.add_argument("--generator-epochs", type=int, default=d.generator_epochs, help="metaemb phase 2 epochs")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--eval-splits", default="", help="comma separated; default: every split but train")
+    p.add_argument("--validation-split", default=d.validation_split,
+                   help="split evaluated after every epoch (GAUC adapted logged as val_gauc_adapted; the "
+                        "objective of gmeta tune); auto: 'val' when the dataset has it; none: off")
     p.add_argument("--tracking-uri", default=d.tracking_uri, help="MLflow tracking URI; 'none' disables tracking")
     p.add_argument("--experiment", default=d.experiment)
     p.add_argument("--run-name", default=d.run_name)
@@ -237,8 +241,13 @@ class _Log:
             print(f"[gmeta] {message}", file=sys.stderr, flush=True)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Meta-train, run the model's extra phases, evaluate against the baselines, export, log."""
+def train(cfg: TrainConfig, on_epoch=None) -> dict:
+    """Meta-train, run the model's extra phases, evaluate against the baselines, export, log.
+
+    ``on_epoch(epoch, report)`` is called on every rank after each epoch with the validation
+    split's report (``gmeta.trainer.evaluation``; None without a validation split); it may raise
+    to stop the run (e.g. a pruned tuning trial).
+    """
     import tensorflow as tf
 
     from gmeta.io.plan import distinct_values
@@ -270,7 +279,22 @@ def train(cfg: TrainConfig) -> dict:
     tracker = Tracker(cfg.tracking_uri, cfg.experiment, cfg.run_name or None, enabled=is_chief)
     try:
         tracker.log_params({**config_dict(cfg), "workers": comm.size, "steps_per_epoch": steps})
-        history = fit(learner, reader, cfg, comm, log, tracker, plain=plain)
+        val_split = validation_split(cfg, schema)
+
+        def after_epoch(epoch: int) -> None:
+            report = None
+            if val_split:
+                report, _ = evaluate_splits(learner, cfg.data, [val_split], comm, cfg.reader_kwargs(),
+                                            cfg.eval_steps, lambda m: None, n_boot=0)
+                report = report[val_split]
+                tracker.log_metrics({f"val_{k}": report[k] for k in ("gauc_adapted", "gauc_unadapted",
+                                                                    "auc_adapted")}, step=epoch)
+                log(f"epoch {epoch} validation ({val_split}): GAUC adapted {report['gauc_adapted']}, "
+                    f"unadapted {report['gauc_unadapted']}")
+            if on_epoch is not None:
+                on_epoch(epoch, report)
+
+        history = fit(learner, reader, cfg, comm, log, tracker, plain=plain, after_epoch=after_epoch)
         history.update(run_phases(learner, reader, epochs=cfg.generator_epochs, first_epoch=cfg.epochs,
                                   learning_rate=cfg.outer_lr, log=log, tracker=tracker,
                                   distinct_values=lambda column: distinct_values(cfg.data, "train", column)))
@@ -297,6 +321,18 @@ def train(cfg: TrainConfig) -> dict:
         raise
     comm.barrier()
     return results
+
+
+def validation_split(cfg: TrainConfig, schema) -> str:
+    """The split evaluated after each epoch, or "" for none."""
+    if cfg.validation_split == AUTO:
+        return "val" if "val" in schema.splits else ""
+    if cfg.validation_split.lower() == "none":
+        return ""
+    if cfg.validation_split not in schema.splits:
+        raise ValueError(f"--validation-split {cfg.validation_split!r} is not one of the dataset's splits "
+                         f"{list(schema.splits)}")
+    return cfg.validation_split
 
 
 def build_learner(cfg: TrainConfig, schema, comm, meta: str):

@@ -16,7 +16,9 @@ class TrainingDiverged(RuntimeError):
     """The loss went NaN/inf or rose past the tolerance; the message says what to change."""
 
 
-def fit(learner, reader, cfg, comm, log, tracker, plain=None) -> dict:
+def fit(learner, reader, cfg, comm, log, tracker, plain=None, after_epoch=None) -> dict:
+    """Train ``cfg.epochs`` epochs; ``after_epoch(epoch)`` runs on every rank after each epoch
+    (validation; it may raise to stop, e.g. a pruned tuning trial)."""
     from gmeta.trainer.meta_learner import batch_spec
 
     comm.counters.reset()
@@ -66,6 +68,8 @@ def fit(learner, reader, cfg, comm, log, tracker, plain=None) -> dict:
             + f", {time.time() - t_epoch:.1f} s")
         _check_rise(history, mean, cfg.loss_rise_tolerance, epoch)
         history["loss"].append(mean)
+        if after_epoch is not None:
+            after_epoch(epoch)
     snap = comm.counters.snapshot()
     history["comm_per_step"] = {k: {"bytes": v["bytes"] / max(global_step, 1),
                                     "calls": v["calls"] / max(global_step, 1)} for k, v in snap.items()}
