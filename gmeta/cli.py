@@ -18,8 +18,11 @@ SUBCOMMANDS = {
     "datagen": ("gmeta.tools.datagen", "write a synthetic cold-start dataset with planted structure"),
     "convert": ("gmeta.tools.convert", "convert a public dataset (movielens) into the Meta-IO format"),
     "train": ("gmeta.trainer.train", "meta-train a zoo model (run under horovodrun for many workers)"),
+    "tune": ("gmeta.trainer.tune", "hyper-parameter search (Optuna) on validation GAUC adapted; resumable"),
     "evaluate": ("gmeta.trainer.evaluate", "evaluate a logged run or a registered model on a dataset"),
+    "compare": ("gmeta.trainer.compare", "compare runs in per-task metrics with intervals and paired tests"),
     "register": ("gmeta.trainer.register", "register a run's model in the MLflow registry, with an alias"),
+    "predict": ("gmeta.trainer.predict", "adapt to each task's support rows and score its query rows (file in, file out)"),
     "bench": ("gmeta.tools.bench", "benchmarks: io (reader vs raw decode), step (hybrid vs naive), meta (meta-step speed)"),
 }
 
@@ -43,13 +46,15 @@ def main(argv=None) -> int:
 
 def build_parser_for(argv) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,  # --epoch must not silently mean --epochs
         prog="gmeta",
         description="Distributed trainer for meta-learning recommendation models.")
     parser.add_argument("--version", action="store_true", help="print the gmeta version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = {a for a in argv if a in SUBCOMMANDS}
     for name, (module, help_text) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         p.set_defaults(_module=module)
         if name in wanted:
             importlib.import_module(module).add_arguments(p)

@@ -18,13 +18,37 @@ import tensorflow as tf
 from gmeta.models import layers
 
 
+#: what the inner loop may adapt per task (``--adapt``, any combination):
+#:   head  every layer of the decision MLP (towers, for MAML-ESMM)
+#:   last  only the output layer of the MLP (towers)
+#:   user  a shift of the task's user-group input columns: the user's embedding rows (and user
+#:         dense features) as local copies, starting at the looked-up values
+#:   pref  a per-task preference vector over the item-group input columns, added to the output
+#:         logit as <pref, item columns>: a linear model of the user's taste in the learned item
+#:         representation, starting at a meta-learned shared vector
+#:   bias  a per-task scale and bias of the output logit (the user's level and sharpness; never
+#:         changes the order of a task's items)
+ADAPT_PARTS = ("head", "last", "user", "pref", "bias")
+#: ``--adapt auto``: measured best on the synthetic regimes (README, "What a run reports"); ``user``
+#: is dropped for a model whose inputs have no user-group column
+AUTO_ADAPT = ("user", "pref", "bias")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     emb_dim: int = 16
     hidden: tuple = (64, 64)
     target: str = "auto"          # melu: click | rating; auto = click when present
     seed: int = 0
+    adapt: tuple = ("head",)      # see ADAPT_PARTS
     extra: dict = field(default_factory=dict, hash=False, compare=False)
+
+    def __post_init__(self):
+        unknown = sorted(set(self.adapt) - set(ADAPT_PARTS) - ({"auto"} if tuple(self.adapt) == ("auto",) else set()))
+        if unknown or not self.adapt:
+            raise ValueError(f"--adapt {','.join(self.adapt)}: choose one or more of {', '.join(ADAPT_PARTS)}")
+        if {"head", "last"} <= set(self.adapt):
+            raise ValueError("--adapt: head already includes last; give one of them")
 
 
 @dataclass(frozen=True)
@@ -58,9 +82,15 @@ class ZooModel(tf.Module):
     skip_features: tuple = ()
     #: the label the headline score predicts: "click" (a probability) or "rating" (a value)
     target: str = "click"
+    #: the ``--extra KEY=VALUE`` keys the model reads (anything else is an error)
+    extra_keys: tuple = ()
 
     def __init__(self, schema, config: ModelConfig):
         super().__init__(name=self.name)
+        unknown = sorted(set(config.extra) - set(self.extra_keys))
+        if unknown:
+            raise ValueError(f"--extra {', '.join(unknown)}: not a setting of model {self.name}; its --extra keys "
+                             f"are {list(self.extra_keys) or 'none'}")
         self.schema = schema
         self.config = config
         self.sparse_features = tuple(f.name for f in schema.sparse if f.name not in self.skip_features)
@@ -79,6 +109,70 @@ class ZooModel(tf.Module):
 
     def adapted_names(self) -> tuple:
         return self.adapted
+
+    # ---- per-task terms the inner loop can adapt (ADAPT_PARTS user, pref, bias) ----
+    def adapt_parts(self) -> tuple:
+        """What adapts: ``config.adapt``, with ``auto`` resolved for this model and schema."""
+        if tuple(self.config.adapt) != ("auto",):
+            return tuple(self.config.adapt)
+        has_user = (self.column_groups() == "user").any()
+        return tuple(p for p in AUTO_ADAPT if p != "user" or has_user)
+
+    def _add_task_terms(self) -> tuple:
+        """Create the parameters of the requested per-task terms; returns their names (to adapt)."""
+        parts = set(self.adapt_parts())
+        width = self.input_width
+        names = []
+        if "user" in parts:
+            self.params["task/user_shift"] = layers.zeros([width], "task/user_shift")
+            names.append("task/user_shift")
+        if "pref" in parts:
+            self.params["task/pref"] = layers.zeros([width], "task/pref")
+            names.append("task/pref")
+        if "bias" in parts:
+            self.params["task/bias"] = layers.zeros([], "task/bias")
+            self.params["task/scale"] = tf.Variable(1.0, name="task_scale")
+            names += ["task/bias", "task/scale"]
+        groups = self.column_groups()
+        self._user_cols = tf.constant(groups == "user", tf.float32)
+        self._item_cols = tf.constant(groups == "item", tf.float32)
+        if "user" in parts and not (groups == "user").any():
+            raise ValueError(f"--adapt user: the schema has no user-group feature among {self.sparse_features}")
+        if "pref" in parts and not (groups == "item").any():
+            raise ValueError("--adapt pref: the schema has no item-group feature")
+        return tuple(names)
+
+    def column_groups(self):
+        """The group (user | item | context) of every input column, in build_inputs order."""
+        import numpy as np
+
+        groups = []
+        for f in self.sparse_features:
+            groups += [self.schema.feature(f).group] * self.config.emb_dim
+        groups += [d.group for d in self.schema.dense if d.name in self.dense_features]
+        return np.array(groups)
+
+    def task_inputs(self, params: dict, x):
+        """The inputs with the task's user shift applied (when ``user`` adapts)."""
+        shift = params.get("task/user_shift")
+        if shift is None:
+            return x
+        shift = shift * self._user_cols
+        return x + (shift if shift.shape.rank == 1 else shift[:, None, :])
+
+    def task_logit(self, params: dict, x, logit):
+        """``logit`` with the task's preference term and scale/bias applied (when they adapt)."""
+        pref = params.get("task/pref")
+        if pref is not None:
+            pref = pref * self._item_cols
+            logit = logit + (tf.einsum("tnw,w->tn", x, pref) if pref.shape.rank == 1
+                             else tf.einsum("tnw,tw->tn", x, pref))
+        if "task/scale" in params:
+            scale, bias = params["task/scale"], params["task/bias"]
+            if scale.shape.rank == 1:
+                scale, bias = scale[:, None], bias[:, None]
+            logit = scale * logit + bias
+        return logit
 
     # ---- state: what defines a trained model, by name ----
     def state_variables(self) -> dict:
@@ -128,7 +222,8 @@ class ZooModel(tf.Module):
         raise NotImplementedError
 
     def describe(self) -> dict:
-        return {"model": self.name, "paper": self.paper, "adapted": list(self.adapted),
+        return {"model": self.name, "paper": self.paper, "adapt": list(self.adapt_parts()),
+                "adapted": list(self.adapted),
                 "dense_params": {k: v.shape.as_list() for k, v in self.params.items()}}
 
 

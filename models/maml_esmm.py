@@ -2,7 +2,7 @@
 
 Shared embeddings feed two towers: CTR (pCTR) and CVR (pCVR); pCTCVR = pCTR x pCVR. Both losses
 are taken over all impressions (no sample-selection bias): BCE(click, pCTR) +
-BCE(click AND conversion, pCTCVR). Both towers adapt per task in the inner loop. Defaults:
+BCE(click AND conversion, pCTCVR). Both towers adapt per task in the inner loop (``--adapt``, see gmeta.models.base). Defaults:
 embeddings 16, towers 64-64 each, 1 inner step.
 """
 
@@ -27,10 +27,16 @@ class MAMLESMM(ZooModel):
         self.n_layers = len(sizes) - 1
         self.params = {**layers.init_mlp("ctr", sizes, config.seed),
                        **layers.init_mlp("cvr", sizes, config.seed + 1)}
-        self.adapted = tuple(sorted(self.params))
+        parts = set(self.adapt_parts())
+        k = self.n_layers if "head" in parts else (1 if "last" in parts else 0)
+        towers = tuple(sorted(f"{t}/{p}{i}" for t in ("ctr", "cvr")
+                              for i in range(self.n_layers - k, self.n_layers) for p in "wb"))
+        # per-task terms act on the shared input (user) and on the CTR logit (pref, bias)
+        self.adapted = towers + self._add_task_terms()
 
     def forward(self, params, x):
-        ctr_logit = tf.squeeze(layers.mlp(params, "ctr", x, self.n_layers), -1)
+        x = self.task_inputs(params, x)
+        ctr_logit = self.task_logit(params, x, tf.squeeze(layers.mlp(params, "ctr", x, self.n_layers), -1))
         cvr_logit = tf.squeeze(layers.mlp(params, "cvr", x, self.n_layers), -1)
         pctr = tf.sigmoid(ctr_logit)
         return {"ctr_logit": ctr_logit, "pctr": pctr, "pctcvr": pctr * tf.sigmoid(cvr_logit)}

@@ -32,6 +32,7 @@ class MetaEmb(MLPHeadModel):
     name = "metaemb"
     paper = "Pan et al., SIGIR 2019, arXiv:1904.11547"
     phases = ("base", "generator")
+    extra_keys = ("adapt_layers", "gen_hidden", "alpha", "warmup_lr")
 
     def __init__(self, schema, config):
         if resolve_target(schema, config.target) != "click":

@@ -11,21 +11,29 @@ from gmeta.models.base import ZooModel, resolve_target
 class MLPHeadModel(ZooModel):
     """Embeddings + dense features -> MLP -> one logit (click) or one value (rating)."""
 
+    extra_keys = ("adapt_layers",)
+
     def __init__(self, schema, config):
         super().__init__(schema, config)
         self.target = resolve_target(schema, config.target)
         sizes = [self.input_width, *config.hidden, 1]
         self.n_layers = len(sizes) - 1
         self.params = layers.init_mlp("mlp", sizes, config.seed)
-        # which layers adapt per task: the last `adapt_layers` (default: every decision layer)
-        k = int(config.extra.get("adapt_layers", self.n_layers))
-        if not 1 <= k <= self.n_layers:
-            raise ValueError(f"--extra adapt_layers={k}: must be in [1, {self.n_layers}]")
+        # which layers adapt per task: every decision layer (head), only the output layer (last),
+        # or as many last layers as --extra adapt_layers says (kept for older runs)
+        parts = set(self.adapt_parts())
+        k = self.n_layers if "head" in parts else (1 if "last" in parts else 0)
+        k = int(config.extra.get("adapt_layers", k))
+        if not 0 <= k <= self.n_layers:
+            raise ValueError(f"--extra adapt_layers={k}: must be in [0, {self.n_layers}]")
         first = self.n_layers - k
-        self.adapted = tuple(sorted(f"mlp/{p}{i}" for i in range(first, self.n_layers) for p in "wb"))
+        layer_names = [f"mlp/{p}{i}" for i in range(first, self.n_layers) if k for p in "wb"]
+        self.adapted = tuple(sorted(layer_names)) + self._add_task_terms()
 
     def forward(self, params, x):
-        return {"out": tf.squeeze(layers.mlp(params, "mlp", x, self.n_layers), -1)}
+        x = self.task_inputs(params, x)
+        out = tf.squeeze(layers.mlp(params, "mlp", x, self.n_layers), -1)
+        return {"out": self.task_logit(params, x, out)}
 
     def task_loss(self, outputs, part):
         if self.target == "rating":

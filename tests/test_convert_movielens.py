@@ -3,7 +3,8 @@
 The fixture is built so every split is non-empty and the expected result can be computed
 independently here with plain Python: 45 users rate 16 old and 15 new movies each (timestamps
 spread so the last 9 users to arrive are the cold ones; some timestamps tie), one user has too
-few ratings and one too many.
+few ratings and one too many. Of the 36 warm users, round(0.1 * 36) = 4 (a seeded draw, read back
+from the output) are held out as the val split.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from gmeta.tools.movielens import GENRES
 
 N_ITEMS, N_COLD_ITEMS = 120, 24          # the 24 latest-released items (20%) are cold
 N_USERS, N_COLD_USERS = 45, 9            # of the 45 kept users, the 9 that arrive last are cold
+N_VAL_USERS = 4                          # round(--val-fraction 0.1 * 36 warm users)
 OCCUPATIONS = ("artist", "doctor", "engineer", "student", "writer")
 AGE_1M = {10: 1, 20: 18, 30: 25, 40: 35, 47: 45, 52: 50, 60: 56}
-SPLITS = ("train", "user_cold", "item_cold", "user_item_cold")
+SPLITS = ("train", "user_cold", "item_cold", "user_item_cold", "val")
 
 
 def _fixture():
@@ -90,8 +92,9 @@ def write_raw(d, layout, items, users, ratings):
             f.writelines(line(row) + "\n" for row in rows)
 
 
-def expected_tasks(items, users, ratings):
-    """The protocol, recomputed with plain Python: {split: {raw user: [(item, rating), ...] by time}}."""
+def expected_tasks(items, users, ratings, val_users=frozenset()):
+    """The protocol, recomputed with plain Python: {split: {raw user: [(item, rating), ...] by time}}.
+    ``val_users`` (raw ids; the converter's seeded draw) go to val on warm items, nowhere on cold."""
     per_user = {}
     for u, i, r, t in ratings:
         per_user.setdefault(u, []).append((t, i, r))
@@ -102,6 +105,10 @@ def expected_tasks(items, users, ratings):
     out = {s: {} for s in SPLITS}
     for u, rows in kept.items():
         for t, i, r in rows:
+            if u in val_users:
+                if i not in cold_items:
+                    out["val"].setdefault(u, []).append((i, r))
+                continue
             s = SPLITS[(u in cold_users) + 2 * (i in cold_items)]
             out[s].setdefault(u, []).append((i, r))
     for s in SPLITS:
@@ -113,6 +120,17 @@ def read_split(d, split):
     files = sorted(glob.glob(os.path.join(d, split, "*.orc")))
     assert files, f"no ORC files in {d}/{split}"
     return pa.concat_tables([orc.ORCFile(f).read() for f in files])
+
+
+def val_raw_users(d, items, users, ratings):
+    """Raw ids of the users in ``d``'s val split (warm users, val included, take ids in raw-id order)."""
+    _, cold_users, _ = expected_tasks(items, users, ratings)
+    per_user = {}
+    for u, *_ in ratings:
+        per_user[u] = per_user.get(u, 0) + 1
+    warm = sorted(u for u, n in per_user.items() if 13 <= n <= 100 and u not in cold_users)
+    ids = set(read_split(d, "val").column("user_id").to_pylist())
+    return {warm[k] for k in ids}
 
 
 @pytest.fixture(scope="module")
@@ -132,15 +150,19 @@ def converted(tmp_path_factory):
 @pytest.mark.parametrize("layout", ["100k", "1m"])
 def test_tasks_match_the_protocol(converted, layout):
     """Every task: 13..100 rows, the 10 most recent ratings as query after the support rows, exact
-    items and ratings as recomputed by hand; click = rating >= 4; cold ids come after warm ids."""
+    items and ratings as recomputed by hand (the val users' warm-item ratings in val, their
+    cold-item ratings nowhere); click = rating >= 4; cold ids come after warm ids."""
     outs, (items, users, ratings) = converted
     d = outs[layout]
-    expected, cold_users, cold_items = expected_tasks(items, users, ratings)
+    val_users = val_raw_users(d, items, users, ratings)
+    expected, cold_users, cold_items = expected_tasks(items, users, ratings, val_users)
     schema = Schema.load(d)
     assert schema.splits == SPLITS and schema.labels == ("click", "rating")
     summary = json.loads(open(os.path.join(d, "convert.json")).read())
     assert summary["layout"] == layout
     assert summary["counts"]["users_kept"] == N_USERS and summary["counts"]["users_dropped"] == 2
+    assert summary["counts"]["val_users"] == len(val_users) == N_VAL_USERS
+    assert summary["counts"]["ratings_of_val_users_on_cold_items"] == 15 * N_VAL_USERS
     warm_items = sorted(it["id"] for it in items if it["id"] not in cold_items)
     item_new = {raw: k for k, raw in enumerate(warm_items + sorted(cold_items))}
     for split in SPLITS:
@@ -169,7 +191,8 @@ def test_tasks_match_the_protocol(converted, layout):
 @pytest.mark.parametrize("layout", ["100k", "1m"])
 def test_cold_users_and_items_are_separated(converted, layout):
     """Cold items never occur in train or user_cold; cold users never in train or item_cold; cold
-    ids are >= every warm id; item_cold users are existing (train) users."""
+    ids are >= every warm id; item_cold users are existing (train) users; val users are warm users
+    found in no other split, on warm items only."""
     d = converted[0][layout]
     t = {s: read_split(d, s).to_pydict() for s in SPLITS}
     users = {s: set(t[s]["user_id"]) for s in SPLITS}
@@ -179,7 +202,10 @@ def test_cold_users_and_items_are_separated(converted, layout):
     assert users["item_cold"] <= users["train"] and users["user_item_cold"] <= users["user_cold"]
     assert max(items["train"] | items["user_cold"]) < N_ITEMS - N_COLD_ITEMS <= min(items["item_cold"])
     assert max(users["train"]) < N_USERS - N_COLD_USERS <= min(users["user_cold"])
-    assert len(users["train"]) == N_USERS - N_COLD_USERS and len(users["user_cold"]) == N_COLD_USERS
+    assert len(users["train"]) == N_USERS - N_COLD_USERS - N_VAL_USERS and len(users["user_cold"]) == N_COLD_USERS
+    assert len(users["val"]) == N_VAL_USERS and max(users["val"]) < N_USERS - N_COLD_USERS
+    assert not users["val"] & set().union(*(users[s] for s in SPLITS if s != "val"))
+    assert items["val"] <= set(range(N_ITEMS - N_COLD_ITEMS))
     for s in SPLITS:
         assert t[s]["task_id"] == t[s]["user_id"]
 
@@ -200,11 +226,13 @@ def test_features(converted):
     t = read_split(outs["100k"], "train").to_pydict()
     raw_users = sorted(u["id"] for u in users[:N_USERS])       # warm + cold, kept
     by_row = {}
-    for k in range(len(t["task_id"])):
-        by_row.setdefault(t["user_id"][k], (t["age"][k], t["gender"][k], t["occupation"][k]))
+    for split in ("train", "val"):                             # the warm users
+        v = read_split(outs["100k"], split).to_pydict()
+        for k in range(len(v["task_id"])):
+            by_row.setdefault(v["user_id"][k], (v["age"][k], v["gender"][k], v["occupation"][k]))
     ages = sorted(AGE_1M)
     age_group = {a: ages.index(a) for a in ages}
-    # warm users in raw-id order take ids 0..35
+    # warm users (train and val) in raw-id order take ids 0..35
     _, cold_users, cold_items = expected_tasks(items, users, ratings)
     warm_raw = [u for u in raw_users if u not in cold_users]
     info = {u["id"]: u for u in users}
@@ -279,6 +307,34 @@ def test_bad_input_names_file_and_line(tmp_path, capsys, mutate, message):
     (src / "u.data").write_text("".join(mutate(lines)))
     assert gmeta(["convert", "movielens", "--src", str(src), "--out", str(tmp_path / "o")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_val_split_is_seeded_and_optional(converted, tmp_path):
+    """The val draw depends on --seed only (same seed, same users; another seed, other users);
+    --val-fraction 0 writes no val split, puts those users back into train and item_cold and
+    leaves user_cold and user_item_cold byte-identical."""
+    outs, (items, users, ratings) = converted
+    src = tmp_path / "src"
+    write_raw(str(src), "1m", items, users, ratings)
+    runs = {}
+    for name, flags in (("again", []), ("seed1", ["--seed", "1"]), ("noval", ["--val-fraction", "0"])):
+        runs[name] = str(tmp_path / name)
+        assert gmeta(["convert", "movielens", "--src", str(src), "--out", runs[name], "--quiet", *flags]) == 0
+    val = {k: val_raw_users(d, items, users, ratings) for k, d in (("default", outs["1m"]), ("again", runs["again"]),
+                                                                  ("seed1", runs["seed1"]))}
+    assert val["default"] == val["again"] and val["seed1"] != val["default"]
+    assert len(val["seed1"]) == N_VAL_USERS
+    assert Schema.load(runs["noval"]).splits == SPLITS[:4] and not os.path.exists(os.path.join(runs["noval"], "val"))
+    counts = json.loads(open(os.path.join(runs["noval"], "convert.json")).read())["counts"]
+    assert counts["val_users"] == counts["ratings_of_val_users_on_cold_items"] == 0
+    noval = {s: read_split(runs["noval"], s).to_pydict() for s in SPLITS[:4]}
+    assert len(set(noval["train"]["user_id"])) == N_USERS - N_COLD_USERS
+    val_ids = set(read_split(outs["1m"], "val")["user_id"].to_pylist())
+    for s in ("train", "item_cold"):   # the val users are back, under the same ids
+        with_val = set(read_split(outs["1m"], s)["user_id"].to_pylist())
+        assert set(noval[s]["user_id"]) == with_val | val_ids and not with_val & val_ids
+    for s in ("user_cold", "user_item_cold"):
+        assert noval[s] == read_split(outs["1m"], s).to_pydict(), s
 
 
 # Bad flags of `gmeta convert movielens`: tests/test_datagen.py::test_bad_flags_are_named, one test

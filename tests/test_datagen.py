@@ -1,4 +1,5 @@
-"""``gmeta datagen``: layout, planted structure, cold splits, determinism, streaming, bad flags."""
+"""``gmeta datagen``: layout, planted structure, cold and val splits, regimes, the posterior oracle,
+determinism, streaming, bad flags."""
 
 from __future__ import annotations
 
@@ -17,7 +18,11 @@ from gmeta.io.schema import Schema
 from gmeta.io.tables import arrow_table
 from gmeta.tools import datagen as dg
 
-SPLITS = ("train", "user_cold", "item_cold", "user_item_cold")
+SPLITS = ("train", "user_cold", "item_cold", "user_item_cold", "val")
+# `gmeta datagen --seed 0` before the val split existed: (rows, ctr, oracle AUC) per split; the
+# val split must leave these splits' content unchanged
+PINNED = {"train": (86_811, 0.278444, 0.863647), "user_cold": (14_299, 0.287782, 0.872944),
+          "item_cold": (13_761, 0.285226, 0.872842), "user_item_cold": (13_771, 0.298308, 0.876952)}
 SMALL = ["--train-users", "300", "--cold-users", "60", "--items", "200", "--cold-items", "40",
          "--chunk-users", "64", "--rows-per-stripe", "2048"]
 
@@ -58,10 +63,17 @@ def test_default_dataset_layout(default_data):
                                                "item_category", "item_tags"]
     assert schema.feature("item_tags").max_len == 4 and schema.feature("item_tags").table == "tag"
     assert {f.name: f.group for f in schema.dense} == {"item_price": "item", "user_activity": "user"}
-    assert schema.table("user_id").num_rows == 2500 + 2 * 400
+    assert schema.table("user_id").num_rows == 2500 + 2 * 400 + 40
     assert schema.table("item_id").num_rows == 1000 + 250
     summary = json.loads(open(os.path.join(d, "datagen.json")).read())
-    for split, users in zip(SPLITS, (2500, 400, 400, 400)):
+    assert {k: summary["settings"][k] for k in ("regime", "support_min", "support_max", "side_strength",
+                                               "val_users")} == {"regime": "default", "support_min": 10,
+                                                                 "support_max": 40, "side_strength": 1.0,
+                                                                 "val_users": 40}
+    for split, (rows, ctr, oracle) in PINNED.items():
+        s = summary["splits"][split]
+        assert (s["rows"], s["ctr"]) == (rows, ctr) and abs(s["oracle_auc_click"] - oracle) < 2e-6, (split, s)
+    for split, users in zip(SPLITS, (2500, 400, 400, 400, 40)):
         t = data[split]
         tid = t["task_id"]
         starts = np.flatnonzero(np.r_[True, tid[1:] != tid[:-1]])
@@ -85,6 +97,7 @@ def test_default_dataset_layout(default_data):
         assert all(1 <= len(x) <= 4 and len(set(x)) == len(x) for x in t["item_tags"][:2000])
     total = sum(len(t["task_id"]) for t in data.values())
     assert 100_000 < total < 200_000
+    assert summary["splits"]["val"]["mean_support_rows"] == (len(data["val"]["task_id"]) - 400) / 40
 
 
 def test_planted_structure(default_data):
@@ -159,6 +172,10 @@ def test_cold_ids_never_in_train(default_data):
         assert not set(data[split]["user_id"]) & warm_users
         assert min(data[split]["user_id"]) >= 2500
     assert not set(data["user_cold"]["user_id"]) & set(data["user_item_cold"]["user_id"])
+    # val: held-out users of the training population, ids after every other user's, warm items only
+    val = data["val"]
+    assert set(val["user_id"]) == set(range(3300, 3340)) and np.array_equal(val["task_id"], val["user_id"])
+    assert max(val["item_id"]) < 1000
     for split in ("item_cold", "user_item_cold"):
         t = data[split]
         q = t["is_query"] == 1
@@ -192,6 +209,9 @@ def test_reader_reads_it(default_data):
         assert batch["support"]["item_tags"].shape[-1] == 4
     assert sorted(seen) == sorted(np.unique(t["task_id"]).tolist()) and rows == len(t["task_id"])
     assert r.stats["truncated_tasks"] == 0
+    v = MetaReader(d, split="val", tasks_per_batch=16, support_size=40, query_size=10, shuffle=False)
+    ids = np.concatenate([b["task_id"][b["task_mask"] > 0] for b in v.numpy_batches(0)])
+    assert v.num_tasks == 40 and sorted(ids.tolist()) == list(range(3300, 3340))
 
 
 def _tree(d):
@@ -254,9 +274,12 @@ def test_streams_in_chunks(tmp_path):
 
 
 def test_summary_aucs_are_the_metrics_auc_on_bounded_memory():
-    """The summary's AUCs are gmeta.trainer.metrics.auc over all query rows; past ``sample_rows``
-    over a uniform, seeded sample whose pool stays below 1.25 times that size."""
+    """The summary's AUCs are gmeta.trainer.metrics (pooled ``auc``; GAUC from ``per_task_metrics``
+    + ``summarize``) over all query rows; past ``sample_rows`` over a uniform, seeded sample of
+    whole tasks whose pool stays below 1.25 times that size. The posterior scorer sees whole tasks
+    (support rows too) and only those that can still make the sample."""
     from gmeta.trainer.metrics import auc as metrics_auc
+    from gmeta.trainer.metrics import per_task_metrics, summarize
 
     rng = np.random.default_rng(0)
     chunks = []
@@ -264,36 +287,60 @@ def test_summary_aucs_are_the_metrics_auc_on_bounded_memory():
         p = rng.random(1000).astype(np.float32)
         click = (rng.random(1000) < p).astype(np.float32)
         chunks.append({"task_id": np.repeat(np.arange(100 * c, 100 * c + 100), 10),
-                       "is_query": (np.arange(1000) % 2).astype(np.int8), "click": click,
+                       "is_query": (np.arange(1000) % 10 >= 5).astype(np.int8), "click": click,
                        "conversion": click * (rng.random(1000) < 0.5), "rating": np.full(1000, 3, np.float32),
                        "p_click": p, "p_ctcvr": p / 2, "side_logit": p + rng.standard_normal(1000)})
-    full = dg.SplitStats(np.random.default_rng(1))
-    small = [dg.SplitStats(np.random.default_rng(1), sample_rows=1000) for _ in range(2)]
+    def scorer(seen):   # a stand-in posterior: records the rows it is given, scores query rows
+        def posterior(cols):
+            assert np.all(np.unique(cols["task_id"], return_counts=True)[1] == 10), "whole tasks"
+            seen.append(len(cols["task_id"]))
+            q = cols["is_query"] == 1
+            return cols["p_click"][q] ** 2 + 0.1 * cols["side_logit"][q]
+        return posterior
+
+    seen_full, seen_small = [], []
+    full = dg.SplitStats(np.random.default_rng(1), posterior=scorer(seen_full))
+    small = [dg.SplitStats(np.random.default_rng(1), sample_rows=1000, posterior=scorer(seen))
+             for seen in (seen_small, [])]
     for cols in chunks:
         for stats in [full] + small:
             stats.add(cols)
         assert small[0].query.held <= 1250
     q = {k: np.concatenate([c[k][c["is_query"] == 1] for c in chunks])
-         for k in ("p_click", "click", "p_ctcvr", "conversion", "side_logit")}
+         for k in ("task_id", "p_click", "click", "p_ctcvr", "conversion", "side_logit")}
+    q["posterior"] = q["p_click"] ** 2 + 0.1 * q["side_logit"]
     exact = full.summary()
-    assert set(exact) == {"users", "rows", "query_rows", "ctr", "cvr", "mean_rating", "oracle_auc_click",
-                          "oracle_auc_ctcvr", "side_only_auc_click"}
+    assert set(exact) == {"users", "rows", "query_rows", "mean_support_rows", "ctr", "cvr", "mean_rating",
+                          "oracle_auc_ctcvr", "oracle_auc_click", "oracle_gauc_click", "posterior_oracle_auc_click",
+                          "posterior_oracle_gauc_click", "side_only_auc_click", "side_only_gauc_click"}
     assert (exact["users"], exact["rows"], exact["query_rows"], exact["mean_rating"]) == (2000, 20000, 10000, 3.0)
-    assert exact["oracle_auc_click"] == round(metrics_auc(q["p_click"], q["click"]), 6)
+    assert exact["mean_support_rows"] == 5.0
+    for name, column in (("oracle", "p_click"), ("posterior_oracle", "posterior"), ("side_only", "side_logit")):
+        assert exact[f"{name}_auc_click"] == round(metrics_auc(q[column], q["click"]), 6)
+        gauc = summarize(per_task_metrics(q["task_id"], q[column], q["click"], probabilities=False), n_boot=0)
+        assert exact[f"{name}_gauc_click"] == round(gauc["gauc"]["value"], 6)
     assert exact["oracle_auc_ctcvr"] == round(metrics_auc(q["p_ctcvr"], q["conversion"]), 6)
-    assert exact["side_only_auc_click"] == round(metrics_auc(q["side_logit"], q["click"]), 6)
     sampled = small[0].summary()
-    assert len(small[0].query.rows()["click"]) == 1000 and sampled == small[1].summary()
+    rows = small[0].query.rows()
+    assert len(rows["click"]) == 1000 and sampled == small[1].summary()
+    assert np.all(np.bincount(rows["task_id"])[np.unique(rows["task_id"])] == 5), "whole tasks only"
     assert abs(sampled["oracle_auc_click"] - exact["oracle_auc_click"]) < 0.05
     assert abs(sampled["side_only_auc_click"] - exact["side_only_auc_click"]) < 0.05
+    assert abs(sampled["oracle_gauc_click"] - exact["oracle_gauc_click"]) < 0.05
     assert {k: sampled[k] for k in ("users", "rows", "ctr")} == {k: exact[k] for k in ("users", "rows", "ctr")}
+    # once the cut has settled, the posterior runs only on the tasks that can still make the sample
+    assert sum(seen_full) == 20_000 and sum(seen_small) < 10_000, seen_small
+    without = dg.SplitStats(np.random.default_rng(1))
+    without.add(chunks[0])
+    assert without.summary()["posterior_oracle_gauc_click"] is None
 
 
 def test_progress_and_summary(tmp_path, capsys):
     assert gmeta(["datagen", "--out", str(tmp_path / "d")] + SMALL) == 0
     out, err = capsys.readouterr()
     assert "rows written" in err and "rows/s" in err
-    assert "oracle_auc" in out and "user_item_cold" in out
+    assert "oracle" in out and "posterior" in out and "side_only" in out and "user_item_cold" in out
+    assert "regime default: support 10..40" in out and "\nval " in out
 
 
 def test_sample_distinct_law():
@@ -313,6 +360,157 @@ def test_sample_distinct_law():
     assert all(len(set(row)) == 50 for row in out.tolist())
 
 
+def _task_support_sizes(t) -> np.ndarray:
+    tid = t["task_id"]
+    starts = np.flatnonzero(np.r_[True, tid[1:] != tid[:-1]])
+    return np.add.reduceat(1 - t["is_query"].astype(np.int64), starts)
+
+
+def test_few_shot_regime(tmp_path):
+    """--regime few-shot: support sizes in [1, 20] (small ones common), side effects at half
+    strength with the deviation taking their variance (the latent's variance unchanged); a flag
+    given explicitly wins over the regime; the summary says what was used."""
+    d = str(tmp_path / "few")
+    assert gmeta(["datagen", "--out", d, "--quiet", "--regime", "few-shot"] + SMALL) == 0
+    settings = json.loads(open(os.path.join(d, "datagen.json")).read())["settings"]
+    assert (settings["regime"], settings["support_min"], settings["support_max"], settings["side_strength"]) == \
+        ("few-shot", 1, 20, 0.5)
+    sizes = {split: _task_support_sizes(read_split(d, split)) for split in SPLITS}
+    for split, n in sizes.items():
+        assert 1 <= n.min() and n.max() <= 20, (split, n.min(), n.max())
+    every = np.concatenate(list(sizes.values()))
+    assert every.min() == 1 and every.max() == 20 and np.mean(every <= 5) > 0.1
+    d2 = str(tmp_path / "few5")
+    assert gmeta(["datagen", "--out", d2, "--quiet", "--regime", "few-shot", "--support-max", "5"] + SMALL) == 0
+    assert _task_support_sizes(read_split(d2, "user_cold")).max() <= 5
+
+    worlds = {r: dg.World(dg.DatagenConfig(out="x", regime=r).validate()) for r in ("default", "few-shot")}
+    a, b = worlds["default"], worlds["few-shot"]
+    np.testing.assert_allclose(b.a_age, 0.5 * a.a_age)           # same draws, half the effect
+    assert a.side_var == b.side_var and (a.dev_var, b.dev_var) == (0.6, 0.6 + 0.75 * a.side_var)
+    users = [w.users(0, 20_000) for w in (a, b)]
+    side, total = ([u[k].var(0).mean() for u in users] for k in ("u_side", "u"))
+    assert abs(side[0] - a.side_var) < 0.02 and abs(side[1] - 0.25 * a.side_var) < 0.01, side
+    assert abs(total[1] - total[0]) < 0.03, total     # the latent's variance across users is kept
+
+
+def test_posterior_oracle_wiring_and_ordering(tmp_path):
+    """The posterior oracle's logit decomposition reproduces the stored p_click from the true
+    (dev, b_u); on a small dataset its GAUC lies between the side-only score's and the full
+    oracle's on every evaluation split; it captures much more of that gap with 40-60 support rows
+    than with 1-3."""
+    cfg = dg.DatagenConfig(out="x", train_users=50, cold_users=300, items=200, cold_items=40).validate()
+    w = dg.World(cfg)
+    spec = dg.split_specs(cfg)[3]                      # user_item_cold: new users, query on new items
+    cols = next(dg.iter_split(w, spec))
+    users = w.users(spec.first_user, spec.num_users)
+    k = cols["task_id"] - spec.first_user
+    theta = np.c_[users["u"] - users["u_side"], users["bias"]][k]
+    logit = cols["side_logit"] + np.einsum("rk,rk->r", w.posterior_features(cols["item_id"]), theta)
+    np.testing.assert_allclose(dg._sigmoid(logit), cols["p_click"], rtol=1e-6)
+
+    def gaucs(**flags):
+        c = dg.DatagenConfig(out="x", train_users=50, cold_users=300, items=200, cold_items=40, **flags).validate()
+        world, out = dg.World(c), {}
+        for sp in dg.split_specs(c)[1:]:
+            stats = dg.SplitStats(np.random.default_rng(0), posterior=world.posterior_click)
+            for chunk in dg.iter_split(world, sp):
+                stats.add(chunk)
+            s = stats.summary()
+            out[sp.name] = [s[f"{n}_gauc_click"] for n in ("side_only", "posterior_oracle", "oracle")]
+        return out
+
+    default = gaucs()
+    for split, (side, post, oracle) in default.items():
+        assert side < post < oracle, (split, side, post, oracle)
+    few, many = gaucs(support_min=1, support_max=3), gaucs(support_min=40, support_max=60)
+    for split in ("user_cold", "user_item_cold"):
+        captured = [(post - side) / (oracle - side) for side, post, oracle in (few[split], many[split])]
+        assert captured[0] < 0.25 and captured[1] > captured[0] + 0.25, (split, few[split], many[split])
+
+
+def _grid_posterior(x, off, y, prior_var, half_width=6.0, n=501):
+    """Brute force for k = 2: log posterior of theta on a grid of +-half_width prior sds."""
+    axes = [np.linspace(-half_width, half_width, n) * np.sqrt(v) for v in prior_var]
+    t0, t1 = np.meshgrid(*axes, indexing="ij")
+    eta = off[:, None, None] + x[:, 0, None, None] * t0 + x[:, 1, None, None] * t1
+    logp = (y[:, None, None] * eta - np.logaddexp(0.0, eta)).sum(0) \
+        - 0.5 * (t0 ** 2 / prior_var[0] + t1 ** 2 / prior_var[1])
+    return t0, t1, logp
+
+
+def test_laplace_map_and_predictive_match_a_grid_posterior():
+    """d = 1 (theta = (dev, b_u), k = 2), three users in one batched call with 0, 6 and 40 support
+    rows, checked by brute force on a grid: the MAP is the grid posterior's mode, the Hessian is
+    the log posterior's curvature there (finite differences), the predictive is the Gaussian
+    N(MAP, Hessian^-1) integral of the sigmoid (on the grid) to the probit approximation's 0.01,
+    and it ranks query rows as the exact posterior-mean probability does, which it matches to 0.05
+    (Laplace's skew error: a handful of clicks leave the posterior skewed). No support: the prior."""
+    rng = np.random.default_rng(3)
+    prior_var = np.array([0.6, 1.0])
+    n_rows = np.array([0, 6, 40])
+    x = np.c_[1.6 * rng.standard_normal(n_rows.sum()), np.ones(n_rows.sum())]
+    off = rng.normal(-1.0, 0.8, n_rows.sum())
+    true = np.repeat(np.array([[0.0, 0.0], [0.9, -0.5], [-1.1, 0.8]]), n_rows, axis=0)
+    y = (rng.random(n_rows.sum()) < dg._sigmoid(off + (x * true).sum(1))).astype(np.float64)
+    theta, hess = dg.laplace_posterior(x, off, y, n_rows, prior_var)
+    xq = np.c_[1.6 * np.linspace(-2, 2, 9), np.ones(9)]
+    offq = np.linspace(-2, 1, 9)
+    starts = np.r_[0, np.cumsum(n_rows)]
+    for j in range(3):
+        rows = slice(starts[j], starts[j + 1])
+        t0, t1, logp = _grid_posterior(x[rows], off[rows], y[rows], prior_var)
+        mode = np.unravel_index(np.argmax(logp), logp.shape)
+        step = np.array([t0[1, 0] - t0[0, 0], t1[0, 1] - t1[0, 0]])
+        assert np.all(np.abs(theta[j] - [t0[mode], t1[mode]]) <= step), (j, theta[j], t0[mode], t1[mode])
+
+        def neg_logpost(t):
+            eta = off[rows] + x[rows] @ t
+            return -(y[rows] * eta - np.logaddexp(0.0, eta)).sum() + 0.5 * (t * t / prior_var).sum()
+        h, e = 1e-4, np.eye(2)
+        fd = np.array([[(neg_logpost(theta[j] + h * (e[a] + e[b])) - neg_logpost(theta[j] + h * (e[a] - e[b]))
+                         - neg_logpost(theta[j] - h * (e[a] - e[b])) + neg_logpost(theta[j] - h * (e[a] + e[b])))
+                        / (4 * h * h) for b in range(2)] for a in range(2)])
+        np.testing.assert_allclose(hess[j], fd, rtol=1e-4, atol=1e-6)
+        laplace = dg.laplace_predictive(theta, hess, xq, offq, np.full(9, j))
+        d = np.stack([t0 - theta[j][0], t1 - theta[j][1]], -1)
+        gauss = np.exp(-0.5 * np.einsum("...a,ab,...b->...", d, hess[j], d))
+        gauss /= gauss.sum()
+        post = np.exp(logp - logp.max())
+        post /= post.sum()
+        for weights, tol in ((gauss, 0.01), (post, 0.05)):
+            want = np.array([(weights * dg._sigmoid(o + a * t0 + b * t1)).sum() for (a, b), o in zip(xq, offq)])
+            np.testing.assert_allclose(laplace, want, atol=tol, err_msg=f"user {j}")
+            assert np.array_equal(np.argsort(laplace), np.argsort(want))
+    np.testing.assert_array_equal(theta[0], [0.0, 0.0])       # no support: the prior
+    np.testing.assert_allclose(hess[0], np.diag(1 / prior_var))
+
+
+def test_val_split_leaves_the_other_splits_unchanged(tmp_path):
+    """The val split (default --cold-users // 10 users) adds new ids after every other user's and
+    its own random streams: every other split's files are byte-identical to a run with
+    --val-users 0, which writes no val split; the schema's user table grows by the val users."""
+    a, b = str(tmp_path / "with"), str(tmp_path / "without")
+    assert gmeta(["datagen", "--out", a, "--quiet"] + SMALL) == 0
+    assert gmeta(["datagen", "--out", b, "--quiet", "--val-users", "0"] + SMALL) == 0
+    ta, tb = _tree(a), _tree(b)
+    others = [k for k in tb if k.split(os.sep)[0] in SPLITS[:4]]
+    assert len(others) == 8 and all(ta[k] == tb[k] for k in others)
+    assert sorted(set(ta) - set(tb)) == ["val/_index.json", "val/part-00000.orc"]
+    sa, sb = Schema.load(a), Schema.load(b)
+    assert sa.splits == SPLITS and sb.splits == SPLITS[:4]
+    assert sa.table("user_id").num_rows == sb.table("user_id").num_rows + 6 == 300 + 120 + 6
+    val, train = read_split(a, "val"), read_split(a, "train")
+    assert set(val["user_id"]) == set(range(420, 426)) and not set(val["user_id"]) & set(train["user_id"])
+    summary = json.loads(open(os.path.join(a, "datagen.json")).read())
+    assert summary["settings"]["val_users"] == 6 and summary["splits"]["val"]["users"] == 6
+    # train only plus val
+    c = str(tmp_path / "trainval")
+    assert gmeta(["datagen", "--out", c, "--quiet", "--cold-users", "0", "--val-users", "7"] + SMALL[:2]
+                 + SMALL[4:]) == 0
+    assert Schema.load(c).splits == ("train", "val") and len(set(read_split(c, "val")["user_id"])) == 7
+
+
 CONVERT = ("convert", "movielens", "--src", "raw")   # flags are checked before --src is read
 
 
@@ -330,10 +528,16 @@ CONVERT = ("convert", "movielens", "--src", "raw")   # flags are checked before 
     (("datagen",), ["--latent-dim", "0"], "--latent-dim must be in [1, 256]"),
     (("datagen",), ["--chunk-users", "0"], "--chunk-users must be >= 1"),
     (("datagen",), ["--seed", "-3"], "--seed must be >= 0"),
+    (("datagen",), ["--val-users", "-1"], "--val-users must be >= 0"),
+    (("datagen",), ["--side-strength", "1.5"], "--side-strength must be in [0, 1]"),
+    (("datagen",), ["--regime", "few-shot", "--support-min", "25"], "--support-max must be >= --support-min (25)"),
+    (("datagen",), ["--regime", "few-shot", "--rows-per-stripe", "29"], "--rows-per-stripe must hold the largest task"),
     (CONVERT, ["--query-size", "0"], "--query-size must be >= 1"),
     (CONVERT, ["--min-ratings", "10"], "--min-ratings must exceed --query-size"),
     (CONVERT, ["--max-ratings", "12"], "--max-ratings must be >= --min-ratings"),
     (CONVERT, ["--cold-user-frac", "1.5"], "--cold-user-frac must be in [0, 1)"),
+    (CONVERT, ["--val-fraction", "1"], "--val-fraction must be in [0, 1)"),
+    (CONVERT, ["--seed", "-1"], "--seed must be >= 0"),
     (CONVERT, ["--compression", "gzip"], "--compression must be one of"),
 ], ids=lambda v: v[0] if isinstance(v, (tuple, list)) else None)   # e.g. "datagen---zipf---zipf must..."
 def test_bad_flags_are_named(tmp_path, capsys, command, flags, message):
@@ -347,6 +551,9 @@ def test_non_numeric_flag_and_existing_output(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         gmeta(["datagen", "--out", str(tmp_path / "d"), "--seed", "abc"])
     assert exc.value.code == 2 and "--seed" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        gmeta(["datagen", "--out", str(tmp_path / "d"), "--regime", "many-shot"])
+    assert exc.value.code == 2 and "--regime: invalid choice" in capsys.readouterr().err
     d = str(tmp_path / "d")
     assert gmeta(["datagen", "--out", d, "--quiet"] + SMALL) == 0
     assert gmeta(["datagen", "--out", d, "--quiet"] + SMALL) == 2

@@ -12,7 +12,8 @@ import pytest
 from conftest import BIN, REPO, WORKERS, horovodrun, read_rank_results
 
 # multi-worker test workers that must run under the trainer's failure guard (tests/workers/_guard.py)
-GUARDED_WORKERS = ("collectives.py", "meta_step_comm.py", "meta_equivalence.py", "failing_rank.py")
+GUARDED_WORKERS = ("collectives.py", "meta_step_comm.py", "meta_equivalence.py", "failing_rank.py",
+                   "phase_equivalence.py", "ckpt_reshard.py")
 
 
 def test_gmeta_help_lists_every_subcommand():

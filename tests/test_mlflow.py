@@ -5,6 +5,7 @@ import re
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +41,28 @@ def test_two_worker_run_is_logged_registered_and_evaluated(tiny_synth, tmp_path)
     assert "models:/melu@champion" in out.stdout
     version = client.get_model_version_by_alias("melu", "champion")
     assert str(version.version) == "1"
+
+    # the registered model is models-from-code over the SavedModel that rank 0 wrote inside the
+    # 2-worker Horovod job (no Horovod op in it), with an environment that does not need gmeta
+    import mlflow
+    from mlflow.models import Model
+
+    from gmeta.trainer.savedmodel import horovod_ops
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)  # the registry follows the tracking URI
+    try:
+        local = Path(mlflow.artifacts.download_artifacts("models:/melu@champion",
+                                                         dst_path=str(tmp_path / "downloaded")))
+    finally:
+        mlflow.set_tracking_uri(previous)
+    logged = Model.load(str(local))
+    assert logged.flavors["python_function"]["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    assert logged.signature.params.to_dict()[0]["name"] == "steps"
+    assert "input_example.json" in {p.name for p in local.iterdir()}
+    requirements = (local / "requirements.txt").read_text().split()
+    assert "tensorflow-cpu==2.17.1" in requirements and not [r for r in requirements if "gmeta" in r]
+    assert horovod_ops(str(local / "artifacts" / "model" / "saved_model")) == []
 
     evaluated = last_json(run_gmeta("evaluate", "--model", "models:/melu@champion", "--data", tiny_synth,
                                     "--tasks-per-batch", "16", "--tracking-uri", uri, cwd=tmp_path))

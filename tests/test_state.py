@@ -110,3 +110,15 @@ def test_metaemb_without_generator_evaluates_the_same_after_export(tiny_synth, t
         for key in ("auc_adapted", "auc_unadapted"):
             assert evaluated[split][key] == pytest.approx(res[key], abs=1e-5), (split, key)
     assert '"generate_for": "none"' in (tmp_path / export / "gmeta_model.json").read_text()
+
+
+def test_eval_trace_follows_the_model_switch():
+    """An eval function traced before MetaEmb's generator is switched on (the per-epoch
+    validation) must not serve the evaluation after it."""
+    learner = make_learner("metaemb", inner_lr=0.1)
+    batch = make_batch(seed=8)
+    spec = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), batch)
+    before = learner.compiled_eval_step(spec, 1)(batch)["auc/unadapted"].numpy()
+    learner.model.generate_for = "all"
+    after = learner.compiled_eval_step(spec, 1)(batch)["auc/unadapted"].numpy()
+    assert not np.allclose(before, after)

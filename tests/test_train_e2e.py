@@ -9,6 +9,8 @@ ranks within users far above chance and below the oracle. Whether adaptation bea
 network *within* users is reported, not asserted: on this data it does not (see the README).
 """
 
+import json
+
 import pytest
 
 from conftest import REPO, last_json, run_gmeta
@@ -16,7 +18,8 @@ from conftest import REPO, last_json, run_gmeta
 MODELS = ["melu", "maml_dnn", "maml_esmm", "metaemb"]
 MARGIN_POOLED_OVER_UNADAPTED = 0.01   # pooled AUC points
 MARGIN_GAUC_OVER_CONSTANT = 0.10      # GAUC points above chance
-TRAIN_FLAGS = ["--epochs", "3", "--tracking-uri", "none", "--log-every", "0"]
+TRAIN_FLAGS = ["--epochs", "3", "--tracking-uri", "none", "--log-every", "0", "--no-saved-model",
+               "--checkpoint-dir", "none"]
 SCORERS = {"adapted", "unadapted", "plain", "plain_finetuned", "item_mean", "constant", "oracle"}
 
 
@@ -33,9 +36,10 @@ def synth(tmp_path_factory):
 @pytest.mark.parametrize("model", MODELS)
 def test_every_model_is_reported_against_its_baselines(model, synth, tmp_path):
     proc = gmeta("train", "--model", model, "--data", synth, "--output-dir", tmp_path / "runs",
-                 *TRAIN_FLAGS, cwd=tmp_path)
+                 "--results-json", tmp_path / "results.json", *TRAIN_FLAGS, cwd=tmp_path)
     res = last_json(proc)
-    assert set(res) == {"user_cold", "item_cold", "user_item_cold"}
+    assert set(res) == {"user_cold", "item_cold", "user_item_cold"}  # val chooses, it is not a result
+    assert json.loads((tmp_path / "results.json").read_text()) == res
     cold = res["user_cold"]
     assert cold["rows"] == 4000 and cold["tasks"] == 400
     section = cold["auc"]
@@ -70,6 +74,12 @@ def test_bad_flags_and_data_give_clear_errors(tmp_path, synth):
     proc = gmeta("train", "--model", "melu", "--data", synth, "--meta", "none", "--plain-baseline",
                  "runs/x", "--tracking-uri", "none", cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "a --meta none run is itself the plain network" in proc.stderr
+    proc = gmeta("train", "--model", "melu", "--data", synth, "--epoch", "1", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "unrecognized arguments: --epoch 1" in proc.stderr  # no abbreviations
+    proc = gmeta("train", "--model", "metaemb", "--data", synth, "--extra", "alpah=0.2", "--tracking-uri", "none",
+                 cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "--extra alpah: not a setting of model metaemb" in proc.stderr
+    assert "'alpha'" in proc.stderr
 
 
 def test_divergence_stops_with_a_clear_message(tmp_path, synth):

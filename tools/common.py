@@ -59,8 +59,10 @@ def check_flags(checks, error) -> None:
 def add_output_arguments(parser, defaults: OutputConfig, quiet_help: str) -> None:
     """The output flags every dataset-producing command takes (``--out`` is added by the command)."""
     a = parser.add_argument
-    a("--rows-per-stripe", type=int, default=defaults.rows_per_stripe, help="ORC stripe size in rows")
-    a("--compression", default=defaults.compression, help=f"ORC compression: {', '.join(COMPRESSIONS)}")
+    a("--rows-per-stripe", type=int, default=defaults.rows_per_stripe,
+      help="ORC stripe size in rows (default: %(default)s)")
+    a("--compression", default=defaults.compression,
+      help=f"ORC compression: {', '.join(COMPRESSIONS)} (default: %(default)s)")
     a("--overwrite", action="store_true", help="replace an existing dataset in --out")
     a("--quiet", action="store_true", help=quiet_help)
 

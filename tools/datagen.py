@@ -11,10 +11,15 @@ The world (all fixed by ``--seed``)
            Popularity is Zipf(``--zipf``) over a random rank order (warm and new items each form
            their own pool); it drives which items a user is shown and adds a popularity bias.
   users    side features (age bucket, gender, occupation) and an activity level; latent
-           ``u = mu + A_age + A_gender + A_occ + dev`` where ``mu`` is the population bias and
-           ``dev ~ N(0, 0.6 I)`` is the individual deviation (more variance than all side effects
-           together, 0.4), plus a per-user bias ``b_u ~ N(0, 1)``. A user's support click rate
-           alone lifts a side-feature logistic model by about 0.05 AUC on new users.
+           ``u = mu + s (A_age + A_gender + A_occ) + dev``: ``mu`` is the population bias, the side
+           effects are drawn with per-dimension variance 0.4 / 3 each (``V_side`` = their variance
+           across users at ``s = 1``, under the features' frequencies: about 0.22 at seed 0), ``s`` is
+           ``--side-strength`` and ``dev ~ N(0, (0.6 + V_side (1 - s^2)) I)`` the individual deviation,
+           which takes the variance the side effects lose: u's variance across users is the same
+           whatever ``s``, only the share that side features explain changes. Plus a per-user bias
+           ``b_u ~ N(0, 1)``. At ``s = 1`` (default regime) the deviation outweighs all side effects
+           together, and a user's support click rate alone lifts a side-feature logistic model by
+           about 0.05 AUC on new users.
   labels   ``p_click = sigmoid(1.6 u.v/sqrt(d) + b_u + 0.4 pop_i + 0.3 activity + c)``, ``c`` set so
            the base CTR is about 0.28; ``p_conv = sigmoid(1.2 u.(M v)/sqrt(d) - 0.4 price + c2)``
            (about 0.15 of clicks convert); ``conversion = click * Bernoulli(p_conv)``;
@@ -25,8 +30,17 @@ Tasks are users. A task holds its support rows first, then ``--query-size`` quer
 (``is_query`` = 1); the support size is drawn in [``--support-min``, ``--support-max``], larger for
 more active users. The items of one task are distinct (sampled without replacement by popularity).
 
-Splits (ids: users ``[0, U)`` are warm, ``[U, U + 2C)`` are new; items ``[0, I)`` are warm,
-``[I, I + J)`` are new; new ids never occur in ``train``, so their embeddings stay untrained)
+Regimes (``--regime``; a flag given explicitly overrides its regime value)
+  default   support 10..40, side strength 1: ``gmeta datagen --seed 0`` as it always was.
+  few-shot  support 1..20, side strength 0.5 (a quarter of the side effects' variance, the rest
+            moved to the deviation): most of what separates users is individual and must be read
+            off a handful of support rows, the setting where adaptation has to earn its keep.
+            Compare the posterior oracle (below) with the side-only score to see how much a
+            perfect adapter could gain at these support sizes.
+
+Splits (ids: users ``[0, U)`` are warm, ``[U, U + 2C)`` are new, ``[U + 2C, U + 2C + V)`` are held
+out for val; items ``[0, I)`` are warm, ``[I, I + J)`` are new; new and held-out ids never occur in
+``train``, so their embeddings stay untrained)
   train           warm users ``[0, U)``; support and query drawn from warm items.
   user_cold       new users ``[U, U + C)``; support and query from warm items: only the user is new,
                   so adapting on the support set must make up for an untrained user embedding.
@@ -35,12 +49,37 @@ Splits (ids: users ``[0, U)`` are warm, ``[U, U + 2C)`` are new; items ``[0, I)`
                   from new items. Measures how well a model scores items whose ID embeddings were
                   never trained, for users it knows.
   user_item_cold  new users ``[U + C, U + 2C)``; support from warm items, query from new items.
-Task ids are user ids. ``--cold-users 0`` writes ``train`` only.
-The per-split summary (``DIR/datagen.json``) gives rows, CTR, CVR and, on query rows, the oracle
-AUC and a *side-only* AUC: the same score with the individual deviation and bias zeroed. The gap
-between the two is the headroom that per-user adaptation can claim. The AUCs are
-``gmeta.trainer.metrics.auc`` over all query rows of a split, or over a fixed-seed uniform sample
-of ``SUMMARY_SAMPLE_ROWS`` of them on larger splits, so memory stays bounded.
+  val             ``--val-users`` V (default ``C // 10``) users ``[U + 2C, U + 2C + V)`` of the training
+                  population held out of train, built like user_cold (warm items only): for model
+                  selection and early stopping (``gmeta train --validation-split``) without touching
+                  the cold test splits. Its ids come after every other user's, and its random
+                  streams are its own, so adding it leaves every other split byte-identical.
+Task ids are user ids. ``--cold-users 0`` writes no cold split, ``--val-users 0`` no val split.
+
+The per-split summary (``DIR/datagen.json``, printed too) gives rows, mean support rows, CTR, CVR
+and, on query rows, for three click scores both the pooled AUC (``*_auc_click``) and GAUC
+(``*_gauc_click``: per-user AUC weighted by query rows, users with both classes):
+  oracle            the true ``p_click``: the ceiling, it knows each user's latent and bias.
+  posterior_oracle  the best any adaptation can reach with that task's support set: the user's
+                    deviation and bias (``theta = (dev, b_u)``) are inferred from the task's
+                    support rows alone under the true model (true item vectors, popularity and
+                    activity terms, offsets) and the true prior given the side features
+                    (``theta ~ N(0, diag(dev variance, 1))`` around ``u_side``): the posterior mode
+                    by Newton steps batched over users, then the Laplace predictive
+                    ``sigmoid(m / sqrt(1 + pi s^2 / 8))`` of each query row (``m``, ``s^2``: the logit's
+                    posterior mean and variance). Laplace is an approximation (a few clicks leave
+                    the posterior skewed); on seed 0 its AUC and GAUC are within 0.001 of an
+                    importance-sampled exact posterior mean in both regimes. On item_cold /
+                    user_item_cold it uses the new items' true vectors, which a model has to do
+                    without.
+  side_only         the same score with the deviation and the bias zeroed (what side features and
+                    item knowledge give without any support row).
+The gap oracle - side_only is the headroom of per-user adaptation; posterior_oracle - side_only is
+the part of it the support sets make reachable. The AUCs are ``gmeta.trainer.metrics`` (``auc``;
+``per_task_metrics`` + ``summarize`` for GAUC) over all query rows of a split, or over a fixed-seed
+uniform sample of whole tasks holding at most ``SUMMARY_SAMPLE_ROWS`` query rows on larger splits
+(the posterior is computed only for tasks that can still make the sample), so memory and time
+stay bounded.
 
 Streaming: users are generated ``--chunk-users`` at a time, vectorized with numpy, and each chunk
 is written before the next is made, so memory does not grow with the row count. Random streams
@@ -53,14 +92,14 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 from gmeta.io.tables import arrow_table
 from gmeta.tools.common import (OutputConfig, add_output_arguments, check_flags, group_arange, prepare_out,
                                 run_command)
-from gmeta.trainer.metrics import auc
+from gmeta.trainer.metrics import auc, per_task_metrics, summarize
 
 # ---- fixed "physics" of the world; flags scale the world, these shape it ----
 N_AGE, N_GENDER, N_OCCUPATION = 7, 2, 21
@@ -68,7 +107,7 @@ N_CATEGORIES, N_TAGS, MAX_TAGS = 24, 200, 4
 AGE_P = np.array([0.05, 0.18, 0.30, 0.20, 0.12, 0.10, 0.05])
 GENDER_P = np.array([0.55, 0.45])
 POP_BIAS_STD = 0.3          # population-level bias mu, per latent dimension
-SIDE_VAR = 0.4              # total per-dimension variance of the side-feature effects
+SIDE_VAR = 0.4              # per-dimension variance the three side-feature effects are drawn with
 DEV_VAR = 0.6               # per-dimension variance of the individual deviation
 USER_BIAS_STD = 1.0
 K_INTERACTION, K_POPULARITY, K_ACTIVITY = 1.6, 0.4, 0.3
@@ -78,60 +117,90 @@ TARGET_CTR, TARGET_CVR = 0.28, 0.15
 USER_BLOCK = 1024           # users are generated in fixed blocks, independent of --chunk-users
 ITEM_BLOCK = 16384          # items per block when scoring tags
 
+POSTERIOR_BLOCK_FLOATS = 1 << 22   # bounds the posterior oracle's work arrays (32 MiB of float64)
 SUMMARY_SAMPLE_ROWS = 1 << 19  # query rows per split behind the summary AUCs (a uniform sample past this;
                                # AUC standard error ~1e-3 there; the sample pool holds < 1.25x this many rows)
 
 # stream keys: default_rng([seed, KEY, ...])
 _WORLD, _USERS, _ROWS, _CALIBRATION, _SUMMARY = 1, 2, 3, 4, 5
 
-SPLITS = ("train", "user_cold", "item_cold", "user_item_cold")
+SPLITS = ("train", "user_cold", "item_cold", "user_item_cold", "val")
 
 
 class DatagenError(ValueError):
     """A bad flag or an impossible request; the message names the flag."""
 
 
+# named regimes: what --regime sets for the flags left unset (an explicit flag always wins)
+REGIMES = {
+    "default": {"support_min": 10, "support_max": 40, "side_strength": 1.0},
+    "few-shot": {"support_min": 1, "support_max": 20, "side_strength": 0.5},
+}
+VAL_USERS_DIVISOR = 10   # --val-users default: --cold-users // 10
+
+
 @dataclass(frozen=True, kw_only=True)
 class DatagenConfig(OutputConfig):
+    """The flags of ``gmeta datagen``. ``None`` means "the regime's value" (``support_min``,
+    ``support_max``, ``side_strength``) or ``--cold-users // 10`` (``val_users``); ``validate()``
+    returns the resolved config, which is what every other function expects."""
+
     seed: int = 0
+    regime: str = "default"
     train_users: int = 2500
     cold_users: int = 400
+    val_users: int | None = None
     items: int = 1000
     cold_items: int = 250
-    support_min: int = 10
-    support_max: int = 40
+    support_min: int | None = None
+    support_max: int | None = None
+    side_strength: float | None = None
     query_size: int = 10
     zipf: float = 1.1
     latent_dim: int = 8
     rows_per_file: int = 1_000_000
     chunk_users: int = 2048
 
+    def resolved(self) -> "DatagenConfig":
+        """The regime's values and the val default filled in (unchanged where a flag was given)."""
+        if self.regime not in REGIMES:
+            raise DatagenError(f"--regime must be one of {tuple(REGIMES)} (got {self.regime!r})")
+        fill = {k: v for k, v in REGIMES[self.regime].items() if getattr(self, k) is None}
+        if self.val_users is None:
+            fill["val_users"] = max(self.cold_users, 0) // VAL_USERS_DIVISOR
+        return replace(self, **fill) if fill else self
+
     def validate(self) -> "DatagenConfig":
-        task = self.support_max + self.query_size
-        out = self.output_checks(task, "--support-max + --query-size")
+        """Check every flag; return the resolved config (see ``resolved``)."""
+        cfg = self.resolved()
+        task = cfg.support_max + cfg.query_size
+        out = cfg.output_checks(task, "--support-max + --query-size")
         check_flags([
             out["--out"],
-            (self.seed >= 0, "--seed", "must be >= 0", self.seed),
-            (self.train_users >= 1, "--train-users", "must be >= 1", self.train_users),
-            (self.cold_users >= 0, "--cold-users", "must be >= 0", self.cold_users),
-            (self.support_min >= 1, "--support-min", "must be >= 1", self.support_min),
-            (self.support_max >= self.support_min, "--support-max", f"must be >= --support-min ({self.support_min})",
-             self.support_max),
-            (self.query_size >= 1, "--query-size", "must be >= 1", self.query_size),
-            (self.items >= task, "--items",
-             f"must be >= --support-max + --query-size ({task}): a task's items are distinct", self.items),
-            (self.cold_users == 0 or self.cold_items >= self.query_size, "--cold-items",
-             f"must be >= --query-size ({self.query_size}) when --cold-users > 0", self.cold_items),
-            (self.cold_items >= 0, "--cold-items", "must be >= 0", self.cold_items),
-            (math.isfinite(self.zipf) and 0 <= self.zipf <= 5, "--zipf", "must be in [0, 5]", self.zipf),
-            (1 <= self.latent_dim <= 256, "--latent-dim", "must be in [1, 256]", self.latent_dim),
+            (cfg.seed >= 0, "--seed", "must be >= 0", cfg.seed),
+            (cfg.train_users >= 1, "--train-users", "must be >= 1", cfg.train_users),
+            (cfg.cold_users >= 0, "--cold-users", "must be >= 0", cfg.cold_users),
+            (cfg.val_users >= 0, "--val-users", "must be >= 0", cfg.val_users),
+            (cfg.support_min >= 1, "--support-min", "must be >= 1", cfg.support_min),
+            (cfg.support_max >= cfg.support_min, "--support-max", f"must be >= --support-min ({cfg.support_min})",
+             cfg.support_max),
+            (math.isfinite(cfg.side_strength) and 0 <= cfg.side_strength <= 1, "--side-strength",
+             "must be in [0, 1]", cfg.side_strength),
+            (cfg.query_size >= 1, "--query-size", "must be >= 1", cfg.query_size),
+            (cfg.items >= task, "--items",
+             f"must be >= --support-max + --query-size ({task}): a task's items are distinct", cfg.items),
+            (cfg.cold_users == 0 or cfg.cold_items >= cfg.query_size, "--cold-items",
+             f"must be >= --query-size ({cfg.query_size}) when --cold-users > 0", cfg.cold_items),
+            (cfg.cold_items >= 0, "--cold-items", "must be >= 0", cfg.cold_items),
+            (math.isfinite(cfg.zipf) and 0 <= cfg.zipf <= 5, "--zipf", "must be in [0, 5]", cfg.zipf),
+            (1 <= cfg.latent_dim <= 256, "--latent-dim", "must be in [1, 256]", cfg.latent_dim),
             out["--rows-per-stripe"],
-            (self.rows_per_file >= self.rows_per_stripe, "--rows-per-file",
-             f"must be >= --rows-per-stripe ({self.rows_per_stripe})", self.rows_per_file),
+            (cfg.rows_per_file >= cfg.rows_per_stripe, "--rows-per-file",
+             f"must be >= --rows-per-stripe ({cfg.rows_per_stripe})", cfg.rows_per_file),
             out["--compression"],
-            (self.chunk_users >= 1, "--chunk-users", "must be >= 1", self.chunk_users),
+            (cfg.chunk_users >= 1, "--chunk-users", "must be >= 1", cfg.chunk_users),
         ], DatagenError)
-        return self
+        return cfg
 
 
 @dataclass(frozen=True)
@@ -144,12 +213,17 @@ class SplitSpec:
 
 
 def split_specs(cfg: DatagenConfig) -> list:
-    u, c = cfg.train_users, cfg.cold_users
+    """The splits to write, in schema order; ``index`` keys the split's random streams, so adding
+    a split never changes another one's rows."""
+    cfg = cfg.resolved()
+    u, c, v = cfg.train_users, cfg.cold_users, cfg.val_users
     specs = [SplitSpec("train", 0, 0, u, False)]
     if c > 0:
         specs += [SplitSpec("user_cold", 1, u, c, False),
                   SplitSpec("item_cold", 2, 0, min(c, u), True),
                   SplitSpec("user_item_cold", 3, u + c, c, True)]
+    if v > 0:
+        specs.append(SplitSpec("val", 4, u + 2 * c, v, False))
     return specs
 
 
@@ -179,7 +253,7 @@ class World:
     """Items, population parameters and calibration constants: everything shared by all users."""
 
     def __init__(self, cfg: DatagenConfig):
-        self.cfg = cfg
+        cfg = self.cfg = cfg.resolved()
         d = cfg.latent_dim
         self.sqrt_d = math.sqrt(d)
         rng = np.random.default_rng([cfg.seed, _WORLD])
@@ -199,14 +273,17 @@ class World:
         self.item_price_z = _zscore(log_price)
         conv_map = rng.standard_normal((d, d)) / self.sqrt_d
         self.item_w = self.item_v @ conv_map    # the conversion score sees items through another map
-        # population: bias mu and side-feature effects
+        # population: bias mu and side-feature effects; --side-strength s scales the side effects
+        # and the deviation takes the variance across users they lose, so u's variance stays put
         self.mu = POP_BIAS_STD * rng.standard_normal(d)
         side_sd = math.sqrt(SIDE_VAR / 3)
-        self.a_age = side_sd * rng.standard_normal((N_AGE, d))
-        self.a_gender = side_sd * rng.standard_normal((N_GENDER, d))
-        self.a_occupation = side_sd * rng.standard_normal((N_OCCUPATION, d))
+        effects = [side_sd * rng.standard_normal((n, d)) for n in (N_AGE, N_GENDER, N_OCCUPATION)]
         occ_w = rng.permutation(np.arange(1, N_OCCUPATION + 1, dtype=np.float64) ** -0.7)
         self.occupation_p = occ_w / occ_w.sum()
+        s = cfg.side_strength
+        self.side_var = _variance_across_users(effects, (AGE_P, GENDER_P, self.occupation_p))  # at s = 1
+        self.dev_var = DEV_VAR + self.side_var * (1.0 - s * s)    # exactly DEV_VAR at s = 1
+        self.a_age, self.a_gender, self.a_occupation = (s * a for a in effects)
         self._block = (-1, None)                 # last user block drawn (chunks smaller than a block)
         self.c_click, self.c_conv = 0.0, 0.0     # the calibration scores with zero offsets
         self.c_click, self.c_conv = self._calibrate()
@@ -232,7 +309,7 @@ class World:
         gender = rng.choice(N_GENDER, n, p=GENDER_P)
         occupation = rng.choice(N_OCCUPATION, n, p=self.occupation_p)
         activity = rng.standard_normal(n)
-        dev = math.sqrt(DEV_VAR) * rng.standard_normal((n, self.cfg.latent_dim))
+        dev = math.sqrt(self.dev_var) * rng.standard_normal((n, self.cfg.latent_dim))
         bias = USER_BIAS_STD * rng.standard_normal(n)
         u_side = self.mu + self.a_age[age] + self.a_gender[gender] + self.a_occupation[occupation]
         return {"age": age, "gender": gender, "occupation": occupation, "activity": activity,
@@ -261,6 +338,41 @@ class World:
         s = np.einsum("ij,ij->i", u, self.item_w[item]) / self.sqrt_d
         return K_CONVERSION * s - K_PRICE * self.item_price_z[item] + self.c_conv
 
+    # ---- the posterior oracle ----
+    def posterior_features(self, item: np.ndarray) -> np.ndarray:
+        """[rows, d + 1]: the click logit is ``side_logit + x . (dev, b_u)`` with these ``x``."""
+        x = np.empty((len(item), self.cfg.latent_dim + 1))
+        x[:, :-1] = (K_INTERACTION / self.sqrt_d) * self.item_v[item]
+        x[:, -1] = 1.0
+        return x
+
+    @property
+    def prior_var(self) -> np.ndarray:
+        """Prior variances of ``(dev, b_u)`` given the side features: the generative ones."""
+        return np.r_[np.full(self.cfg.latent_dim, self.dev_var), USER_BIAS_STD ** 2]
+
+    def posterior_click(self, cols: dict) -> np.ndarray:
+        """The posterior oracle's click probability of every query row of ``cols`` (whole tasks,
+        grouped by task, support rows first): the Laplace predictive of the task's user given only
+        its support rows, the true item vectors and the true prior (see ``laplace_posterior``)."""
+        tid = cols["task_id"]
+        new = np.r_[True, tid[1:] != tid[:-1]] if len(tid) else np.zeros(0, bool)
+        g = np.cumsum(new) - 1
+        q = cols["is_query"] == 1
+        x = self.posterior_features(cols["item_id"])
+        off = np.asarray(cols["side_logit"], np.float64)
+        n_sup = np.bincount(g[~q], minlength=int(new.sum()))
+        k = x.shape[1]
+        # users per block: the padded rows and the k x k Hessians stay within POSTERIOR_BLOCK_FLOATS
+        block = max(1, POSTERIOR_BLOCK_FLOATS // (k * (k + max(int(n_sup.max(initial=0)), 1))))
+        out = []
+        for lo in range(0, len(n_sup), block):   # one block at the default sizes
+            sup, qry = ~q & (g >= lo) & (g < lo + block), q & (g >= lo) & (g < lo + block)
+            theta, hess = laplace_posterior(x[sup], off[sup], cols["click"][sup], n_sup[lo:lo + block],
+                                            self.prior_var)
+            out.append(laplace_predictive(theta, hess, x[qry], off[qry], g[qry] - lo))
+        return np.concatenate(out) if out else np.zeros(0)
+
     def _calibrate(self):
         """Offsets c, c2 so that the base CTR and the CVR of clicks hit their targets, measured on
         a train-like sample drawn exactly as tasks are (support sizes, distinct items)."""
@@ -273,6 +385,16 @@ class World:
         c = _solve_offset(click0, np.ones(len(item)), TARGET_CTR)
         c2 = _solve_offset(conv0, _sigmoid(click0 + c), TARGET_CVR)
         return c, c2
+
+
+def _variance_across_users(effects, probs) -> float:
+    """Variance across users, averaged over dimensions, of the sum of independent categorical
+    effects (``effects[f]`` [categories, d], category frequencies ``probs[f]``)."""
+    total = 0.0
+    for a, p in zip(effects, probs):
+        centered = a - p @ a
+        total += float((p @ (centered * centered)).mean())
+    return total
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -289,6 +411,97 @@ def _solve_offset(logit, weight, target: float) -> float:
         else:
             hi = mid
     return 0.5 * (lo + hi)
+
+
+# ----------------------------------------------------------------------------- posterior oracle
+def laplace_posterior(x, offset, y, n_rows, prior_var, max_steps: int = 50, tol: float = 1e-10):
+    """MAP estimate and Hessian, for every user at once, of a Bayesian logistic regression:
+    ``y ~ Bernoulli(sigmoid(offset + x . theta))``, ``theta ~ N(0, diag(prior_var))``.
+
+    ``x`` [R, k], ``offset`` [R], ``y`` [R] (0/1): the rows of all users, grouped by user, user
+    ``j`` holding ``n_rows[j]`` of them (0 is allowed: that user keeps the prior). Returns
+    ``theta`` [U, k] (the posterior mode) and ``hess`` [U, k, k] (the negative log posterior's
+    Hessian there: the Laplace approximation's precision). Newton steps batched over users on a
+    padded [U, S, k] layout, with per-user step halving, so every step lowers each user's
+    objective (the objective is strictly convex; no loop over users or rows).
+    """
+    n_rows = np.asarray(n_rows, np.int64)
+    n_users, k = len(n_rows), x.shape[1]
+    width = max(int(n_rows.max(initial=0)), 1)
+    g, slot = np.repeat(np.arange(n_users), n_rows), group_arange(n_rows)
+    xs = np.zeros((n_users, width, k))
+    off, ys, mask = np.zeros((n_users, width)), np.zeros((n_users, width)), np.zeros((n_users, width))
+    xs[g, slot], off[g, slot], ys[g, slot], mask[g, slot] = x, offset, y, 1.0
+    prec = 1.0 / np.asarray(prior_var, np.float64)
+
+    def objective(theta):
+        eta = off + np.einsum("usk,uk->us", xs, theta)
+        nll = mask * (np.logaddexp(0.0, eta) - ys * eta)
+        return nll.sum(1) + 0.5 * (theta * theta * prec).sum(1), eta
+
+    def hessian(eta):
+        p = _sigmoid(eta)
+        w = mask * p * (1.0 - p)
+        return np.matmul(xs.transpose(0, 2, 1), xs * w[..., None]) + np.diag(prec), p
+
+    theta = np.zeros((n_users, k))
+    f, eta = objective(theta)
+    for _ in range(max_steps):
+        hess, p = hessian(eta)
+        grad = np.einsum("usk,us->uk", xs, mask * (p - ys)) + prec * theta
+        step = _cholesky_solve(np.linalg.cholesky(hess), grad)
+        t = np.ones(n_users)
+        for _ in range(30):                                     # halve where the objective rose
+            cand = theta - t[:, None] * step
+            f_new, eta_new = objective(cand)
+            worse = f_new > f + 1e-12 * np.abs(f)
+            if not worse.any():
+                break
+            t = np.where(worse, 0.5 * t, t)
+        theta, f, eta = cand, f_new, eta_new
+        if np.abs(t[:, None] * step).max(initial=0.0) < tol:
+            break
+    return theta, hessian(eta)[0]
+
+
+def laplace_predictive(theta, hess, x, offset, user) -> np.ndarray:
+    """Click probability of rows (``x`` [R, k], ``offset`` [R], ``user`` [R] index into ``theta``)
+    under the Laplace posterior N(theta, hess^-1): the logit's mean m and variance s^2 integrated
+    through the sigmoid with the probit approximation, ``sigmoid(m / sqrt(1 + pi s^2 / 8))``."""
+    user = np.asarray(user, np.int64)
+    mean = offset + np.einsum("rk,rk->r", x, theta[user])
+    order = np.argsort(user, kind="stable")                  # a user's rows side by side
+    counts = np.bincount(user, minlength=len(theta))
+    slot = group_arange(counts)
+    rhs = np.zeros((len(theta), x.shape[1], max(int(counts.max(initial=0)), 1)))
+    rhs[user[order], :, slot] = x[order]                     # [U, k, rows of the user]
+    z = _forward_solve(np.linalg.cholesky(hess), rhs)        # s^2 = x' hess^-1 x = |L^-1 x|^2
+    var = np.empty(len(user))
+    var[order] = np.einsum("ukm,ukm->um", z, z)[user[order], slot]
+    return _sigmoid(mean / np.sqrt(1.0 + (math.pi / 8.0) * var))
+
+
+# Triangular solves written out (loops over k, vectorized over the batch): numpy's batched LAPACK
+# solve/inv call threaded OpenBLAS once per tiny matrix and stall on busy machines (Cholesky does not).
+def _forward_solve(low: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """z with low z = b, batched: low [U, k, k] lower triangular, b [U, k] or [U, k, m]."""
+    z = np.zeros_like(b)
+    for j in range(low.shape[-1]):
+        z[:, j] = (b[:, j] - np.einsum("ui,ui...->u...", low[:, j, :j], z[:, :j])) / _col(low[:, j, j], b)
+    return z
+
+
+def _cholesky_solve(low: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """x with (low low') x = b, batched like ``_forward_solve``."""
+    z = _forward_solve(low, b)
+    x = np.zeros_like(z)
+    for j in reversed(range(low.shape[-1])):
+        x[:, j] = (z[:, j] - np.einsum("ui,ui...->u...", low[:, j + 1:, j], x[:, j + 1:])) / _col(low[:, j, j], b)
+    return x
+
+
+def _col(diag: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return diag if b.ndim == 2 else diag[:, None]
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -430,7 +643,8 @@ def iter_split(world: World, split: SplitSpec):
 def build_schema(cfg: DatagenConfig):
     from gmeta.io.schema import DenseFeature, Schema, SparseFeature, TableSpec
 
-    n_users = cfg.train_users + 2 * cfg.cold_users
+    cfg = cfg.resolved()
+    n_users = cfg.train_users + 2 * cfg.cold_users + cfg.val_users
     return Schema(
         labels=("click", "conversion", "rating"),
         sparse=(SparseFeature("user_id", "user_id", group="user"),
@@ -454,18 +668,24 @@ def build_schema(cfg: DatagenConfig):
 
 # ----------------------------------------------------------------------------- metrics
 class RowSample:
-    """A uniform random sample of at most ``cap`` rows of a stream of column dicts: the rows with
-    the ``cap`` smallest random keys (bottom-k), so memory stays bounded on any split size. Rows
-    whose key cannot make the cut are dropped on arrival and the pool is trimmed back to ``cap``
-    whenever it grows by a quarter (rarely, once the cut has settled)."""
+    """A uniform random sample of whole tasks holding at most ``cap`` rows, from a stream of column
+    dicts (tasks contiguous, never split over two dicts): every row carries its task's random key
+    (``task_keys``) and the sample is the tasks with the smallest keys (bottom-k), so memory stays
+    bounded on any split size and per-task metrics (GAUC) see every query row of a sampled task.
+    Rows whose key cannot make the cut are dropped on arrival and the pool is trimmed back to
+    ``cap`` whenever it grows by a quarter (rarely, once the cut has settled)."""
 
     def __init__(self, rng: np.random.Generator, cap: int):
         self.rng, self.cap = rng, int(cap)
         self.parts, self.held = [], 0   # (keys, columns) of rows that may still make the sample
-        self.cut = np.inf               # the cap-th smallest key so far: larger keys never make it
+        self.cut = np.inf               # tasks with keys >= cut never make it
 
-    def add(self, cols: dict) -> None:
-        keys = self.rng.random(len(next(iter(cols.values()))))
+    def task_keys(self, task_id: np.ndarray) -> np.ndarray:
+        """One uniform key per task (one draw per task, in stream order), repeated on its rows."""
+        new = np.r_[True, task_id[1:] != task_id[:-1]] if len(task_id) else np.zeros(0, bool)
+        return self.rng.random(int(new.sum()))[np.cumsum(new) - 1]
+
+    def add(self, cols: dict, keys: np.ndarray) -> None:
         keep = keys < self.cut
         self.parts.append((keys[keep], {k: v[keep] for k, v in cols.items()}))
         self.held += int(np.count_nonzero(keep))
@@ -476,11 +696,13 @@ class RowSample:
         if not self.parts:
             return
         keys = np.concatenate([p[0] for p in self.parts])
-        best = np.argpartition(keys, self.cap - 1)[:self.cap] if keys.size > self.cap else slice(None)
+        if keys.size > self.cap:
+            self.cut = np.partition(keys, self.cap)[self.cap]   # the (cap+1)-th smallest row key:
+            best = keys < self.cut                               # whole tasks, at most cap rows
+        else:
+            best = slice(None)
         cols = {k: np.concatenate([p[1][k] for p in self.parts])[best] for k in self.parts[0][1]}  # a column at a time
         keys = keys[best]
-        if keys.size == self.cap:
-            self.cut = keys.max()
         self.parts, self.held = [(keys, cols)], keys.size
 
     def rows(self) -> dict:
@@ -489,15 +711,27 @@ class RowSample:
         return self.parts[0][1] if self.parts else {}
 
 
-class SplitStats:
-    """Per-split counts, accumulated chunk by chunk, and query-row AUCs (``gmeta.trainer.metrics.auc``,
-    exact with mid-rank ties) over all query rows, or a uniform sample of ``sample_rows`` of them."""
+# the summary's scores of query rows: name -> (column, is a probability)
+SCORES = {"oracle": ("p_click", True), "posterior_oracle": ("posterior_p_click", True),
+          "side_only": ("side_logit", False)}
 
-    def __init__(self, rng: np.random.Generator, sample_rows: int = SUMMARY_SAMPLE_ROWS):
+
+class SplitStats:
+    """Per-split counts, accumulated chunk by chunk, and query-row AUCs (``gmeta.trainer.metrics``:
+    pooled ``auc`` and GAUC from ``per_task_metrics`` / ``summarize``, exact with mid-rank ties) over
+    all query rows, or over a uniform sample of whole tasks holding at most ``sample_rows`` of them.
+
+    ``posterior`` (e.g. ``World.posterior_click``) maps a column dict of whole tasks to a click
+    probability per query row; it runs only on the tasks that may still make the sample, so its
+    cost stays bounded too. Without it the posterior-oracle entries are None.
+    """
+
+    def __init__(self, rng: np.random.Generator, sample_rows: int = SUMMARY_SAMPLE_ROWS, posterior=None):
         self.users = self.rows = self.query_rows = 0
         self.clicks = self.conversions = 0.0
         self.rating_sum = 0.0
         self.query = RowSample(rng, sample_rows)
+        self.posterior = posterior
 
     def add(self, cols: dict) -> None:
         q = cols["is_query"] == 1
@@ -507,20 +741,39 @@ class SplitStats:
         self.clicks += float(cols["click"].sum())
         self.conversions += float(cols["conversion"].sum())
         self.rating_sum += float(cols["rating"].sum())
-        scores = {k: cols[k][q] for k in ("p_click", "p_ctcvr", "side_logit")}
+        keys = self.query.task_keys(cols["task_id"])
+        cand = keys < self.query.cut                       # tasks that may still make the sample
+        if not cand.all():
+            cols, keys, q = {k: v[cand] for k, v in cols.items()}, keys[cand], q[cand]
+        scores = {k: cols[k][q] for k in ("task_id", "p_click", "p_ctcvr", "side_logit")}
+        if self.posterior is not None:
+            scores["posterior_p_click"] = self.posterior(cols)
         self.query.add({**scores, "click": cols["click"][q].astype(np.int8),
-                        "conversion": cols["conversion"][q].astype(np.int8)})
+                        "conversion": cols["conversion"][q].astype(np.int8)}, keys[q])
 
     def summary(self) -> dict:
-        r = lambda x: round(float(x), 6) if math.isfinite(x) else None  # noqa: E731 (JSON has no NaN)
+        r = lambda x: round(float(x), 6) if x is not None and math.isfinite(x) else None  # noqa: E731 (JSON has no NaN)
         q = self.query.rows()
-        a = lambda score, label: r(auc(q[score], q[label])) if q else None  # noqa: E731
-        return {"users": self.users, "rows": self.rows, "query_rows": self.query_rows,
-                "ctr": r(self.clicks / max(self.rows, 1)),
-                "cvr": r(self.conversions / max(self.clicks, 1)),
-                "mean_rating": r(self.rating_sum / max(self.rows, 1)),
-                "oracle_auc_click": a("p_click", "click"), "oracle_auc_ctcvr": a("p_ctcvr", "conversion"),
-                "side_only_auc_click": a("side_logit", "click")}
+
+        def pooled(score, label):
+            return r(auc(q[score], q[label])) if q and score in q else None
+
+        def gauc(score, probability):
+            if not q or score not in q:
+                return None
+            per_task = per_task_metrics(q["task_id"], q[score], q["click"], probabilities=probability)
+            return r(summarize(per_task, n_boot=0)["gauc"]["value"])
+
+        out = {"users": self.users, "rows": self.rows, "query_rows": self.query_rows,
+               "mean_support_rows": r((self.rows - self.query_rows) / max(self.users, 1)),
+               "ctr": r(self.clicks / max(self.rows, 1)),
+               "cvr": r(self.conversions / max(self.clicks, 1)),
+               "mean_rating": r(self.rating_sum / max(self.rows, 1)),
+               "oracle_auc_ctcvr": pooled("p_ctcvr", "conversion")}
+        for name, (column, probability) in SCORES.items():
+            out[f"{name}_auc_click"] = pooled(column, "click")
+            out[f"{name}_gauc_click"] = gauc(column, probability)
+        return out
 
 
 # ----------------------------------------------------------------------------- driver
@@ -548,7 +801,7 @@ def generate(cfg: DatagenConfig) -> dict:
     from gmeta.io.fs import join, write_text
     from gmeta.io.writer import TaskWriter
 
-    cfg.validate()
+    cfg = cfg.validate()
     specs = split_specs(cfg)
     prepare_out(cfg.out, cfg.overwrite, ("schema.json", "datagen.json", *SPLITS), error=DatagenError)
     t0 = time.perf_counter()
@@ -557,7 +810,7 @@ def generate(cfg: DatagenConfig) -> dict:
     progress = _Progress(cfg.quiet)
     splits = {}
     for spec in specs:
-        stats = SplitStats(np.random.default_rng([cfg.seed, _SUMMARY, spec.index]))
+        stats = SplitStats(np.random.default_rng([cfg.seed, _SUMMARY, spec.index]), posterior=world.posterior_click)
         with TaskWriter(cfg.out, schema, split=spec.name, rows_per_stripe=cfg.rows_per_stripe,
                         rows_per_file=cfg.rows_per_file, compression=cfg.compression) as writer:
             for cols in iter_split(world, spec):
@@ -578,15 +831,19 @@ def generate(cfg: DatagenConfig) -> dict:
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"{'split':<15} {'users':>7} {'rows':>10} {'ctr':>6} {'cvr':>6} "
-             f"{'oracle_auc':>10} {'ctcvr_auc':>9} {'side_only':>9}"]
+    st = summary["settings"]
+    lines = [f"regime {st['regime']}: support {st['support_min']}..{st['support_max']}, "
+             f"side strength {st['side_strength']:g}; query AUC pooled / GAUC (per user, weighted by rows)",
+             f"{'split':<15} {'users':>7} {'rows':>10} {'support':>7} {'ctr':>6} {'cvr':>6} {'ctcvr':>6} "
+             f"{'oracle':>13} {'posterior':>13} {'side_only':>13}"]
     total = 0
     for name, s in summary["splits"].items():
         total += s["rows"]
         f = {k: float("nan") if v is None else v for k, v in s.items()}
-        lines.append(f"{name:<15} {f['users']:>7,} {f['rows']:>10,} {f['ctr']:>6.3f} {f['cvr']:>6.3f} "
-                     f"{f['oracle_auc_click']:>10.4f} {f['oracle_auc_ctcvr']:>9.4f} "
-                     f"{f['side_only_auc_click']:>9.4f}")
+        pair = lambda n: f"{f[n + '_auc_click']:.4f}/{f[n + '_gauc_click']:.4f}"  # noqa: E731
+        lines.append(f"{name:<15} {f['users']:>7,} {f['rows']:>10,} {f['mean_support_rows']:>7.1f} "
+                     f"{f['ctr']:>6.3f} {f['cvr']:>6.3f} {f['oracle_auc_ctcvr']:>6.4f} "
+                     f"{pair('oracle'):>13} {pair('posterior_oracle'):>13} {pair('side_only'):>13}")
     sec = summary.get("seconds", float("nan"))
     lines.append(f"{total:,} rows in {sec:.1f} s ({total / max(sec, 1e-9):,.0f} rows/s)")
     return "\n".join(lines)
@@ -595,22 +852,44 @@ def format_summary(summary: dict) -> str:
 # ----------------------------------------------------------------------------- CLI
 def add_arguments(parser) -> None:
     d = DatagenConfig(out="")
+    regimes = "; ".join(f"{name} = support {v['support_min']}..{v['support_max']}, side strength "
+                        f"{v['side_strength']:g}"
+                        for name, v in REGIMES.items())
+    by_regime = lambda key: ", ".join(f"{REGIMES[n][key]:g} ({n})" for n in REGIMES)  # noqa: E731
     a = parser.add_argument
     a("--out", required=True, help="dataset directory (local path or hdfs://...)")
-    a("--seed", type=int, default=d.seed, help="same seed and flags give byte-identical files")
-    a("--train-users", type=int, default=d.train_users, help="warm users (train tasks)")
+    a("--seed", type=int, default=d.seed, help="same seed and flags give byte-identical files (default: %(default)s)")
+    a("--regime", choices=tuple(REGIMES), default=d.regime,
+      help=f"named defaults of --support-min/--support-max/--side-strength ({regimes}); a flag given "
+           f"explicitly wins (default: %(default)s)")
+    a("--train-users", type=int, default=d.train_users, help="warm users (train tasks) (default: %(default)s)")
     a("--cold-users", type=int, default=d.cold_users,
-      help="users in each cold split (user_cold, item_cold, user_item_cold); 0 writes train only")
-    a("--items", type=int, default=d.items, help="warm items")
-    a("--cold-items", type=int, default=d.cold_items, help="new items, seen only in cold-item queries")
-    a("--support-min", type=int, default=d.support_min, help="fewest support rows per task")
-    a("--support-max", type=int, default=d.support_max, help="most support rows per task")
-    a("--query-size", type=int, default=d.query_size, help="query rows per task")
-    a("--zipf", type=float, default=d.zipf, help="Zipf exponent of item popularity (0 = uniform)")
-    a("--latent-dim", type=int, default=d.latent_dim, help="dimension of the user/item latents")
-    a("--rows-per-file", type=int, default=d.rows_per_file, help="rows per ORC file")
+      help="users in each cold split (user_cold, item_cold, user_item_cold); 0 writes no cold split "
+           "(default: %(default)s)")
+    a("--val-users", type=int, default=None,
+      help="users of the val split: new users from the training population, held out of train, support and "
+           f"query from warm items (like user_cold); 0 writes no val split (default: --cold-users // "
+           f"{VAL_USERS_DIVISOR}, {d.cold_users // VAL_USERS_DIVISOR} with the default --cold-users)")
+    a("--items", type=int, default=d.items, help="warm items (default: %(default)s)")
+    a("--cold-items", type=int, default=d.cold_items,
+      help="new items, seen only in cold-item queries (default: %(default)s)")
+    a("--support-min", type=int, default=None,
+      help=f"fewest support rows per task (default: by --regime: {by_regime('support_min')})")
+    a("--support-max", type=int, default=None,
+      help=f"most support rows per task (default: by --regime: {by_regime('support_max')})")
+    a("--side-strength", type=float, default=None,
+      help="0..1: scales the side-feature effects on the user latent (A_age, A_gender, A_occ; their variance "
+           "by its square), the individual deviation takes the variance they lose, so the latent's total "
+           f"variance stays the same; lower = side features explain less (default: by --regime: "
+           f"{by_regime('side_strength')})")
+    a("--query-size", type=int, default=d.query_size, help="query rows per task (default: %(default)s)")
+    a("--zipf", type=float, default=d.zipf,
+      help="Zipf exponent of item popularity, 0 = uniform (default: %(default)s)")
+    a("--latent-dim", type=int, default=d.latent_dim, help="dimension of the user/item latents (default: %(default)s)")
+    a("--rows-per-file", type=int, default=d.rows_per_file, help="rows per ORC file (default: %(default)s)")
     a("--chunk-users", type=int, default=d.chunk_users,
-      help="users generated and written per chunk (bounds memory; part of the data's identity)")
+      help="users generated and written per chunk (bounds memory; part of the data's identity) "
+           "(default: %(default)s)")
     add_output_arguments(parser, d, quiet_help="no progress or summary output")
 
 

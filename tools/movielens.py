@@ -17,17 +17,24 @@ Warm and cold are decided by time, so the cold side is what arrives last:
   cold users  the ``--cold-user-frac`` of kept users whose FIRST rating is latest;
   cold items  the ``--cold-item-frac`` of catalogue items released latest (100K: release date,
               1M: year; ties go to the item first rated later).
+  val users   a ``--val-fraction`` of the warm users, drawn uniformly at random (``--seed``; the
+              same seed gives the same users), held out of train for validation.
 Every rating then falls into exactly one split by (user, item) temperature, and each split's
-tasks are the users' ratings in that split (MeLU's four states):
-  train           warm users x warm items
+tasks are the users' ratings in that split (MeLU's four states, plus val):
+  train           warm users (not val) x warm items
   user_cold       cold users x warm items
-  item_cold       warm users x cold items  (the users also have train tasks: existing users,
+  item_cold       train users x cold items  (the users also have train tasks: existing users,
                   new items; the query items never occur in train)
   user_item_cold  cold users x cold items  (the users also have user_cold tasks)
+  val             val users x warm items  (training-population users never seen in train, same
+                  item pool as train, built like user_cold); their cold-item ratings are dropped
+                  (counted in ``ratings_of_val_users_on_cold_items``), so item_cold keeps meaning
+                  "users the model was trained on"
 A task is kept if it has at least ``--min-ratings`` rows; its ``--query-size`` most recent
-ratings (ties by item id) are the query set, the earlier ones the support set. No cold user is in
-a warm split and no cold item occurs in train. Ids: warm users and items come first
-(``[0, warm)``), then cold ones, so cold ids are never trained in ``train``.
+ratings (ties by item id) are the query set, the earlier ones the support set. No cold or val
+user is in train and no cold item occurs in train. Ids: warm users (val ones included, in raw-id
+order) and warm items come first (``[0, warm)``), then cold ones, so cold ids are never trained in
+``train``; val users keep their warm ids, which train never uses either.
 """
 
 from __future__ import annotations
@@ -42,7 +49,8 @@ from gmeta.io.tables import arrow_table
 from gmeta.tools.common import (OutputConfig, add_output_arguments, check_flags, group_arange, prepare_out,
                                 run_command)
 
-SPLITS = ("train", "user_cold", "item_cold", "user_item_cold")
+SPLITS = ("train", "user_cold", "item_cold", "user_item_cold", "val")   # index = split code in build_tasks
+VAL = SPLITS.index("val")
 GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
           "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
           "Romance", "Sci-Fi", "Thriller", "War", "Western")
@@ -71,6 +79,8 @@ class MovieLensConfig(OutputConfig):
     query_size: int = 10
     cold_user_frac: float = 0.2
     cold_item_frac: float = 0.2
+    val_fraction: float = 0.1
+    seed: int = 0
 
     def validate(self) -> "MovieLensConfig":
         out = self.output_checks(self.max_ratings, "--max-ratings")
@@ -84,6 +94,8 @@ class MovieLensConfig(OutputConfig):
              f"must be >= --min-ratings ({self.min_ratings})", self.max_ratings),
             (0.0 <= self.cold_user_frac < 1.0, "--cold-user-frac", "must be in [0, 1)", self.cold_user_frac),
             (0.0 <= self.cold_item_frac < 1.0, "--cold-item-frac", "must be in [0, 1)", self.cold_item_frac),
+            (0.0 <= self.val_fraction < 1.0, "--val-fraction", "must be in [0, 1)", self.val_fraction),
+            (self.seed >= 0, "--seed", "must be >= 0", self.seed),
             out["--rows-per-stripe"],
             out["--compression"],
         ], ConvertError)
@@ -283,6 +295,14 @@ def _latest_fraction(frac: float, *keys) -> np.ndarray:
     return cold
 
 
+def _val_users(kept_warm: np.ndarray, raw_id: np.ndarray, frac: float, seed: int) -> np.ndarray:
+    """The ``frac`` share of the users ``kept_warm`` (positions) held out for val: a seeded uniform
+    draw over the users in raw-id order, so it depends on the seed and the user set only."""
+    k = int(round(frac * len(kept_warm)))
+    by_id = kept_warm[np.argsort(raw_id[kept_warm], kind="stable")]
+    return np.sort(by_id[np.random.default_rng([seed, 1]).permutation(len(by_id))[:k]])
+
+
 def build_tasks(data: dict, cfg: MovieLensConfig, ratings_path: str) -> dict:
     """Assign users/items warm or cold, ratings to splits, and order every task (vectorized)."""
     r, users, items = data["ratings"], data["users"], data["items"]
@@ -296,6 +316,8 @@ def build_tasks(data: dict, cfg: MovieLensConfig, ratings_path: str) -> dict:
     kept_idx = np.flatnonzero(kept)
     cold_user = np.zeros(n_users, bool)
     cold_user[kept_idx] = _latest_fraction(cfg.cold_user_frac, first_ts[kept_idx], users["id"][kept_idx])
+    val_user = np.zeros(n_users, bool)
+    val_user[_val_users(kept_idx[~cold_user[kept_idx]], users["id"], cfg.val_fraction, cfg.seed)] = True
     item_first = np.full(n_items, np.iinfo(np.int64).max)
     np.minimum.at(item_first, ipos, r["ts"])
     cold_item = _latest_fraction(cfg.cold_item_frac, items["release"], item_first, items["id"])
@@ -311,9 +333,11 @@ def build_tasks(data: dict, cfg: MovieLensConfig, ratings_path: str) -> dict:
     zip_of_user = np.zeros(n_users, np.int64)
     zip_of_user[kept_idx] = zip_ids
 
-    rows = np.flatnonzero(kept[upos])
+    val_on_cold = val_user[upos] & cold_item[ipos]       # dropped: item_cold is for trained users
+    rows = np.flatnonzero(kept[upos] & ~val_on_cold)
     up, ip = upos[rows], ipos[rows]
     split = cold_user[up].astype(np.int64) + 2 * cold_item[ip]       # index into SPLITS
+    split[val_user[up]] = VAL                                        # (val users' rows are warm-item rows)
     order = np.lexsort((r["item"][rows], r["ts"][rows], user_new[up], split))
     rows, up, ip, split = rows[order], up[order], ip[order], split[order]
     key = split * (len(kept_idx) + 1) + user_new[up]
@@ -337,8 +361,10 @@ def build_tasks(data: dict, cfg: MovieLensConfig, ratings_path: str) -> dict:
                   "occupation": users["n_occupations"], "genre_max_len": items["genres"].shape[1]},
         "counts": {"ratings": len(r["rating"]), "users_kept": int(kept.sum()), "users_dropped": int((~kept).sum()),
                    "cold_users": int(cold_user.sum()), "warm_users": int(kept.sum() - cold_user.sum()),
+                   "val_users": int(val_user.sum()),
                    "cold_items": int(cold_item.sum()), "warm_items": int(n_items - cold_item.sum()),
-                   "ratings_of_dropped_users": int(len(r["rating"]) - len(rows)),
+                   "ratings_of_dropped_users": int((~kept[upos]).sum()),
+                   "ratings_of_val_users_on_cold_items": int(val_on_cold.sum()),
                    "ratings_in_short_tasks": int((~keep).sum())},
     }
 
@@ -405,7 +431,8 @@ def convert(cfg: MovieLensConfig) -> dict:
 def format_summary(summary: dict) -> str:
     c = summary["counts"]
     lines = [f"MovieLens-{summary['layout'].upper()}: {c['ratings']:,} ratings; users kept {c['users_kept']:,} "
-             f"(warm {c['warm_users']:,}, cold {c['cold_users']:,}), dropped {c['users_dropped']:,}; items warm "
+             f"(warm {c['warm_users']:,} of which val {c['val_users']:,}, cold {c['cold_users']:,}), dropped "
+             f"{c['users_dropped']:,}; items warm "
              f"{c['warm_items']:,}, cold {c['cold_items']:,}",
              f"{'split':<15} {'users':>7} {'rows':>9} {'query':>8} {'click':>6} {'rating':>6}"]
     for name, s in summary["splits"].items():
@@ -423,12 +450,19 @@ def add_arguments(parser) -> None:
     a = parser.add_argument
     a("--src", required=True, help="directory with the raw MovieLens-100K or -1M files")
     a("--out", required=True, help="dataset directory to write")
-    a("--min-ratings", type=int, default=d.min_ratings, help="fewest ratings of a kept user and of a task")
-    a("--max-ratings", type=int, default=d.max_ratings, help="most ratings of a kept user")
-    a("--query-size", type=int, default=d.query_size, help="most recent ratings per task that form the query")
+    a("--min-ratings", type=int, default=d.min_ratings,
+      help="fewest ratings of a kept user and of a task (default: %(default)s)")
+    a("--max-ratings", type=int, default=d.max_ratings, help="most ratings of a kept user (default: %(default)s)")
+    a("--query-size", type=int, default=d.query_size,
+      help="most recent ratings per task that form the query (default: %(default)s)")
     a("--cold-user-frac", type=float, default=d.cold_user_frac,
-      help="share of users (latest first rating) that are cold")
-    a("--cold-item-frac", type=float, default=d.cold_item_frac, help="share of items (latest released) that are cold")
+      help="share of users (latest first rating) that are cold (default: %(default)s)")
+    a("--cold-item-frac", type=float, default=d.cold_item_frac,
+      help="share of items (latest released) that are cold (default: %(default)s)")
+    a("--val-fraction", type=float, default=d.val_fraction,
+      help="share of the warm users held out of train as the val split (their warm-item ratings; a seeded "
+           "uniform draw); 0 writes no val split (default: %(default)s)")
+    a("--seed", type=int, default=d.seed, help="seed of the val draw (default: %(default)s)")
     add_output_arguments(parser, d, quiet_help="print nothing on success")
 
 

@@ -102,6 +102,12 @@ class EmbeddingBase(tf.Module):
         state["table_optimizer/iterations"] = self.optimizer.iterations
         return state
 
+    def state_rows(self, name: str) -> np.ndarray:
+        """Global row ids of this rank's ``table/<name>`` variable and its slots, in their row
+        order (int64): what a checkpoint stores next to the values, so that a checkpoint written
+        by N workers re-shards onto M (``gmeta.trainer.checkpoint``)."""
+        return self._plan.global_rows(name, self._comm.rank)
+
     def memory_bytes(self) -> int:
         """Bytes of parameters plus optimizer slots held by this rank."""
         total = 0

@@ -66,3 +66,7 @@ class NaiveEmbedding(EmbeddingBase):
 
     def set_full_table(self, name: str, values) -> None:
         self.params[self.table_index(name)].assign(self._check_full(name, values))
+
+    def state_rows(self, name: str) -> np.ndarray:
+        """Every row: each rank holds the whole table."""
+        return np.arange(self._plan.table(name).num_rows, dtype=np.int64)

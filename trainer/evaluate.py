@@ -25,6 +25,7 @@ class EvaluateConfig:
     inner_steps: int = -1
     tasks_per_batch: int = 32
     plain_baseline: str = ""
+    predictions_out: str = ""
 
 
 def add_arguments(p) -> None:
@@ -40,6 +41,9 @@ def add_arguments(p) -> None:
     p.add_argument("--plain-baseline", default="", metavar="MODEL",
                    help="a --meta none model (export directory, models:/ URI or run id) to report "
                         "unadapted and fine-tuned next to this one")
+    p.add_argument("--predictions-out", default="", metavar="FILE",
+                   help="also write one row per query row (split, task, item, label, adapted and unadapted "
+                        "score) to FILE (.parquet, .csv or .orc)")
 
 
 def main(args) -> int:
@@ -47,7 +51,7 @@ def main(args) -> int:
                          tracking_uri=args.tracking_uri,
                          eval_splits=tuple(s for s in args.eval_splits.split(",") if s),
                          inner_steps=args.inner_steps, tasks_per_batch=args.tasks_per_batch,
-                         plain_baseline=args.plain_baseline)
+                         plain_baseline=args.plain_baseline, predictions_out=args.predictions_out)
     return run_guarded(lambda: evaluate(cfg) and 0)
 
 
@@ -72,6 +76,11 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     results, _ = evaluate_splits(learner, cfg.data, splits, learner.comm, reader_kwargs, steps,
                                  log=lambda m: print(f"[gmeta] {m}", file=sys.stderr, flush=True),
                                  plain=plain, item_mean=item_mean)
+    if cfg.predictions_out:
+        from gmeta.trainer.predict import write_eval_predictions
+
+        write_eval_predictions(learner, cfg.data, splits, reader_kwargs, steps, cfg.predictions_out,
+                               log=lambda m: print(f"[gmeta] {m}", file=sys.stderr, flush=True))
     print_report(results, sys.stderr)
     print(json.dumps(results, sort_keys=True), flush=True)
     return results

@@ -34,7 +34,8 @@ FLAT = ("gauc", "ndcg@5", "mrr")
 
 
 def evaluation_splits(schema, requested=None) -> list:
-    splits = [s for s in schema.splits if s != "train"] if not requested else list(requested)
+    # by default every split but train and val (val chooses hyper-parameters; it is not a result)
+    splits = [s for s in schema.splits if s not in ("train", "val")] if not requested else list(requested)
     unknown = [s for s in splits if s not in schema.splits]
     if unknown:
         raise ValueError(f"--eval-splits {unknown} not in the dataset's splits {list(schema.splits)}")

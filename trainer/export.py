@@ -20,8 +20,10 @@ import numpy as np
 EXPORT_FILE = "gmeta_model.json"
 
 
-def export_model(learner, run_config: dict, directory: str, is_writer: bool) -> str | None:
-    """Write the export; every rank must call (tables are gathered collectively)."""
+def export_model(learner, run_config: dict, directory: str, is_writer: bool,
+                 saved_model: bool = True) -> str | None:
+    """Write the export; every rank must call (tables are gathered collectively).
+    ``saved_model=False`` skips the serving SavedModel (tuning trials, tests)."""
     from gmeta.trainer.state import run_state
 
     tables = {name: learner.embedding.gather_full_table(name)
@@ -47,6 +49,10 @@ def export_model(learner, run_config: dict, directory: str, is_writer: bool) -> 
     np.savez(os.path.join(directory, "dense.npz"),
              **{n: v.numpy() for n, v in state.model_variables().items()})
     np.savez(os.path.join(directory, "embeddings.npz"), **tables)
+    from gmeta.trainer.savedmodel import export_serving
+
+    if saved_model:
+        export_serving(directory)  # <directory>/saved_model: serving, loads with TensorFlow alone
     return directory
 
 
@@ -68,6 +74,7 @@ def load_model(directory: str, comm=None):
     schema = Schema.from_json(meta["schema"], source=path)
     mc = dict(meta["model_config"])
     mc["hidden"] = tuple(mc["hidden"])
+    mc["adapt"] = tuple(mc.get("adapt", ("head",)))
     model = build_model(meta["model"], schema, ModelConfig(**mc))
     comm = comm or LocalCommunicator()
     run = meta.get("run_config", {})

@@ -37,6 +37,7 @@ class MetaConfig:
     task_loop: bool = False     # adapt tasks one by one (baseline for the vectorized loop)
     outer_lr: float = 1e-3
     clip_norm: float = 0.0      # outer loop: clip the dense meta-gradient's global norm (0 = off)
+    plain_weight: float = 0.0   # outer loss += this x the unadapted loss on support and query rows
     inner_clip: float = 0.0     # inner loop: clip each task's gradient norm (0 = off)
 
     def validate(self) -> "MetaConfig":
@@ -48,6 +49,8 @@ class MetaConfig:
             raise ValueError(f"--inner-lr must be > 0, got {self.inner_lr}")
         if not self.outer_lr > 0:
             raise ValueError(f"--outer-lr must be > 0, got {self.outer_lr}")
+        if self.plain_weight < 0:
+            raise ValueError(f"--plain-loss-weight must be >= 0, got {self.plain_weight}")
         if self.clip_norm < 0 or self.inner_clip < 0:
             raise ValueError("--clip-norm and --inner-clip must be >= 0 (0 = off)")
         return self
@@ -169,6 +172,12 @@ class MetaLearner(tf.Module):
             # 3. query loss with the adapted weights; a task without query rows has no loss and
             #    does not count
             per_task = self.model.task_loss(self.model.forward(fast, x_query), batch["query"])
+            if cfg.plain_weight > 0:
+                # the shared parameters also learn from every row, as a plain model would: MAML's
+                # query-only objective otherwise sees a fraction of the labels
+                part = _concat_parts(batch["support"], batch["query"])
+                x_all = tf.concat([x_support, x_query], axis=1)
+                per_task += cfg.plain_weight * self.model.task_loss(self.model.forward(params, x_all), part)
             counted = task_mask * tf.cast(tf.reduce_sum(batch["query"]["mask"], axis=1) > 0, tf.float32)
             return tf.reduce_sum(per_task * counted), tf.reduce_sum(counted)
         # non-meta baseline: the same network on all rows, one plain step
@@ -234,9 +243,11 @@ class MetaLearner(tf.Module):
         return self._train_fn
 
     def compiled_eval_step(self, element_spec, steps: int):
-        """One traced eval function per number of adaptation steps and batch shape (splits may
-        differ in support/query caps)."""
-        key = (steps, tuple((tuple(s.shape), s.dtype.name) for s in tf.nest.flatten(element_spec)))
+        """One traced eval function per number of adaptation steps, batch shape (splits may differ
+        in support/query caps) and model switch (``plain_state``, e.g. MetaEmb's generate_for, is
+        Python fixed at trace time: a trace from before a phase must not serve after it)."""
+        key = (steps, tuple((tuple(s.shape), s.dtype.name) for s in tf.nest.flatten(element_spec)),
+               tuple(sorted(self.model.plain_state().items())))
         if key not in self._eval_fns:
             self._eval_fns[key] = tf.function(lambda b: self.eval_step(b, steps),
                                               input_signature=[element_spec])

@@ -1,22 +1,42 @@
-"""MLflow pyfunc wrapper around a gmeta export, so runs can be registered and served.
+"""The MLflow model of a gmeta run, logged as models-from-code (this file is the model's code).
 
-``predict`` takes a DataFrame of rows (one column per sparse and dense feature of the schema;
-list features as lists) and returns the model's headline score per row *before* adaptation.
-Adapted scores need a support set per task: use ``gmeta evaluate`` for those.
+It imports no gmeta: ``mlflow models serve`` runs it in a plain environment (TensorFlow, numpy,
+pandas). Its artifacts are the gmeta export (``gmeta_model``, which holds ``saved_model/``) and
+the serving runtime (``runtime``, a copy of ``gmeta/trainer/serving.py`` loaded by path).
+
+``predict`` takes a DataFrame of rows: the task column, ``is_query`` (0 support, 1 query), the
+labels of the support rows and the model's features; each task adapts on its support rows inside
+the SavedModel and every query row gets its adapted and unadapted score. It returns one row per
+query row: the task id, ``row`` (the row's position in the input) and ``score_adapted``,
+``score_unadapted`` (plus ``score_<head>_...`` for extra heads, e.g. MAML-ESMM's pCTCVR).
+``params={"steps": k}`` adapts with k inner steps instead of the trained number.
 """
 
-from __future__ import annotations
+import importlib.util
+import os
+from typing import Any, Optional
 
-import mlflow.pyfunc
+import mlflow
+import pandas as pd
+from mlflow.pyfunc import PythonModel
 
 
-class GmetaPyfunc(mlflow.pyfunc.PythonModel):
+class GmetaColdStartModel(PythonModel):
     def load_context(self, context):
-        from gmeta.trainer.export import load_model
+        saved_model = os.path.join(context.artifacts["gmeta_model"], "saved_model")
+        if not os.path.isdir(saved_model):
+            raise FileNotFoundError(
+                "this gmeta model has no SavedModel (its tables were over the serving limit when it "
+                "was exported); build one with `gmeta predict --max-serving-table-bytes N ...`")
+        spec = importlib.util.spec_from_file_location("gmeta_serving_runtime", context.artifacts["runtime"])
+        runtime = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(runtime)
+        self.runtime = runtime.ServingRuntime(saved_model)
 
-        self.learner, self.meta = load_model(context.artifacts["gmeta_model"])
+    def predict(self, context, model_input: pd.DataFrame,
+                params: Optional[dict[str, Any]] = None) -> pd.DataFrame:
+        steps = (params or {}).get("steps")
+        return self.runtime.predict_frame(model_input, steps=None if steps is None else int(steps))
 
-    def predict(self, context, model_input, params=None):
-        from gmeta.trainer.serving import score_rows
 
-        return score_rows(self.learner, model_input)
+mlflow.models.set_model(GmetaColdStartModel())

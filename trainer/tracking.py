@@ -13,7 +13,8 @@ import os
 import sys
 
 MODEL_URI_TAG = "gmeta.model_uri"
-PIP_REQUIREMENTS = ["tensorflow-cpu==2.17.1", "pyarrow<20", "numpy<2"]
+# what the served model (gmeta/trainer/pyfunc.py + serving.py) imports; not gmeta itself
+PIP_REQUIREMENTS = ["tensorflow-cpu==2.17.1", "numpy<2", "pandas"]
 
 
 def flatten(prefix: str, value, out: dict) -> dict:
@@ -26,7 +27,8 @@ def flatten(prefix: str, value, out: dict) -> dict:
 
 
 class Tracker:
-    def __init__(self, tracking_uri: str | None, experiment: str, run_name: str | None, enabled: bool):
+    def __init__(self, tracking_uri: str | None, experiment: str, run_name: str | None, enabled: bool,
+                 run_id: str | None = None):
         self.enabled = enabled and bool(tracking_uri)
         self.run_id = None
         if not self.enabled:
@@ -36,7 +38,8 @@ class Tracker:
         self._mlflow = mlflow
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_experiment(experiment)
-        run = mlflow.start_run(run_name=run_name)
+        # run_id: continue that run (a resumed checkpoint) instead of starting a new one
+        run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=run_name)
         self.run_id = run.info.run_id
 
     def log_params(self, params: dict) -> None:
@@ -62,11 +65,13 @@ class Tracker:
     def log_model(self, export_dir: str) -> str | None:
         if not self.enabled:
             return None
-        from gmeta.trainer.pyfunc import GmetaPyfunc
+        from gmeta.trainer.savedmodel import log_pyfunc_model, saved_model_of
 
-        info = self._mlflow.pyfunc.log_model(
-            name="model", python_model=GmetaPyfunc(), artifacts={"gmeta_model": export_dir},
-            pip_requirements=PIP_REQUIREMENTS)
+        if saved_model_of(export_dir) is None:
+            print(f"[gmeta] no MLflow model logged: {export_dir} has no SavedModel (--no-saved-model, or "
+                  f"it could not be built; see above)", file=sys.stderr, flush=True)
+            return None
+        info = log_pyfunc_model(self._mlflow, export_dir, PIP_REQUIREMENTS)
         self._mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
         return info.model_uri
 

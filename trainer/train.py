@@ -33,19 +33,21 @@ class TrainConfig:
     meta: str = "maml"
     inner_steps: int = 1
     eval_inner_steps: int = -1         # -1: same as inner_steps
-    inner_lr: float = 0.5
+    inner_lr: float = 1.0
     outer_lr: float = 1e-2
     first_order: bool = False
     meta_sgd: bool = False
     task_loop: bool = False
     clip_norm: float = 0.0             # outer loop: global norm of the dense meta-gradient; 0 = off
     inner_clip: float = 0.0            # inner loop: per-task gradient norm; 0 = off
+    plain_loss_weight: float = 1.0     # outer loss += this x the unadapted loss on all rows
     loss_rise_tolerance: float = 0.1   # stop when an epoch's mean loss rises by more; inf = never
     plain_baseline: str = "alongside"  # alongside | off | an export dir, models:/ URI or run id
     parallel: str = "hybrid"           # hybrid | naive | sok | auto
     input_sharding: str = "units"      # units | replicated (see TrainInput)
     emb_dim: int = 16
     hidden: tuple = (64, 64)
+    adapt: tuple = ("auto",)           # what the inner loop adapts (gmeta.models.base.ADAPT_PARTS)
     target: str = "auto"
     emb_optimizer: str = "adagrad"
     emb_lr: float = 0.2
@@ -59,6 +61,15 @@ class TrainConfig:
     output_dir: str = "runs"
     log_every: int = 20
     comm: str = "auto"
+    checkpoint_dir: str = ""           # "": <output_dir>/<run>/checkpoints; "none": no checkpoints
+    checkpoint_every_steps: int = 0    # also every N global steps (0: only at epoch ends)
+    checkpoint_every_secs: float = 0.0 # also when S seconds passed since the last one (0: off)
+    keep_checkpoints: int = 3          # newest committed checkpoints kept (0: all)
+    resume: bool = False               # continue from the newest checkpoint (gmeta.trainer.checkpoint)
+    init_from: str = ""                # a new run starting from trained weights (export, models:/, run id, checkpoint)
+    register_as: str = ""              # NAME[@ALIAS]: register the logged model at the end (gmeta register)
+    saved_model: bool = True           # export the serving SavedModel (and log the MLflow model)
+    results_json: str = ""             # also write the final report to this file
     extra: dict = field(default_factory=dict, hash=False)
 
     def validate(self) -> "TrainConfig":
@@ -78,12 +89,19 @@ class TrainConfig:
             (self.generator_epochs >= 0, "--generator-epochs must be >= 0"),
             (self.clip_norm >= 0 and self.inner_clip >= 0, "--clip-norm and --inner-clip must be >= 0"),
             (self.loss_rise_tolerance >= 0, "--loss-rise-tolerance must be >= 0 (inf: never stop)"),
+            (self.checkpoint_every_steps >= 0 and self.checkpoint_every_secs >= 0 and self.keep_checkpoints >= 0,
+             "--checkpoint-every-steps, --checkpoint-every-secs and --keep-checkpoints must be >= 0"),
+            (not (self.resume and self.init_from), "--resume continues a run, --init-from starts a new one: give one"),
+            (not (self.register_as and not self.saved_model), "--register-as needs the MLflow model: drop --no-saved-model"),
+            (not self.register_as or bool(self.tracking_uri and self.register_as.partition("@")[0]),
+             "--register-as NAME[@ALIAS] needs a name and MLflow tracking (not --tracking-uri none)"),
             (self.meta == "maml" or self.plain_baseline in ("alongside", "off"),
              "--plain-baseline: a --meta none run is itself the plain network; use off or alongside"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        self.model_config()  # validates --adapt
         return self
 
     def meta_config(self, meta: str | None = None):
@@ -92,13 +110,13 @@ class TrainConfig:
         return MetaConfig(meta=meta or self.meta, inner_steps=self.inner_steps, inner_lr=self.inner_lr,
                           first_order=self.first_order, meta_sgd=self.meta_sgd and (meta or self.meta) == "maml",
                           task_loop=self.task_loop, outer_lr=self.outer_lr, clip_norm=self.clip_norm,
-                          inner_clip=self.inner_clip).validate()
+                          inner_clip=self.inner_clip, plain_weight=self.plain_loss_weight).validate()
 
     def model_config(self):
         from gmeta.models.base import ModelConfig
 
         return ModelConfig(emb_dim=self.emb_dim, hidden=self.hidden, target=self.target,
-                           seed=self.seed, extra=dict(self.extra))
+                           seed=self.seed, adapt=tuple(self.adapt), extra=dict(self.extra))
 
     def reader_kwargs(self) -> dict:
         if AUTO in (self.support_size, self.query_size):
@@ -181,6 +199,9 @@ def add_arguments(p) -> None:
                    help="clip the dense meta-gradient to this global norm (0: off)")
     p.add_argument("--inner-clip", type=float, default=d.inner_clip,
                    help="clip each task's inner-loop gradient to this norm (0: off)")
+    p.add_argument("--plain-loss-weight", type=float, default=d.plain_loss_weight,
+                   help="add this weight x the unadapted model's loss on support and query rows to the "
+                        "meta-objective, so the shared parameters learn from every label as a plain model does")
     p.add_argument("--loss-rise-tolerance", type=float, default=d.loss_rise_tolerance,
                    help="stop with an error when an epoch's mean training loss exceeds the previous "
                         "epoch's by more than this fraction (inf: never); a NaN loss always stops")
@@ -196,6 +217,11 @@ def add_arguments(p) -> None:
                         "depend on the number of workers (costs N x decoding)")
     p.add_argument("--emb-dim", type=int, default=d.emb_dim)
     p.add_argument("--hidden", default=",".join(map(str, d.hidden)), help="MLP sizes, comma separated")
+    p.add_argument("--adapt", default=",".join(d.adapt),
+                   help="what the inner loop adapts per task, comma separated: head (every MLP layer), last "
+                        "(the output layer), user (the task's user embedding rows as local copies), pref (a "
+                        "per-task preference over the item representation), bias (per-task logit scale and bias); "
+                        "auto: user,pref,bias (pref,bias when the model has no user input)")
     p.add_argument("--target", default=d.target, choices=("auto", "click", "rating"),
                    help="label to fit for single-head models (auto: click when present)")
     p.add_argument("--emb-optimizer", default=d.emb_optimizer, choices=("sgd", "adagrad", "adam"))
@@ -212,6 +238,32 @@ def add_arguments(p) -> None:
     p.add_argument("--output-dir", default=d.output_dir, help="where the model export is written")
     p.add_argument("--log-every", type=int, default=d.log_every, help="steps between progress lines (0: off)")
     p.add_argument("--comm", default=d.comm, choices=("auto", "horovod", "local"))
+    p.add_argument("--checkpoint-dir", default=d.checkpoint_dir,
+                   help="where checkpoints go (local or hdfs://, shared by all workers; default "
+                        "<output-dir>/<run id>/checkpoints; none: no checkpoints). One is written at every "
+                        "epoch end, and more with the next two flags")
+    p.add_argument("--checkpoint-every-steps", type=int, default=d.checkpoint_every_steps,
+                   help="also checkpoint every N global steps (0: off)")
+    p.add_argument("--checkpoint-every-secs", type=float, default=d.checkpoint_every_secs,
+                   help="also checkpoint when S seconds passed since the last one (0: off)")
+    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
+                   help="newest committed checkpoints to keep (0: all)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest committed checkpoint in --checkpoint-dir (or a ckpt-... "
+                        "directory given there; without it, the most recent unfinished run under --output-dir): "
+                        "same MLflow run, same data order, any worker count")
+    p.add_argument("--init-from", default=d.init_from, metavar="MODEL",
+                   help="start a NEW run from trained weights: an export directory, models:/ URI, MLflow run id "
+                        "or checkpoint directory; variables and tables are copied by name, the rest keep their "
+                        "initial values (logged)")
+    p.add_argument("--register-as", default=d.register_as, metavar="NAME[@ALIAS]",
+                   help="register the run's model in the MLflow registry at the end of a successful run, "
+                        "and point ALIAS at the new version (as gmeta register)")
+    p.add_argument("--no-saved-model", dest="saved_model", action="store_false",
+                   help="skip the serving SavedModel and the MLflow model (quick experiments, tuning trials)")
+    p.add_argument("--results-json", default=d.results_json, metavar="PATH",
+                   help="also write the final report (the last stdout line) to this file, without "
+                        "horovodrun's rank prefix")
     p.add_argument("--extra", action="append", metavar="KEY=VALUE", help="model-specific hyper-parameter")
 
 
@@ -221,7 +273,8 @@ def config_from_args(args) -> TrainConfig:
         hidden = tuple(int(h) for h in args.hidden.split(",") if h.strip())
     except ValueError:
         raise ValueError(f"--hidden expects comma separated integers, got {args.hidden!r}") from None
-    special = {"hidden": hidden, "eval_splits": tuple(s for s in args.eval_splits.split(",") if s),
+    special = {"hidden": hidden, "adapt": tuple(a.strip() for a in args.adapt.split(",") if a.strip()),
+               "eval_splits": tuple(s for s in args.eval_splits.split(",") if s),
                "tracking_uri": None if args.tracking_uri.lower() == "none" else args.tracking_uri,
                "extra": _parse_extra(args.extra)}
     values = {f.name: special.get(f.name, getattr(args, f.name)) for f in dataclasses.fields(TrainConfig)}
@@ -258,6 +311,7 @@ def train(cfg: TrainConfig, on_epoch=None) -> dict:
     from gmeta.trainer.phases import run_phases
     from gmeta.trainer.report import print_report, save_per_task
     from gmeta.trainer.tracking import Tracker
+    from gmeta.trainer.checkpoint import RunCheckpoints
     from gmeta.trainer.train_loop import fit
 
     tf.random.set_seed(cfg.seed)
@@ -276,9 +330,13 @@ def train(cfg: TrainConfig, on_epoch=None) -> dict:
         f"{steps} steps/epoch x {cfg.epochs} epochs, T={cfg.tasks_per_batch} S={cfg.support_size} "
         f"Q={cfg.query_size}" + ("; the plain network trains alongside" if plain else ""))
 
-    tracker = Tracker(cfg.tracking_uri, cfg.experiment, cfg.run_name or None, enabled=is_chief)
+    checkpoints = RunCheckpoints.open(cfg, comm, log, schema)  # --resume: found and checked here
+    tracker = Tracker(cfg.tracking_uri, cfg.experiment, cfg.run_name or None, enabled=is_chief,
+                      run_id=checkpoints.mlflow_run_id)
     try:
-        tracker.log_params({**config_dict(cfg), "workers": comm.size, "steps_per_epoch": steps})
+        if not checkpoints.mlflow_run_id:
+            tracker.log_params({**config_dict(cfg), "workers": comm.size, "steps_per_epoch": steps})
+        checkpoints.start(tracker.run_id, learner, plain, reader)
         val_split = validation_split(cfg, schema)
 
         def after_epoch(epoch: int) -> None:
@@ -294,7 +352,8 @@ def train(cfg: TrainConfig, on_epoch=None) -> dict:
             if on_epoch is not None:
                 on_epoch(epoch, report)
 
-        history = fit(learner, reader, cfg, comm, log, tracker, plain=plain, after_epoch=after_epoch)
+        history = fit(learner, reader, cfg, comm, log, tracker, plain=plain, after_epoch=after_epoch,
+                      checkpoints=checkpoints)
         history.update(run_phases(learner, reader, epochs=cfg.generator_epochs, first_epoch=cfg.epochs,
                                   learning_rate=cfg.outer_lr, log=log, tracker=tracker,
                                   distinct_values=lambda column: distinct_values(cfg.data, "train", column)))
@@ -306,15 +365,31 @@ def train(cfg: TrainConfig, on_epoch=None) -> dict:
         tracker.log_metrics(results)
         comm_stats = history.pop("comm_per_step")
         tracker.log_metrics({"comm_per_step": comm_stats})
-        run_dir = os.path.join(cfg.output_dir, tracker.run_id or time.strftime("local-%Y%m%d-%H%M%S"))
-        export_dir = export_model(learner, config_dict(cfg), os.path.join(run_dir, "model"), is_chief)
+        run_dir = checkpoints.run_dir
+        export_dir = export_model(learner, config_dict(cfg), os.path.join(run_dir, "model"), is_chief,
+                                  saved_model=cfg.saved_model)
         if is_chief:
             tracker.log_dict(results, "eval_results.json")
+            with open(os.path.join(run_dir, "eval_results.json"), "w") as f:  # for gmeta compare
+                json.dump(results, f, sort_keys=True)
             tracker.log_artifacts(save_per_task(per_task, os.path.join(run_dir, "per_task")), "per_task")
             model_uri = tracker.log_model(export_dir)
+            if cfg.register_as:  # gmeta register's logic; its message goes to stderr
+                import contextlib
+
+                from gmeta.trainer.register import RegisterConfig, register
+
+                name, _, alias = cfg.register_as.partition("@")
+                with contextlib.redirect_stdout(sys.stderr):
+                    register(RegisterConfig(run=tracker.run_id, name=name, alias=alias,
+                                            tracking_uri=cfg.tracking_uri))
             print_report(results, sys.stderr)
             _print_run_facts(comm_stats, history, tracker.run_id, model_uri, export_dir)
+            if cfg.results_json:
+                with open(cfg.results_json, "w") as f:
+                    json.dump(results, f, sort_keys=True)
             print(json.dumps(results, sort_keys=True), flush=True)
+        checkpoints.finish()
         tracker.finish()
     except BaseException:
         tracker.finish("FAILED")
@@ -365,6 +440,7 @@ def load_plain_baseline(source: str, tracking_uri):
 def config_dict(cfg: TrainConfig) -> dict:
     d = dataclasses.asdict(cfg)
     d["hidden"] = list(cfg.hidden)
+    d["adapt"] = list(cfg.adapt)
     d["eval_splits"] = list(cfg.eval_splits)
     return d
 
