@@ -23,7 +23,8 @@ def _modes():
     return BACKENDS if sok_available()[0] else ["hybrid", "naive"]
 
 
-@pytest.fixture(scope="module", params=[1, 2, 3], ids=lambda n: f"np{n}")
+# one worker is the in-process reference test in test_embedding.py; here the real collectives
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"np{n}")
 def dist(request, tmp_path_factory):
     n = request.param
     out = tmp_path_factory.mktemp(f"emb_np{n}")

@@ -11,7 +11,8 @@ import pytest
 
 from conftest import BIN, horovodrun, last_json, run_gmeta
 
-FLAGS = ["--epochs", "1", "--log-every", "0", "--tasks-per-batch", "16"]
+FLAGS = ["--epochs", "1", "--log-every", "0", "--tasks-per-batch", "16", "--plain-baseline", "off",
+         "--checkpoint-dir", "none"]
 
 
 def _run_id(proc) -> str:

@@ -101,6 +101,7 @@ def test_metaemb_without_generator_evaluates_the_same_after_export(tiny_synth, t
     embeddings on, so `gmeta evaluate --export` reproduces the run's own evaluation."""
     trained = run_gmeta("train", "--model", "metaemb", "--data", tiny_synth, "--epochs", "1",
                         "--generator-epochs", "0", "--tracking-uri", "none", "--log-every", "0",
+                        "--plain-baseline", "off", "--no-saved-model", "--checkpoint-dir", "none",
                         "--output-dir", tmp_path / "runs", cwd=tmp_path)
     export = trained.stderr.split("export: ")[-1].split()[0]
     evaluated = last_json(run_gmeta("evaluate", "--export", tmp_path / export, "--data", tiny_synth,
