@@ -19,7 +19,7 @@ demo: venv
 	    $(BIN)/gmeta train --model $(MODEL) --data $(DATA) --tracking-uri sqlite:///mlflow.db
 
 test: venv
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 bench: venv
 	$(BIN)/gmeta bench io --json
