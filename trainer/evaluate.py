@@ -73,13 +73,14 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     splits = evaluation_splits(schema, cfg.eval_splits)
     plain = load_plain_baseline(cfg.plain_baseline, cfg.tracking_uri) if cfg.plain_baseline else None
     item_mean = item_mean_baseline(cfg.data, schema, learner.model.target) if "train" in schema.splits else None
+    rows = {}
     results, _ = evaluate_splits(learner, cfg.data, splits, learner.comm, reader_kwargs, steps,
                                  log=lambda m: print(f"[gmeta] {m}", file=sys.stderr, flush=True),
-                                 plain=plain, item_mean=item_mean)
+                                 plain=plain, item_mean=item_mean, rows_out=rows)
     if cfg.predictions_out:
         from gmeta.trainer.predict import write_eval_predictions
 
-        write_eval_predictions(learner, cfg.data, splits, reader_kwargs, steps, cfg.predictions_out,
+        write_eval_predictions(rows, cfg.predictions_out,
                                log=lambda m: print(f"[gmeta] {m}", file=sys.stderr, flush=True))
     print_report(results, sys.stderr)
     print(json.dumps(results, sort_keys=True), flush=True)

@@ -56,12 +56,14 @@ def item_mean_baseline(dataset_dir: str, schema, target: str):
 
 
 def evaluate_splits(learner, dataset_dir: str, splits, comm, reader_kwargs: dict, inner_steps: int,
-                    log=print, plain=None, item_mean=None, n_boot: int = 1000) -> tuple:
+                    log=print, plain=None, item_mean=None, n_boot: int = 1000, rows_out=None) -> tuple:
     """``(report, per_task)``: the JSON-able report per split (module docstring) and the per-task
     arrays behind it (``{split: {"<head>/<scorer>": per-task dict}}``) for paired comparisons.
 
     ``plain``: a learner of the same network trained with ``meta="none"`` (or None).
     ``item_mean``: a fitted ``ItemMeanBaseline`` (or None).
+    ``rows_out``: a dict that receives, per split, the gathered per-query-row arrays (for
+    ``gmeta evaluate --predictions-out``, so the rows are not computed twice).
     """
     from gmeta.io.reader import MetaReader
 
@@ -74,6 +76,8 @@ def evaluate_splits(learner, dataset_dir: str, splits, comm, reader_kwargs: dict
         gathered = [g for g in comm.allgather_object(rows) if g]
         merged = {k: np.concatenate([g[k] for g in gathered]) for k in gathered[0]} if gathered else {}
         tasks = int(sum(comm.allgather_object(reader.stats.get("tasks_read", 0))))
+        if rows_out is not None:
+            rows_out[split] = merged
         report[split], per_task[split] = _split_report(merged, learner.model, item_mean, n_boot)
         report[split]["tasks"] = tasks
         log(f"evaluated {split}: {report[split]['rows']} query rows of {tasks} tasks in "
@@ -92,6 +96,7 @@ def _collect(learner, plain, reader, inner_steps: int, oracle_columns) -> dict:
         out = fn(batch)
         keep = out.pop("mask").numpy() > 0
         row = {k: v.numpy()[keep] for k, v in out.items()}
+        row["query_position"] = np.broadcast_to(np.arange(keep.shape[1]), keep.shape)[keep]
         if plain_fn is not None:
             p = plain_fn(batch)
             for k, v in p.items():

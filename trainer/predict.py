@@ -208,40 +208,32 @@ def columns_from_arrow(table, runtime) -> dict:
 
 
 # ----------------------------------------------------------------------------- gmeta evaluate
-def write_eval_predictions(learner, dataset_dir: str, splits, reader_kwargs: dict, steps: int,
-                           path: str, log=None) -> int:
+def write_eval_predictions(rows_by_split: dict, path: str, log=None) -> int:
     """``gmeta evaluate --predictions-out``: one row per evaluated query row, in reader order:
     ``split``, ``task``, ``query_position`` (the row's place among its task's query rows),
     ``item`` (single-valued item feature), ``label`` and ``score_adapted`` / ``score_unadapted``
-    (and ``label_<head>``, ``score_<head>_adapted`` / ``_unadapted`` per extra head). The same
-    reader and traced eval step as the evaluation (one more pass over the splits)."""
+    (and ``label_<head>``, ``score_<head>_adapted`` / ``_unadapted`` per extra head), from the
+    rows the evaluation already gathered (``evaluate_splits(..., rows_out=)``)."""
     import pyarrow as pa
 
-    from gmeta.io.reader import MetaReader
     from gmeta.trainer.savedmodel import output_name
 
     columns = {}
-    for split in splits:
-        reader = MetaReader(dataset_dir, split=split, rank=0, world_size=1, shuffle=False, seed=0,
-                            **reader_kwargs)
-        ds = reader.dataset(epoch=0)
-        fn = learner.compiled_eval_step(ds.element_spec, steps)
-        for batch in ds:
-            out = {k: v.numpy() for k, v in fn(batch).items()}
-            keep = out.pop("mask") > 0
-            rows = {"split": np.full(int(keep.sum()), split, object),
-                    "task": out["task"][keep],
-                    "query_position": np.broadcast_to(np.arange(keep.shape[1]), keep.shape)[keep]}
-            if "item" in out:
-                rows["item"] = out["item"][keep]
-            heads = [k[:-len("/label")] for k in out if k.endswith("/label")]
-            for i, head in enumerate(heads):
-                name = output_name(head, i == 0)
-                rows["label" if i == 0 else f"label{name[len('score'):]}"] = out[f"{head}/label"][keep]
-                rows[f"{name}_adapted"] = out[f"{head}/adapted"][keep]
-                rows[f"{name}_unadapted"] = out[f"{head}/unadapted"][keep]
-            for k, v in rows.items():
-                columns.setdefault(k, []).append(v)
+    for split, out in rows_by_split.items():
+        if not out:
+            continue
+        rows = {"split": np.full(out["task"].size, split, object), "task": out["task"],
+                "query_position": out["query_position"]}
+        if "item" in out:
+            rows["item"] = out["item"]
+        heads = [k[:-len("/label")] for k in out if k.endswith("/label") and ":" not in k]
+        for i, head in enumerate(heads):
+            name = output_name(head, i == 0)
+            rows["label" if i == 0 else f"label{name[len('score'):]}"] = out[f"{head}/label"]
+            rows[f"{name}_adapted"] = out[f"{head}/adapted"]
+            rows[f"{name}_unadapted"] = out[f"{head}/unadapted"]
+        for k, v in rows.items():
+            columns.setdefault(k, []).append(v)
     table = pa.table({k: pa.array(np.concatenate(v)) for k, v in columns.items()}) if columns else pa.table({})
     write_table(table, path)
     if log:

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 
 from gmeta.trainer.launch import run_guarded
