@@ -43,7 +43,8 @@ class MetaReader:
     max(8 T, 1024)), ``use_index=False`` (ignore ``_index.json`` and scan), ``numpy_batches(epoch)``
     (the same batches without TensorFlow), ``units`` / ``my_units`` / ``tasks_per_rank`` (the
     plan) and ``error`` (the last DataError met while reading). ``stats`` counts, cumulatively
-    over everything read: rows and tasks read, support/query rows dropped past S/Q, truncated
+    over everything read (``epoch_stats(e)``: one epoch's share): rows and tasks read,
+    support/query rows dropped past S/Q, truncated
     tasks, list values dropped past ``max_len``, tasks without support or query rows, padding
     tasks and batches.
     """
@@ -84,6 +85,7 @@ class MetaReader:
             log.warning("rank %d of %d has no stripes of %s (only %d units); it yields padding batches only",
                         self.rank, self.world_size, self.split_dir, len(self.units))
         self.stats = dict.fromkeys(STAT_KEYS, 0)
+        self.stats_by_epoch = {}  # the same counts, per epoch read (see epoch_stats)
         self.error: Optional[DataError] = None  # the last DataError raised while reading
         self._empty = empty_block(self._layout)
 
@@ -152,9 +154,9 @@ class MetaReader:
                 ahead.append((executor.submit(gather_tasks, pool, sel, n_batches, self.T, self.S, self.Q,
                                               self._layout), n_batches, sel.size))
                 if len(ahead) > 2 * self.num_parallel_reads:
-                    yield self._collect(*ahead.popleft())
+                    yield self._collect(epoch, *ahead.popleft())
             while ahead:
-                yield self._collect(*ahead.popleft())
+                yield self._collect(epoch, *ahead.popleft())
         except DataError as exc:
             self.error = exc
             raise
@@ -163,11 +165,21 @@ class MetaReader:
                 f.cancel()
             executor.shutdown(wait=True, cancel_futures=True)
 
-    def _collect(self, future, n_batches: int, real_tasks: int) -> dict:
+    def _collect(self, epoch: int, future, n_batches: int, real_tasks: int) -> dict:
         chunk = future.result()
-        self.stats["batches"] += n_batches
-        self.stats["padding_tasks"] += n_batches * self.T - real_tasks
+        self._count(epoch, {"batches": n_batches, "padding_tasks": n_batches * self.T - real_tasks})
         return chunk
+
+    def _count(self, epoch: int, counts: dict) -> None:
+        mine = self.stats_by_epoch.setdefault(epoch, dict.fromkeys(STAT_KEYS, 0))
+        for k, v in counts.items():
+            self.stats[k] += v
+            mine[k] += v
+
+    def epoch_stats(self, epoch: int) -> dict:
+        """What reading ``epoch`` counted (each epoch once: the next epoch's read-ahead counts
+        under its own number). Complete once the epoch's last batch has been taken."""
+        return dict(self.stats_by_epoch.get(epoch, dict.fromkeys(STAT_KEYS, 0)))
 
     def _chunk_plan(self, epoch: int, executor: ThreadPoolExecutor) -> Iterator[tuple]:
         """``(pool block, task indices, batches)`` per chunk: read blocks into a shuffle pool,
@@ -178,8 +190,7 @@ class MetaReader:
         buffer = max(self.shuffle_buffer_tasks, chunk) if self.shuffle else chunk
         parts, held, emitted = [], 0, 0
         for block, stats in self._blocks(executor, self.unit_order(epoch)):
-            for k, v in stats.items():
-                self.stats[k] += v
+            self._count(epoch, stats)
             parts.append(block)
             held += block.tasks
             if held >= buffer:

@@ -24,7 +24,7 @@ from gmeta.trainer.checkpoint import (COMMITTED, FINISHED, CheckpointError, comm
 EVERY = 7
 TRAIN = ["train", "--model", "maml_dnn", "--epochs", "2", "--tasks-per-batch", "8", "--log-every", "0", "--no-saved-model",
          "--eval-splits", "user_cold,item_cold", "--validation-split", "none", "--checkpoint-every-steps", str(EVERY),
-         "--keep-checkpoints", "0"]
+         "--keep-checkpoints", "0", "--support-curve", "none"]
 KEYS = ("auc_adapted", "gauc_adapted")
 
 
@@ -176,7 +176,7 @@ def test_kill_9_mid_epoch_then_resume_reaches_the_uninterrupted_metrics(referenc
 # --init-from starts a MAML run from
 ONE = ["train", "--model", "maml_dnn", "--meta", "none", "--epochs", "1", "--tasks-per-batch", "8", "--no-saved-model",
        "--log-every", "0", "--eval-splits", "user_cold", "--plain-baseline", "off", "--tracking-uri", "none",
-       "--checkpoint-every-steps", "10"]
+       "--checkpoint-every-steps", "10", "--support-curve", "none"]
 
 
 @pytest.fixture(scope="module")
@@ -300,7 +300,7 @@ def test_init_from_a_plain_export_starts_maml_at_the_plain_weights(uninterrupted
     plain_export = uninterrupted["export"]
     maml = run_gmeta("train", "--model", "maml_dnn", "--epochs", "0", "--init-from", plain_export, "--data", tiny_synth,
                      "--eval-splits", "user_cold", "--plain-baseline", "off", "--tracking-uri", "none",
-                     "--output-dir", tmp_path / "maml", cwd=tmp_path)
+                     "--support-curve", "none", "--output-dir", tmp_path / "maml", cwd=tmp_path)
     line = next(ln for ln in maml.stderr.splitlines() if "--init-from" in ln)
     assert "left at initial values: none" in line and "table/item_id" in line and "params/mlp/w0" in line, line
     maml_export = Path(maml.stderr.split("export: ")[-1].split()[0])

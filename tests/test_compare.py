@@ -6,7 +6,7 @@ from pathlib import Path
 from conftest import last_json, run_gmeta
 
 FLAGS = ["--epochs", "1", "--log-every", "0", "--plain-baseline", "off", "--eval-splits", "user_cold",
-         "--no-saved-model", "--checkpoint-dir", "none"]
+         "--no-saved-model", "--checkpoint-dir", "none", "--support-curve", "none"]
 
 
 def _train(tmp_path, data, *extra, tracking="none"):

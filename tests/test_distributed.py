@@ -29,7 +29,7 @@ def _dense_bytes(res) -> int:
 @pytest.mark.parametrize("mode", ["hybrid", "naive"])
 def test_meta_step_communication_shape(tmp_path, mode):
     """hybrid: ONE id/vector AlltoAll round trip per step for all tables together (not one per
-    table), nothing in the inner loop, ONE fused allreduce of the dense gradients + task count.
+    table), nothing in the inner loop, ONE fused allreduce of the dense gradients + loss, counts and the stop request.
     naive: no AlltoAll; ONE fused allreduce that also carries every full table gradient and its
     per-row touched count. Every byte count is derived here from shapes and the batches' ids."""
     np_ = 2
@@ -47,8 +47,9 @@ def test_meta_step_communication_shape(tmp_path, mode):
         dense_bytes = _dense_bytes(res)
         assert one["broadcast"] == {"bytes": 0, "calls": 0}
         if mode == "hybrid":
-            # + the loss sum and the task count, which ride in the same fused allreduce
-            assert one["allreduce"] == {"calls": 1, "bytes": dense_bytes + 2 * F32}
+            # + the loss sum, the task count, the real-task count and the stop request, which
+            # ride in the same fused allreduce
+            assert one["allreduce"] == {"calls": 1, "bytes": dense_bytes + 4 * F32}
             mine = sum(u.size for u in uniques[rank].values())
             # rows this rank serves: every rank's distinct rows whose owner (row % N) is this rank
             served = sum(int(np.sum(u % np_ == rank)) for per in uniques for u in per.values())
@@ -57,7 +58,7 @@ def test_meta_step_communication_shape(tmp_path, mode):
             assert one["alltoall_grads"] == {"calls": 1, "bytes": F32 * EMB_DIM * mine}
         else:
             tables_bytes = sum(rows * EMB_DIM * F32 + rows * F32 for rows in tables.values())
-            assert one["allreduce"] == {"calls": 1, "bytes": dense_bytes + 2 * F32 + tables_bytes}
+            assert one["allreduce"] == {"calls": 1, "bytes": dense_bytes + 4 * F32 + tables_bytes}
             for kind in ("alltoall_ids", "alltoall_vectors", "alltoall_grads"):
                 assert one[kind] == {"bytes": 0, "calls": 0}, kind
 

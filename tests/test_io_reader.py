@@ -68,6 +68,24 @@ def test_truncation_is_counted(data):
     assert r.stats["batches"] == 15 and r.stats["padding_tasks"] == 0
 
 
+
+def test_input_statistics_count_each_epoch_once(data):
+    """The training loop reads epochs as one prefetched stream, so epoch 1 is being read while
+    epoch 0's last batches train; each epoch's statistics must still count that epoch alone."""
+    from gmeta.trainer.train_loop import all_epochs
+
+    r = MetaReader(data, tasks_per_batch=4, support_size=3, query_size=1, seed=1)
+    stream = iter(all_epochs(r, epochs=3))
+    for _ in range(r.steps_per_epoch + 2):  # all of epoch 0, two batches of epoch 1 (and read-ahead)
+        next(stream)
+    one_epoch = {"tasks_read": 60, "batches": 15, "padding_tasks": 0}
+    assert {k: r.epoch_stats(0)[k] for k in one_epoch} == one_epoch
+    assert r.stats["tasks_read"] > 60  # the cumulative count already holds read-ahead
+    for _ in stream:
+        pass
+    assert all({k: r.epoch_stats(e)[k] for k in one_epoch} == one_epoch for e in range(3))
+
+
 def test_shapes_and_padding_of_last_batch(data):
     """Static [T, S] / [T, S, L] shapes; a partial last batch is padded with task_mask 0, id -1."""
     r = MetaReader(data, tasks_per_batch=7, support_size=5, query_size=2, shuffle=False)

@@ -25,7 +25,7 @@ def test_two_worker_run_is_logged_registered_and_evaluated(tiny_synth, tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     proc = horovodrun(2, [BIN / "gmeta", "train", "--model", "melu", "--data", tiny_synth,
                           "--tracking-uri", uri, "--output-dir", tmp_path / "runs", *FLAGS],
-                      timeout=400)
+                      timeout=400, env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
     trained = last_json(proc)
     run_id = _run_id(proc)
 
@@ -36,6 +36,31 @@ def test_two_worker_run_is_logged_registered_and_evaluated(tiny_synth, tmp_path)
     assert run.data.params["model"] == "melu" and run.data.params["workers"] == "2"
     assert abs(run.data.metrics["user_cold.auc_adapted"] - trained["user_cold"]["auc_adapted"]) < 1e-6
     assert "train_loss" in run.data.metrics and "comm_per_step.allreduce.calls" in run.data.metrics
+    # what ran: versions, world size, source commit; the dataset with its schema and digest
+    from gmeta.trainer.run_info import dataset_digest, source_commit
+    tags = run.data.tags
+    assert tags["gmeta.world_size"] == "2" and tags["tensorflow.version"] == "2.17.1"
+    assert tags["horovod.version"] and tags["gmeta.version"]
+    if source_commit():
+        assert tags["mlflow.source.git.commit"] == source_commit()["commit"]
+    (inp,) = run.inputs.dataset_inputs
+    assert inp.dataset.digest == dataset_digest(str(tiny_synth))[0] and '"name": "task_id"' in inp.dataset.schema
+    # per-step metrics (at least one point per epoch with --log-every 0): the global loss and
+    # real tasks/s; system metrics; per-epoch input statistics of rank 0's share
+    (point,) = client.get_metric_history(run_id, "step_loss")
+    assert point.step == int(run.data.params["steps_per_epoch"]) and point.value > 0
+    assert run.data.metrics["tasks_per_s"] > 0
+    assert any(k.startswith("system/cpu") for k in run.data.metrics), sorted(run.data.metrics)
+    assert 0 < run.data.metrics["input_tasks_read"] < 300  # rank 0's share of the 300 training tasks
+    # the support curve (GAUC against support rows) as metrics and in the report, and the plots
+    curve = trained["user_cold"]["support_curve"]
+    assert curve["k"] == [0, 1, 2, 5, 10, 20, "all"]
+    assert curve["adapted"][0] == curve["unadapted"][0] == pytest.approx(trained["user_cold"]["gauc_unadapted"], abs=1e-4)
+    assert curve["adapted"][-1] == pytest.approx(trained["user_cold"]["gauc_adapted"], abs=1e-4)
+    history = client.get_metric_history(run_id, "user_cold.support_gauc_adapted")
+    assert [m.step for m in sorted(history, key=lambda m: m.step)][:6] == [0, 1, 2, 5, 10, 20]
+    plots = {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert plots == {"plots/learning_curve.png", "plots/support_curve.png", "plots/calibration.png"}
 
     out = run_gmeta("register", "--run", run_id, "--name", "melu", "--alias", "champion",
                     "--tracking-uri", uri, cwd=tmp_path)
@@ -115,7 +140,8 @@ def mlflow_server(tmp_path):
 
 def test_run_logged_to_a_real_mlflow_server(tiny_synth, tmp_path, mlflow_server):
     proc = run_gmeta("train", "--model", "maml_dnn", "--data", tiny_synth, "--tracking-uri", mlflow_server,
-                     "--experiment", "server-test", "--output-dir", tmp_path / "runs", *FLAGS, cwd=tmp_path)
+                     "--experiment", "server-test", "--output-dir", tmp_path / "runs", *FLAGS,
+                     "--support-curve", "none", cwd=tmp_path)
     run_id = _run_id(proc)
     from mlflow import MlflowClient
     run = MlflowClient(mlflow_server).get_run(run_id)
@@ -126,3 +152,51 @@ def test_run_logged_to_a_real_mlflow_server(tiny_synth, tmp_path, mlflow_server)
                                     cwd=tmp_path))
     assert evaluated["user_cold"]["auc_adapted"] == pytest.approx(last_json(proc)["user_cold"]["auc_adapted"],
                                                                     abs=1e-4)
+
+
+def test_tracking_flags_default_to_mlflow_environment_variables(monkeypatch):
+    import argparse
+
+    from gmeta.trainer.tracking import DEFAULT_TRACKING_URI, add_tracking_arguments
+
+    def parsed(*argv):
+        p = argparse.ArgumentParser()
+        add_tracking_arguments(p, "gmeta")
+        return p.parse_args(list(argv))
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    assert (parsed().tracking_uri, parsed().experiment) == (DEFAULT_TRACKING_URI, "gmeta")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "cold-start")
+    assert (parsed().tracking_uri, parsed().experiment) == ("http://127.0.0.1:5999", "cold-start")
+    assert parsed("--tracking-uri", "none").tracking_uri == "none"  # the flag wins
+
+
+def test_unreachable_tracking_server_warns_once_and_logs_to_a_local_fallback(tmp_path, capsys):
+    """A tracking server that does not answer must not stop training or lose the run: one
+    warning, and the run goes to a sqlite store in the output directory."""
+    from mlflow import MlflowClient
+
+    from gmeta.trainer.tracking import FALLBACK_DB, Tracker
+
+    dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    tracker = Tracker(dead, "gmeta", "r", enabled=True, fallback_dir=str(tmp_path))
+    tracker.log_params({"a": 1})
+    tracker.log_metrics({"loss": 0.5}, step=3)
+    tracker.finish()
+    err = capsys.readouterr().err
+    assert err.count("WARNING") == 1 and f"{dead} is unreachable" in err
+    fallback = f"sqlite:///{tmp_path / FALLBACK_DB}"
+    assert tracker.uri == fallback and fallback in err
+    run = MlflowClient(fallback).get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"a": "1"} and run.data.metrics == {"loss": 0.5}
+
+
+def test_a_local_store_that_cannot_be_opened_is_a_clear_error(tmp_path):
+    from gmeta.trainer.tracking import Tracker
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match=r"--tracking-uri sqlite:///.*/file/sub/m.db: cannot open the MLflow store"):
+        Tracker(f"sqlite:///{blocker}/sub/m.db", "gmeta", "r", enabled=True)

@@ -19,12 +19,12 @@ MODELS = ["melu", "maml_dnn", "maml_esmm", "metaemb"]
 @pytest.mark.parametrize("meta_sgd", [False, True])
 def test_run_state_lists_every_variable_once(model, meta_sgd):
     """Every tf.Variable reachable from the learner is in the run state, under one name, except
-    the communication counters (statistics, not state)."""
+    the communication counters and the stop request (signals, not state)."""
     learner = make_learner(model, meta_sgd=meta_sgd)
     state = run_state(learner)
     listed = list(state.replicated.values()) + list(state.sharded.values())
     assert len({id(v) for v in listed}) == len(listed), "a variable is listed twice"
-    counters = {id(v) for v in learner.comm.counters.variables}
+    counters = {id(v) for v in learner.comm.counters.variables + learner.comm.stop.variables}
     reachable = {id(v) for v in learner.variables} - counters
     assert {id(v) for v in listed} == reachable
     names = set(state.replicated)
@@ -102,6 +102,7 @@ def test_metaemb_without_generator_evaluates_the_same_after_export(tiny_synth, t
     trained = run_gmeta("train", "--model", "metaemb", "--data", tiny_synth, "--epochs", "1",
                         "--generator-epochs", "0", "--tracking-uri", "none", "--log-every", "0",
                         "--plain-baseline", "off", "--no-saved-model", "--checkpoint-dir", "none",
+                        "--support-curve", "none",
                         "--output-dir", tmp_path / "runs", cwd=tmp_path)
     export = trained.stderr.split("export: ")[-1].split()[0]
     evaluated = last_json(run_gmeta("evaluate", "--export", tmp_path / export, "--data", tiny_synth,

@@ -72,7 +72,8 @@ OPERATIONAL_FIELDS = frozenset({
     "data", "epochs", "eval_inner_steps", "eval_splits", "validation_split", "tracking_uri",
     "experiment", "run_name", "output_dir", "log_every", "comm", "generator_epochs",
     "loss_rise_tolerance", "checkpoint_dir", "checkpoint_every_steps", "checkpoint_every_secs",
-    "keep_checkpoints", "resume", "init_from", "plain_baseline",
+    "keep_checkpoints", "resume", "init_from", "plain_baseline", "register_as", "saved_model",
+    "results_json", "support_curve", "stop_grace_secs",
 })
 
 # test hooks (never set in production): exit between the shard files and the commit of the
@@ -826,6 +827,10 @@ class RunCheckpoints:
         self._saved_steps.add(step)
         self._last_save = time.monotonic()
         return path
+
+    def latest(self):
+        """The newest committed checkpoint of this run's directory (None when there is none)."""
+        return latest_checkpoint(self.directory) if self.directory else None
 
     def finish(self) -> None:
         """Mark the run complete (``--resume`` without a directory then looks past it)."""

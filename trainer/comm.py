@@ -83,6 +83,28 @@ class CommCounters(tf.Module):
             v.assign(0)
 
 
+class StopRequest(tf.Module):
+    """A rank's request to stop the job cleanly (SIGTERM/SIGINT from a scheduler or a user).
+
+    A signal can reach one rank or all of them, at any moment. The handler only notes it
+    (``note``); before its next step the rank raises ``flag`` (``arm``), which rides in that
+    step's one allreduce (``sum_for_global_mean(riders=...)``), so every rank learns of it at
+    the same step, with no extra collective, and they all stop after that step together.
+    """
+
+    def __init__(self):
+        super().__init__(name="stop_request")
+        self.flag = tf.Variable(0.0, trainable=False, name="flag")
+        self.signal = None  # the signal number noted on this rank, if any
+
+    def note(self, signum: int) -> None:
+        self.signal = self.signal or signum
+
+    def arm(self) -> None:
+        if self.signal is not None and float(self.flag.numpy()) == 0.0:
+            self.flag.assign(1.0)
+
+
 @dataclass
 class Communicator:
     """Base class: rank/size plus the collectives gmeta uses. Subclasses implement ``_*`` hooks."""
@@ -93,6 +115,7 @@ class Communicator:
 
     def __post_init__(self):
         self.counters = CommCounters()
+        self.stop = StopRequest()  # shared with with_own_counters() twins
 
     def with_own_counters(self) -> "Communicator":
         """The same communicator (same ranks, same collectives) counting into fresh counters,
@@ -102,14 +125,19 @@ class Communicator:
         return twin
 
     # ---- the scaling rule (see module docstring) ----
-    def sum_for_global_mean(self, sums: Sequence[tf.Tensor], count: tf.Tensor):
-        """``(sums over ranks, 1 / global count)`` in ONE fused allreduce (see module docstring).
+    def sum_for_global_mean(self, sums: Sequence[tf.Tensor], count: tf.Tensor, riders: Sequence[tf.Tensor] = ()):
+        """``(sums over ranks, 1 / global count, riders summed over ranks)`` in ONE fused
+        allreduce (see module docstring).
 
         ``count`` is this rank's float32 count of what the loss averages over; a global count of
         0 (no rank had anything real) gives scale 1 on zero sums, never a division by zero.
+        ``riders``: float32 scalars that need a global sum too (the step's real tasks, the stop
+        request), carried in the same collective.
         """
-        reduced = self.allreduce_sum(list(sums) + [tf.cast(count, tf.float32)])
-        return reduced[:-1], 1.0 / tf.maximum(reduced[-1], 1.0)
+        n = len(sums)
+        reduced = self.allreduce_sum(list(sums) + [tf.cast(count, tf.float32)]
+                                     + [tf.cast(r, tf.float32) for r in riders])
+        return reduced[:n], 1.0 / tf.maximum(reduced[n], 1.0), reduced[n + 1:]
 
     # ---- collectives, counted ----
     def allreduce_mean(self, tensors: Sequence[tf.Tensor], kind: str = "allreduce") -> list:

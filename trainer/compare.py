@@ -30,13 +30,14 @@ class CompareConfig:
 
 def add_arguments(p) -> None:
     from gmeta.trainer.metrics import AGGREGATES
+    from gmeta.trainer.tracking import add_tracking_arguments
 
     p.add_argument("runs", nargs="+", metavar="RUN", help="MLflow run ids or local run directories")
     p.add_argument("--metric", default="gauc", choices=sorted(AGGREGATES), help="metric to compare")
     p.add_argument("--splits", default="", help="comma separated; default: every split all runs evaluated")
     p.add_argument("--scorer", default="adapted",
                    help="which scores of each run: adapted, unadapted, plain, plain_finetuned, item_mean, ...")
-    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    add_tracking_arguments(p)
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
 
 

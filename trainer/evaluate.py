@@ -29,12 +29,14 @@ class EvaluateConfig:
 
 
 def add_arguments(p) -> None:
+    from gmeta.trainer.tracking import add_tracking_arguments
+
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", default="", help="MLflow run id of a gmeta train run")
     src.add_argument("--model", dest="model_uri", default="", help="MLflow model URI, e.g. models:/melu@champion")
     src.add_argument("--export", default="", help="a local gmeta export directory")
     p.add_argument("--data", required=True, help="dataset directory with schema.json")
-    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    add_tracking_arguments(p)
     p.add_argument("--eval-splits", default="", help="comma separated; default: every split but train")
     p.add_argument("--inner-steps", type=int, default=-1, help="-1: the value the model was trained with")
     p.add_argument("--tasks-per-batch", type=int, default=32)

@@ -12,6 +12,8 @@ import os
 import sys
 import traceback
 
+from gmeta.trainer.signals import Stopped
+
 
 def _rank_label() -> str:
     for key in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
@@ -29,16 +31,43 @@ def run_guarded(body, *args, **kwargs) -> int:
         if code != 0:
             _hard_exit(code)
         return 0
+    except Stopped as exc:  # a clean stop (SIGTERM/SIGINT): every rank exits 128 + signal
+        if _rank_label() == "rank 0":
+            sys.stderr.write(f"[gmeta rank 0] STOPPED {exc}\n")
+        _hard_exit(exc.exit_code)
     except KeyboardInterrupt:
         _hard_exit(130)
     except BaseException as exc:  # noqa: BLE001 - every failure must end the job
         debug = os.environ.get("GMETA_DEBUG") == "1"
-        detail = traceback.format_exc() if debug else f"{type(exc).__name__}: {exc}"
+        detail = traceback.format_exc() if debug else one_line(exc)
         sys.stderr.write(f"[gmeta {_rank_label()}] ERROR {detail}\n")
         if not debug:
             sys.stderr.write(f"[gmeta {_rank_label()}] (set GMETA_DEBUG=1 for the traceback)\n")
         _hard_exit(1)
     return 1
+
+
+def collective_aborted(exc: BaseException) -> bool:
+    """A Horovod collective failed under this rank because a peer failed, exited or was
+    killed: Horovod's shutdown message, or a TensorFlow error raised by a Horovod op."""
+    text = str(exc)
+    return "Horovod has been shut down" in text or (
+        type(exc).__name__ in ("UnknownError", "InternalError", "AbortedError", "UnavailableError")
+        and "Horovod" in text)
+
+
+def one_line(exc: BaseException) -> str:
+    """The error as gmeta reports it. TensorFlow's op errors carry the graph's construction
+    traceback and Horovod's shutdown error a paragraph: of the first only its last line
+    matters, of the second the fact that another rank failed first."""
+    text = str(exc)
+    if collective_aborted(exc):
+        return ("a collective was aborted: another rank failed or exited (its own message comes first; "
+                "horovodrun names it)")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Graph execution error"):
+        text = lines[-1]
+    return f"{type(exc).__name__}: {text}"
 
 
 def _hard_exit(code: int) -> None:

@@ -194,7 +194,8 @@ class MetaLearner(tf.Module):
         return total / tf.maximum(count, 1.0)
 
     def train_step(self, batch):
-        """One meta-step; see the module docstring for the five stages."""
+        """One meta-step (see the module docstring for the five stages). Returns global sums:
+        ``{"loss": mean query loss, "tasks": real tasks, "stop": ranks asking to stop}``."""
         with tf.GradientTape() as tape:
             loss_sum, count = self.meta_loss_sum(batch)
         # 4. meta-gradients (second order unless first_order) of this rank's SUM of losses
@@ -204,15 +205,18 @@ class MetaLearner(tf.Module):
                        for g, v in zip(grads[:n_dense], self.dense_variables)]
         emb_grads = grads[n_dense:]
         # 5. ONE fused allreduce, one division by the global count (the rule of comm.py); the
-        #    loss rides along, so every rank reports (and guards on) the same global mean
+        #    loss rides along, so every rank reports (and guards on) the same global mean, as do
+        #    the step's real tasks (for tasks/s) and any rank's request to stop (comm.StopRequest)
         emb_inputs = self.embedding.reduction_inputs(emb_grads)
-        sums, scale = self.comm.sum_for_global_mean(dense_grads + emb_inputs + [loss_sum], count)
+        sums, scale, (tasks, stop) = self.comm.sum_for_global_mean(
+            dense_grads + emb_inputs + [loss_sum], count,
+            riders=[tf.reduce_sum(batch["task_mask"]), self.comm.stop.flag.read_value()])
         dense_step = [g * scale for g in sums[:n_dense]]
         if self.config.clip_norm > 0:
             dense_step, _ = tf.clip_by_global_norm(dense_step, self.config.clip_norm)
         self.optimizer.apply(dense_step)
         self.embedding.apply_reduced(emb_grads, sums[n_dense:-1], scale)
-        return sums[-1] * scale
+        return {"loss": sums[-1] * scale, "tasks": tasks, "stop": stop}
 
     # ------------------------------------------------------------------ evaluation
     def eval_step(self, batch, steps: int):

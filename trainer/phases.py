@@ -37,7 +37,7 @@ class PhaseStep(tf.Module):
             loss_sum, count = self.phase.loss_sum(vectors, params, batch)
         grads = tape.gradient(loss_sum, self.variables_)
         grads = [g if g is not None else tf.zeros_like(v) for g, v in zip(grads, self.variables_)]
-        sums, scale = learner.comm.sum_for_global_mean(grads, count)
+        sums, scale, _ = learner.comm.sum_for_global_mean(grads, count)
         self.optimizer.apply([g * scale for g in sums])
         return loss_sum / tf.maximum(count, 1.0)
 

@@ -50,11 +50,13 @@ class PredictConfig:
 
 
 def add_arguments(p) -> None:
+    from gmeta.trainer.tracking import add_tracking_arguments
+
     p.add_argument("--model", required=True,
                    help="a gmeta export directory, a models:/ or runs:/ URI, or an MLflow run id")
     p.add_argument("--input", required=True, help="Parquet, ORC or CSV file, or a directory of them")
     p.add_argument("--out", required=True, help="output file: .parquet, .orc or .csv")
-    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    add_tracking_arguments(p)
     p.add_argument("--steps", type=int, default=-1, help="inner steps (-1: the value the model was trained with)")
     p.add_argument("--max-support", type=int, default=-1,
                    help="support rows per task used, first in input order (-1: the trained support size, "

@@ -19,10 +19,12 @@ class RegisterConfig:
 
 
 def add_arguments(p) -> None:
+    from gmeta.trainer.tracking import add_tracking_arguments
+
     p.add_argument("--run", required=True, help="MLflow run id of a gmeta train run")
     p.add_argument("--name", required=True, help="registered model name")
     p.add_argument("--alias", default="", help="alias to point at the new version (e.g. champion)")
-    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    add_tracking_arguments(p)
 
 
 def main(args) -> int:

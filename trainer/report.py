@@ -28,7 +28,10 @@ def format_report(results: dict) -> str:
     lines = []
     for split, res in results.items():
         for head, section in res.items():
-            if not isinstance(section, dict) or "adapted" not in section:
+            if head == "support_curve":
+                lines.extend(_curve_lines(split, section))
+                continue
+            if not isinstance(section, dict) or not isinstance(section.get("adapted"), dict):
                 continue
             columns = [c for c in COLUMNS if any(c in section.get(r, {}) for r in ROWS)]
             lines.append(f"\n{split} / {head}: {res['rows']} query rows, {res.get('tasks', '?')} tasks "
@@ -49,6 +52,29 @@ def format_report(results: dict) -> str:
                 if parts:
                     lines.append(f"  adapted - {LABELS[other]:<17} " + "; ".join(parts))
     return "\n".join(lines)
+
+
+def _curve_lines(split: str, curve: dict) -> list:
+    lines = [f"\n{split}: GAUC by support rows used per task"]
+    lines.append(f"  {'scorer':<18}" + "".join(f"{str(k):>9}" for k in curve["k"]))
+    for row in ("adapted", "unadapted", "plain_finetuned", "plain"):
+        if row in curve:
+            lines.append(f"  {LABELS[row]:<18}" + "".join(f"{'-' if v is None else f'{v:.4f}':>9}"
+                                                           for v in curve[row]))
+    return lines
+
+
+def curve_metrics(results: dict, all_step: int) -> list:
+    """``[(name, value, step)]``: each split's support curve as MLflow metrics whose step is the
+    number of support rows (``all`` at ``all_step``, the support cap S), so MLflow draws it."""
+    out = []
+    for split, res in results.items():
+        curve = res.get("support_curve") if isinstance(res, dict) else None
+        for row in ("adapted", "unadapted", "plain_finetuned") if curve else ():
+            for k, v in zip(curve["k"], curve.get(row, ())):
+                if v is not None:
+                    out.append((f"{split}.support_gauc_{row}", v, all_step if k == "all" else int(k)))
+    return out
 
 
 def print_report(results: dict, out) -> None:

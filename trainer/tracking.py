@@ -26,44 +26,117 @@ def flatten(prefix: str, value, out: dict) -> dict:
     return out
 
 
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+FALLBACK_DB = "mlflow-fallback.db"
+
+
+def add_tracking_arguments(p, experiment_default: str | None = None) -> None:
+    """``--tracking-uri`` (and ``--experiment``): the flag, else ``$MLFLOW_TRACKING_URI`` /
+    ``$MLFLOW_EXPERIMENT_NAME``, else the sqlite file in the working directory / the default."""
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI,
+                   help="MLflow tracking URI ($MLFLOW_TRACKING_URI when set); 'none' disables tracking")
+    if experiment_default is not None:
+        p.add_argument("--experiment", default=os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment_default,
+                       help="MLflow experiment ($MLFLOW_EXPERIMENT_NAME when set)")
+
+
+def server_problem(uri: str, timeout_s: float = 5.0) -> str:
+    """Why an http(s) tracking server cannot be reached ("" when it answers, or for other stores)."""
+    if not uri.startswith(("http://", "https://")):
+        return ""
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
+    except requests.RequestException as exc:
+        return f"{type(exc).__name__}"
+    return ""
+
+
 class Tracker:
+    """Rank 0's MLflow run (``enabled=False`` elsewhere: every call is a no-op).
+
+    A tracking SERVER that cannot be reached at the start does not stop training: the run is
+    logged to ``<fallback_dir>/mlflow-fallback.db`` instead, with one warning saying so. A local
+    store that cannot be opened is a configuration error (raised, naming the URI). A logging call
+    that fails later warns once; the run goes on, the rest of its MLflow calls are skipped, and
+    the results stay in the run directory (``eval_results.json``, ``per_task/``, the export).
+    """
+
     def __init__(self, tracking_uri: str | None, experiment: str, run_name: str | None, enabled: bool,
-                 run_id: str | None = None):
+                 run_id: str | None = None, fallback_dir: str = ".", tags: dict | None = None):
         self.enabled = enabled and bool(tracking_uri)
         self.run_id = None
+        self.uri = tracking_uri
+        self.failure = ""  # why logging stopped, when it did
         if not self.enabled:
             return
         import mlflow
 
         self._mlflow = mlflow
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_experiment(experiment)
-        # run_id: continue that run (a resumed checkpoint) instead of starting a new one
-        run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=run_name)
+        # a dead server must not stall training for minutes of retries (the user's settings win)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        problem = server_problem(tracking_uri)
+        if problem:
+            self.uri = f"sqlite:///{os.path.abspath(os.path.join(fallback_dir, FALLBACK_DB))}"
+            os.makedirs(fallback_dir, exist_ok=True)
+            _warn(f"WARNING: the MLflow tracking server {tracking_uri} is unreachable ({problem}); training "
+                  f"goes on and this run is logged to {self.uri} instead (look at it with mlflow ui "
+                  f"--backend-store-uri {self.uri})")
+            if run_id:
+                _warn(f"WARNING: the resumed run {run_id} lives on {tracking_uri}; its continuation is a new "
+                      f"run in the fallback store")
+                run_id = None
+        try:
+            mlflow.set_tracking_uri(self.uri)
+            mlflow.set_experiment(experiment)
+            # run_id: continue that run (a resumed checkpoint) instead of starting a new one
+            with contextlib.redirect_stdout(sys.stderr):
+                run = (mlflow.start_run(run_id=run_id, log_system_metrics=True) if run_id
+                       else mlflow.start_run(run_name=run_name, log_system_metrics=True, tags=tags))
+        except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a bad store
+            raise ValueError(f"--tracking-uri {self.uri}: cannot open the MLflow store or start a run "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); fix the "
+                             f"URI, or train without tracking with --tracking-uri none") from None
         self.run_id = run.info.run_id
+        if run_id and tags:
+            self._call(lambda: mlflow.set_tags(tags))
+
+    def _call(self, fn):
+        """Run one MLflow call; the first failure warns and turns the rest off."""
+        if not self.enabled or self.failure:
+            return None
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - tracking must never end a training run
+            self.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            _warn(f"WARNING: MLflow logging to {self.uri} failed ({self.failure}); training goes on without "
+                  f"it. The run's results stay in its output directory")
+            return None
 
     def log_params(self, params: dict) -> None:
-        if self.enabled:
-            flat = {k: str(v)[:500] for k, v in flatten("", params, {}).items()}
-            self._mlflow.log_params(flat)
+        flat = {k: str(v)[:500] for k, v in flatten("", params, {}).items()}
+        self._call(lambda: self._mlflow.log_params(flat))
 
-    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
-        if self.enabled:
-            # MLflow metric names allow neither "@" (ndcg@5 -> ndcg_at5) nor NaN-free Nones
-            flat = {k.replace("@", "_at"): float(v) for k, v in flatten("", metrics, {}).items()
-                    if isinstance(v, (int, float)) and v is not None}
-            self._mlflow.log_metrics(flat, step=step)
+    def log_metrics(self, metrics: dict, step: int | None = None, synchronous: bool = True) -> None:
+        # MLflow metric names allow neither "@" (ndcg@5 -> ndcg_at5) nor NaN-free Nones
+        flat = {k.replace("@", "_at"): float(v) for k, v in flatten("", metrics, {}).items()
+                if isinstance(v, (int, float)) and v is not None}
+        if flat:
+            self._call(lambda: self._mlflow.log_metrics(flat, step=step, synchronous=synchronous))
+
+    def log_input(self, dataset, context: str) -> None:
+        self._call(lambda: self._mlflow.log_input(dataset, context=context))
 
     def log_dict(self, obj: dict, name: str) -> None:
-        if self.enabled:
-            self._mlflow.log_dict(obj, name)
+        self._call(lambda: self._mlflow.log_dict(obj, name))
 
     def log_artifacts(self, directory: str, artifact_path: str) -> None:
-        if self.enabled:
-            self._mlflow.log_artifacts(directory, artifact_path)
+        self._call(lambda: self._mlflow.log_artifacts(directory, artifact_path))
 
     def log_model(self, export_dir: str) -> str | None:
-        if not self.enabled:
+        if not self.enabled or self.failure:
             return None
         from gmeta.trainer.savedmodel import log_pyfunc_model, saved_model_of
 
@@ -71,15 +144,52 @@ class Tracker:
             print(f"[gmeta] no MLflow model logged: {export_dir} has no SavedModel (--no-saved-model, or "
                   f"it could not be built; see above)", file=sys.stderr, flush=True)
             return None
-        info = log_pyfunc_model(self._mlflow, export_dir, PIP_REQUIREMENTS)
-        self._mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
+        info = self._call(lambda: log_pyfunc_model(self._mlflow, export_dir, PIP_REQUIREMENTS))
+        if info is None:
+            return None
+        self._call(lambda: self._mlflow.set_tag(MODEL_URI_TAG, info.model_uri))
         return info.model_uri
 
     def finish(self, status: str = "FINISHED") -> None:
-        if self.enabled:
+        if not self.enabled or self.run_id is None:
+            return
+        try:
             # MLflow prints "View run at ..." links on stdout; stdout's last line is our JSON.
             with contextlib.redirect_stdout(sys.stderr):
                 self._mlflow.end_run(status=status)
+        except Exception:  # noqa: BLE001 - the store may be gone; try the plain client once
+            self.mark(status)
+        self.enabled = False
+
+    def mark(self, status: str) -> None:
+        """Set the run's final status from any thread (the stop watcher's deadline)."""
+        if self.run_id is None:
+            return
+        try:
+            from mlflow import MlflowClient
+
+            MlflowClient(self.uri).set_terminated(self.run_id, status=status)
+        except Exception as exc:  # noqa: BLE001
+            _warn(f"WARNING: could not mark MLflow run {self.run_id} {status} ({type(exc).__name__})")
+
+
+def mark_if_running(uri: str | None, run_id: str | None, status: str) -> None:
+    """End a run that is still RUNNING (from a rank other than the chief, when the chief may be
+    gone: killed, or blocked in a collective). Never raises."""
+    if not uri or not run_id:
+        return
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(uri)
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status=status)
+    except Exception:  # noqa: BLE001 - best effort on the way out
+        pass
+
+
+def _warn(message: str) -> None:
+    print(f"[gmeta] {message}", file=sys.stderr, flush=True)
 
 
 def model_dir_from_uri(uri: str, tracking_uri: str) -> str:

@@ -14,7 +14,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from gmeta.trainer.launch import run_guarded
+from gmeta.trainer.launch import collective_aborted, run_guarded
 
 
 AUTO = "auto"
@@ -69,6 +69,8 @@ class TrainConfig:
     register_as: str = ""              # NAME[@ALIAS]: register the logged model at the end (gmeta register)
     saved_model: bool = True           # export the serving SavedModel (and log the MLflow model)
     results_json: str = ""             # also write the final report to this file
+    support_curve: str = "0,1,2,5,10,20,all"  # support rows per task for the GAUC curve; "none": off
+    stop_grace_secs: float = 4.0       # SIGTERM/SIGINT: a rank blocked this long exits anyway
     extra: dict = field(default_factory=dict, hash=False)
 
     def validate(self) -> "TrainConfig":
@@ -96,12 +98,20 @@ class TrainConfig:
              "--register-as NAME[@ALIAS] needs a name and MLflow tracking (not --tracking-uri none)"),
             (self.meta == "maml" or self.plain_baseline in ("alongside", "off"),
              "--plain-baseline: a --meta none run is itself the plain network; use off or alongside"),
+            (self.stop_grace_secs > 0, "--stop-grace-secs must be > 0"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
         self.model_config()  # validates --adapt
+        self.support_points  # validates --support-curve
         return self
+
+    @property
+    def support_points(self) -> tuple:
+        from gmeta.trainer.support_curve import parse_points
+
+        return parse_points(self.support_curve)
 
     def meta_config(self, meta: str | None = None):
         from gmeta.trainer.meta_learner import MetaConfig
@@ -174,6 +184,7 @@ def _size(text: str):
 
 def add_arguments(p) -> None:
     from gmeta.models.registry import MODELS
+    from gmeta.trainer.tracking import add_tracking_arguments
 
     d = TrainConfig(model="", data="")
     p.add_argument("--model", required=True, choices=sorted(MODELS), help="zoo model")
@@ -231,8 +242,7 @@ def add_arguments(p) -> None:
     p.add_argument("--validation-split", default=d.validation_split,
                    help="split evaluated after every epoch (GAUC adapted logged as val_gauc_adapted; the "
                         "objective of gmeta tune); auto: 'val' when the dataset has it; none: off")
-    p.add_argument("--tracking-uri", default=d.tracking_uri, help="MLflow tracking URI; 'none' disables tracking")
-    p.add_argument("--experiment", default=d.experiment)
+    add_tracking_arguments(p, d.experiment)
     p.add_argument("--run-name", default=d.run_name)
     p.add_argument("--output-dir", default=d.output_dir, help="where the model export is written")
     p.add_argument("--log-every", type=int, default=d.log_every, help="steps between progress lines (0: off)")
@@ -263,6 +273,14 @@ def add_arguments(p) -> None:
     p.add_argument("--results-json", default=d.results_json, metavar="PATH",
                    help="also write the final report (the last stdout line) to this file, without "
                         "horovodrun's rank prefix")
+    p.add_argument("--support-curve", default=d.support_curve, metavar="K,K,...",
+                   help="support rows per task at which the final report measures GAUC (adapted, unadapted, "
+                        "fine-tuned plain network; plotted as support_curve.png); 'all': the whole support set; "
+                        "none: off")
+    p.add_argument("--stop-grace-secs", type=float, default=d.stop_grace_secs,
+                   help="on SIGTERM/SIGINT every rank stops after the current step, checkpoints and marks the "
+                        "MLflow run KILLED; a rank still blocked after this many seconds exits anyway "
+                        "(horovodrun kills its workers 5 s after its own SIGTERM)")
     p.add_argument("--extra", action="append", metavar="KEY=VALUE", help="model-specific hyper-parameter")
 
 
@@ -302,16 +320,13 @@ def train(cfg: TrainConfig, on_epoch=None) -> dict:
     """
     import tensorflow as tf
 
-    from gmeta.io.plan import distinct_values
     from gmeta.io.schema import Schema
-    from gmeta.trainer.comm import init_communicator
-    from gmeta.trainer.evaluation import evaluate_splits, evaluation_splits, item_mean_baseline
-    from gmeta.trainer.export import export_model
-    from gmeta.trainer.phases import run_phases
-    from gmeta.trainer.report import print_report, save_per_task
-    from gmeta.trainer.tracking import Tracker
     from gmeta.trainer.checkpoint import RunCheckpoints
-    from gmeta.trainer.train_loop import fit
+    from gmeta.trainer.comm import init_communicator
+    from gmeta.trainer.evaluation import evaluation_splits
+    from gmeta.trainer.run_info import run_tags
+    from gmeta.trainer.signals import Stopped, StopSignals
+    from gmeta.trainer.tracking import Tracker, mark_if_running
 
     tf.random.set_seed(cfg.seed)
     comm = init_communicator(cfg.comm)
@@ -331,70 +346,155 @@ def train(cfg: TrainConfig, on_epoch=None) -> dict:
 
     checkpoints = RunCheckpoints.open(cfg, comm, log, schema)  # --resume: found and checked here
     tracker = Tracker(cfg.tracking_uri, cfg.experiment, cfg.run_name or None, enabled=is_chief,
-                      run_id=checkpoints.mlflow_run_id)
-    try:
-        if not checkpoints.mlflow_run_id:
-            tracker.log_params({**config_dict(cfg), "workers": comm.size, "steps_per_epoch": steps})
-        checkpoints.start(tracker.run_id, learner, plain, reader)
-        val_split = validation_split(cfg, schema)
+                      run_id=checkpoints.mlflow_run_id, fallback_dir=cfg.output_dir,
+                      tags=run_tags(comm.size, cfg.model, cfg.meta) if is_chief and cfg.tracking_uri else None)
+    # every rank knows the run, so any survivor can end it when the chief cannot (killed, blocked)
+    run_uri, run_id = comm.allgather_object((tracker.uri, tracker.run_id))[0] if cfg.tracking_uri else (None, None)
 
-        def after_epoch(epoch: int) -> None:
-            report = None
-            if val_split:
-                report, _ = evaluate_splits(learner, cfg.data, [val_split], comm, cfg.reader_kwargs(),
-                                            cfg.eval_steps, lambda m: None, n_boot=0)
-                report = report[val_split]
-                tracker.log_metrics({f"val_{k}": report[k] for k in ("gauc_adapted", "gauc_unadapted",
-                                                                    "auc_adapted")}, step=epoch)
-                log(f"epoch {epoch} validation ({val_split}): GAUC adapted {report['gauc_adapted']}, "
-                    f"unadapted {report['gauc_unadapted']}")
-            if on_epoch is not None:
-                on_epoch(epoch, report)
-
-        history = fit(learner, reader, cfg, comm, log, tracker, plain=plain, after_epoch=after_epoch,
-                      checkpoints=checkpoints)
-        history.update(run_phases(learner, reader, epochs=cfg.generator_epochs, first_epoch=cfg.epochs,
-                                  learning_rate=cfg.outer_lr, log=log, tracker=tracker,
-                                  distinct_values=lambda column: distinct_values(cfg.data, "train", column)))
-        if plain is None and cfg.plain_baseline not in ("alongside", "off"):
-            plain = load_plain_baseline(cfg.plain_baseline, cfg.tracking_uri)
-        item_mean = item_mean_baseline(cfg.data, schema, learner.model.target)
-        results, per_task = evaluate_splits(learner, cfg.data, splits, comm, cfg.reader_kwargs(), cfg.eval_steps,
-                                            log, plain=plain, item_mean=item_mean)
-        tracker.log_metrics(results)
-        comm_stats = history.pop("comm_per_step")
-        tracker.log_metrics({"comm_per_step": comm_stats})
-        run_dir = checkpoints.run_dir
-        export_dir = export_model(learner, config_dict(cfg), os.path.join(run_dir, "model"), is_chief,
-                                  saved_model=cfg.saved_model)
+    def on_deadline(_signum):
         if is_chief:
-            tracker.log_dict(results, "eval_results.json")
-            with open(os.path.join(run_dir, "eval_results.json"), "w") as f:  # for gmeta compare
-                json.dump(results, f, sort_keys=True)
-            tracker.log_artifacts(save_per_task(per_task, os.path.join(run_dir, "per_task")), "per_task")
-            model_uri = tracker.log_model(export_dir)
-            if cfg.register_as:  # gmeta register's logic; its message goes to stderr
-                import contextlib
+            tracker.mark("KILLED")
+        else:
+            mark_if_running(run_uri, run_id, "KILLED")
 
-                from gmeta.trainer.register import RegisterConfig, register
-
-                name, _, alias = cfg.register_as.partition("@")
-                with contextlib.redirect_stdout(sys.stderr):
-                    register(RegisterConfig(run=tracker.run_id, name=name, alias=alias,
-                                            tracking_uri=cfg.tracking_uri))
-            print_report(results, sys.stderr)
-            _print_run_facts(comm_stats, history, tracker.run_id, model_uri, export_dir)
-            if cfg.results_json:
-                with open(cfg.results_json, "w") as f:
-                    json.dump(results, f, sort_keys=True)
-            print(json.dumps(results, sort_keys=True), flush=True)
-        checkpoints.finish()
-        tracker.finish()
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
+    signals = StopSignals(comm.stop, grace_s=cfg.stop_grace_secs, rank_label=f"rank {comm.rank}",
+                          on_deadline=on_deadline)
+    with signals:  # (still installed while a failure is recorded: a SIGTERM then changes nothing)
+        try:
+            results = _run(cfg, comm, log, schema, splits, learner, plain, reader, checkpoints, tracker,
+                           signals, on_epoch, steps)
+        except Stopped as exc:
+            signals.stopping = True
+            tracker.finish("KILLED")
+            if tracker.run_id:
+                exc.args = (f"{exc}; MLflow run {tracker.run_id} marked KILLED",)
+            raise
+        except BaseException as exc:
+            signals.stopping = True
+            tracker.finish("FAILED")
+            if not is_chief and collective_aborted(exc):
+                mark_if_running(run_uri, run_id, "FAILED")
+            raise
     comm.barrier()
     return results
+
+
+def _run(cfg, comm, log, schema, splits, learner, plain, reader, checkpoints, tracker, signals, on_epoch,
+         steps) -> dict:
+    """The body of ``train`` once the run's MLflow record and signal handling are in place."""
+    from gmeta.io.plan import distinct_values
+    from gmeta.trainer.evaluation import evaluate_splits, item_mean_baseline
+    from gmeta.trainer.export import export_model
+    from gmeta.trainer.phases import run_phases
+    from gmeta.trainer.report import curve_metrics, print_report, save_per_task
+    from gmeta.trainer.run_info import mlflow_dataset
+    from gmeta.trainer.train_loop import fit
+
+    is_chief = comm.rank == 0
+    if not checkpoints.mlflow_run_id:
+        tracker.log_params({**config_dict(cfg), "workers": comm.size, "steps_per_epoch": steps})
+        if is_chief and tracker.enabled:
+            tracker.log_input(mlflow_dataset(cfg.data, schema), context="training")
+    checkpoints.start(tracker.run_id, learner, plain, reader)
+    val_split = validation_split(cfg, schema)
+    validation = []
+
+    def after_epoch(epoch: int) -> None:
+        report = None
+        if val_split:
+            report, _ = evaluate_splits(learner, cfg.data, [val_split], comm, cfg.reader_kwargs(),
+                                        cfg.eval_steps, lambda m: None, n_boot=0)
+            report = report[val_split]
+            tracker.log_metrics({f"val_{k}": report[k] for k in ("gauc_adapted", "gauc_unadapted",
+                                                                "auc_adapted")}, step=epoch)
+            validation.append({"epoch": epoch, "split": val_split,
+                               **{k: report[k] for k in ("gauc_adapted", "gauc_unadapted")}})
+            log(f"epoch {epoch} validation ({val_split}): GAUC adapted {report['gauc_adapted']}, "
+                f"unadapted {report['gauc_unadapted']}")
+        if on_epoch is not None:
+            on_epoch(epoch, report)
+
+    history = fit(learner, reader, cfg, comm, log, tracker, plain=plain, after_epoch=after_epoch,
+                  checkpoints=checkpoints, signals=signals)
+    history.update(run_phases(learner, reader, epochs=cfg.generator_epochs, first_epoch=cfg.epochs,
+                              learning_rate=cfg.outer_lr, log=log, tracker=tracker,
+                              distinct_values=lambda column: distinct_values(cfg.data, "train", column)))
+    if plain is None and cfg.plain_baseline not in ("alongside", "off"):
+        plain = load_plain_baseline(cfg.plain_baseline, cfg.tracking_uri)
+    item_mean = item_mean_baseline(cfg.data, schema, learner.model.target)
+    rows = {}
+    results, per_task = evaluate_splits(learner, cfg.data, splits, comm, cfg.reader_kwargs(), cfg.eval_steps,
+                                        log, plain=plain, item_mean=item_mean, rows_out=rows)
+    curve = {}
+    if cfg.support_points and splits:
+        from gmeta.trainer.support_curve import support_curve
+
+        curve = support_curve(learner, plain, cfg.data, splits, comm, cfg.reader_kwargs(), cfg.eval_steps,
+                              cfg.support_points, log)
+        for split, c in curve.items():
+            results[split]["support_curve"] = c
+    tracker.log_metrics(results)
+    for name, value, k in curve_metrics(results, cfg.support_size):
+        tracker.log_metrics({name: value}, step=k)
+    comm_stats = history.pop("comm_per_step")
+    tracker.log_metrics({"comm_per_step": comm_stats})
+    run_dir = checkpoints.run_dir
+    export_dir = export_model(learner, config_dict(cfg), os.path.join(run_dir, "model"), is_chief,
+                              saved_model=cfg.saved_model)
+    if is_chief:
+        tracker.log_dict(results, "eval_results.json")
+        with open(os.path.join(run_dir, "eval_results.json"), "w") as f:  # for gmeta compare
+            json.dump(results, f, sort_keys=True)
+        tracker.log_artifacts(save_per_task(per_task, os.path.join(run_dir, "per_task")), "per_task")
+        tracker.log_artifacts(_plots(history, validation, curve, rows, learner.model,
+                                     os.path.join(run_dir, "plots"), log), "plots")
+        model_uri = tracker.log_model(export_dir)
+        if cfg.register_as:
+            _register(cfg, tracker, log)
+        print_report(results, sys.stderr)
+        _print_run_facts(comm_stats, history, tracker, model_uri, export_dir)
+        if cfg.results_json:
+            with open(cfg.results_json, "w") as f:
+                json.dump(results, f, sort_keys=True)
+        print(json.dumps(results, sort_keys=True), flush=True)
+    checkpoints.finish()
+    tracker.finish()
+    return results
+
+
+def _plots(history, validation, curve, rows, model, directory: str, log) -> str:
+    """The run's PNG plots (gmeta.trainer.plots); a plot that fails is reported, not fatal."""
+    from gmeta.trainer import plots
+
+    heads = [k[:-len("/label")] for r in rows.values() if r for k in r if k.endswith("/label")]
+    jobs = [("learning_curve.png", lambda p: plots.learning_curve(history, validation, p))]
+    if curve:
+        jobs.append(("support_curve.png", lambda p: plots.support_curve(curve, p)))
+    if heads:
+        jobs.append(("calibration.png", lambda p: plots.calibration(rows, heads[0], p,
+                                                                     probabilities=model.target != "rating")))
+    os.makedirs(directory, exist_ok=True)
+    for name, draw in jobs:
+        try:
+            draw(os.path.join(directory, name))
+        except Exception as exc:  # noqa: BLE001 - a plot is never worth a failed run
+            log(f"WARNING: plot {name} failed ({type(exc).__name__}: {exc})")
+    return directory
+
+
+def _register(cfg, tracker, log) -> None:
+    """gmeta register's logic on this run (its message goes to stderr)."""
+    import contextlib
+
+    from gmeta.trainer.register import RegisterConfig, register
+
+    if tracker.failure or not tracker.run_id:
+        log(f"WARNING: --register-as {cfg.register_as} skipped: the run's MLflow logging failed "
+            f"({tracker.failure or 'no run'}); register later with gmeta register")
+        return
+    name, _, alias = cfg.register_as.partition("@")
+    with contextlib.redirect_stdout(sys.stderr):
+        register(RegisterConfig(run=tracker.run_id, name=name, alias=alias, tracking_uri=tracker.uri))
 
 
 def validation_split(cfg: TrainConfig, schema) -> str:
@@ -444,14 +544,17 @@ def config_dict(cfg: TrainConfig) -> dict:
     return d
 
 
-def _print_run_facts(comm_stats, history, run_id, model_uri, export_dir) -> None:
+def _print_run_facts(comm_stats, history, tracker, model_uri, export_dir) -> None:
     out = sys.stderr
     per_step = ", ".join(f"{k} {v['bytes'] / 1e6:.3f} MB/{v['calls']:.0f} calls"
                          for k, v in comm_stats.items() if v["calls"])
     print(f"communication per step: {per_step or 'none'}", file=out)
     print(f"input wait: {100 * history['input_wait_fraction']:.1f}% of step time", file=out)
-    if run_id:
-        print(f"mlflow run: {run_id}  model: {model_uri}", file=out)
+    if tracker.run_id:
+        print(f"mlflow run: {tracker.run_id} in {tracker.uri}  model: {model_uri}", file=out)
+    if tracker.failure:
+        print(f"MLflow logging stopped during the run ({tracker.failure}); what it missed is in the run "
+              f"directory", file=out)
     print(f"export: {export_dir}", file=out, flush=True)
 
 
@@ -480,6 +583,14 @@ class TrainInput:
                                      shuffle=True, seed=cfg.seed, **kwargs)
         self.steps_per_epoch = self.reader.steps_per_epoch
         self.stats = self.reader.stats
+
+    @property
+    def error(self):
+        """The DataError the reader met, if any (raised in place of tf.data's error)."""
+        return self.reader.error
+
+    def epoch_stats(self, epoch: int) -> dict:
+        return self.reader.epoch_stats(epoch)
 
     def dataset(self, epoch: int):
         ds = self.reader.dataset(epoch=epoch)

@@ -356,6 +356,7 @@ def default_study_name(model: str, data: str) -> str:
 
 def add_arguments(p) -> None:
     from gmeta.models.registry import MODELS
+    from gmeta.trainer.tracking import add_tracking_arguments
     from gmeta.trainer.train import TrainConfig
 
     d = TrainConfig(model="", data="")
@@ -370,9 +371,7 @@ def add_arguments(p) -> None:
     p.add_argument("--validation-split", default=d.validation_split,
                    help="the split the objective is measured on; auto: 'val' when the dataset has one "
                         "(required: a dataset without it needs an explicit split, e.g. user_cold)")
-    p.add_argument("--tracking-uri", default=d.tracking_uri,
-                   help="MLflow tracking URI (a parent run for the study, a child run per trial); 'none': off")
-    p.add_argument("--experiment", default=d.experiment, help="MLflow experiment")
+    add_tracking_arguments(p, d.experiment)  # a parent run for the study, a child run per trial
     p.add_argument("--set", action="append", metavar="KEY=VALUE", dest="set_",
                    help="hold a TrainConfig field fixed for every trial (e.g. tasks_per_batch=16, "
                         "adapt=head, extra.alpha=0.2); a searched field given here leaves the search")
