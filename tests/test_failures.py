@@ -78,7 +78,7 @@ def _only_run(uri):
 def test_sigterm_stops_every_rank_after_one_step_with_a_checkpoint_and_a_killed_run(tiny_synth, tmp_path):
     proc, log_path, uri, log = _start(tmp_path, tiny_synth)
     with log:
-        _wait_for(proc, log_path, "epoch 1 done")
+        _wait_for(proc, log_path, "epoch 0 done")
         os.kill(proc.pid, signal.SIGTERM)  # what a scheduler does to the job's launcher
         _ends_within(proc, 60, log_path)
     text = log_path.read_text()
@@ -117,7 +117,7 @@ def test_an_exception_on_one_rank_ends_every_rank_with_one_message(tiny_synth, t
 def test_kill_9_of_the_chief_ends_the_job_and_the_run_is_not_left_running(tiny_synth, tmp_path):
     proc, log_path, uri, log = _start(tmp_path, tiny_synth, "--checkpoint-dir", "none")
     with log:
-        _wait_for(proc, log_path, "epoch 1 done")
+        _wait_for(proc, log_path, "epoch 0 done")
         _workers(proc)[0].kill()
         _ends_within(proc, 60, log_path)
     text = log_path.read_text()

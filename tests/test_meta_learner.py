@@ -166,7 +166,7 @@ def test_meta_sgd_learns_inner_rates_and_train_step_lowers_loss():
     batch = make_batch(seed=11)
     step = tf.function(learner.train_step)
     before = {n: v.numpy().copy() for n, v in learner.inner_lrs.items()}
-    losses = [float(step(batch)) for _ in range(30)]
+    losses = [float(step(batch)["loss"]) for _ in range(30)]
     assert losses[-1] < losses[0]
     assert any(not np.allclose(before[n], v.numpy()) for n, v in learner.inner_lrs.items())
 

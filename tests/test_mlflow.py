@@ -200,3 +200,19 @@ def test_a_local_store_that_cannot_be_opened_is_a_clear_error(tmp_path):
     blocker.write_text("")
     with pytest.raises(ValueError, match=r"--tracking-uri sqlite:///.*/file/sub/m.db: cannot open the MLflow store"):
         Tracker(f"sqlite:///{blocker}/sub/m.db", "gmeta", "r", enabled=True)
+
+
+def test_credentials_in_uris_never_reach_the_logged_parameters(tmp_path):
+    from mlflow import MlflowClient
+
+    from gmeta.trainer.tracking import Tracker, redact
+
+    assert redact("https://alice:s3cret@mlflow.example.com/x") == "https://***@mlflow.example.com/x"
+    assert redact("hdfs://nn:8020/data") == "hdfs://nn:8020/data" and redact("runs/abc") == "runs/abc"
+    uri = f"sqlite:///{tmp_path}/m.db"
+    tracker = Tracker(uri, "gmeta", "r", enabled=True)
+    tracker.log_params({"init_from": "https://bob:hunter2@host/models/1", "data": "hdfs://u:p@nn/d"})
+    tracker.finish()
+    params = MlflowClient(uri).get_run(tracker.run_id).data.params
+    assert "hunter2" not in str(params) and ":p@" not in str(params)
+    assert params["init_from"] == "https://***@host/models/1"

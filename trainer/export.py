@@ -81,11 +81,11 @@ def load_model(directory: str, comm=None):
     embedding = build_embedding(model, comm, mode="hybrid", optimizer=run.get("emb_optimizer", "adagrad"),
                                 learning_rate=run.get("emb_lr", 0.05), seed=mc.get("seed", 0))
     learner = MetaLearner(model, embedding, comm, MetaConfig(**meta["meta_config"]))
-    with np.load(os.path.join(directory, "embeddings.npz")) as tables:
+    with np.load(os.path.join(directory, "embeddings.npz"), allow_pickle=False) as tables:
         for name in tables.files:
             embedding.set_full_table(name, tables[name])
     state = run_state(learner)
-    with np.load(os.path.join(directory, "dense.npz")) as dense:
+    with np.load(os.path.join(directory, "dense.npz"), allow_pickle=False) as dense:
         assign_by_name(state.model_variables(), {k: dense[k] for k in dense.files},
                        os.path.join(directory, "dense.npz"))
     model.load_plain_state(meta.get("model_state", {}))

@@ -66,7 +66,10 @@ def one_line(exc: BaseException) -> str:
                 "horovodrun names it)")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if len(lines) > 1 and lines[0].startswith("Graph execution error"):
-        text = lines[-1]
+        # the message is the last block before the "[[{{node ...}}]] [Op:...]" locator, after
+        # the "Detected at node ... defined at" construction traceback
+        told = [line for line in lines[1:] if not line.startswith(("[[", "File ", "Detected at node"))]
+        text = told[-1] if told else lines[-1]
     return f"{type(exc).__name__}: {text}"
 
 

@@ -1,4 +1,4 @@
-"""MLflow tracking for a run: parameters, per-epoch metrics, final metrics, the model.
+"""MLflow tracking for a run: parameters, per-step and per-epoch metrics, tags, inputs, the model.
 
 Only rank 0 talks to MLflow (``enabled=False`` on other ranks makes every call a no-op). The
 model is logged as an MLflow pyfunc whose artifact is the gmeta export directory, so it can be
@@ -10,11 +10,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 
 MODEL_URI_TAG = "gmeta.model_uri"
 # what the served model (gmeta/trainer/pyfunc.py + serving.py) imports; not gmeta itself
 PIP_REQUIREMENTS = ["tensorflow-cpu==2.17.1", "numpy<2", "pandas"]
+
+
+_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """URIs lose their ``user:password@`` part before they are logged (``--tracking-uri``,
+    ``--init-from``, ``--data`` may carry one)."""
+    return _CREDENTIALS.sub(lambda m: m.group("scheme") + "***@", text)
 
 
 def flatten(prefix: str, value, out: dict) -> dict:
@@ -116,7 +126,7 @@ class Tracker:
             return None
 
     def log_params(self, params: dict) -> None:
-        flat = {k: str(v)[:500] for k, v in flatten("", params, {}).items()}
+        flat = {k: redact(str(v))[:500] for k, v in flatten("", params, {}).items()}
         self._call(lambda: self._mlflow.log_params(flat))
 
     def log_metrics(self, metrics: dict, step: int | None = None, synchronous: bool = True) -> None:

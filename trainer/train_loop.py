@@ -47,7 +47,7 @@ def fit(learner, reader, cfg, comm, log, tracker, plain=None, after_epoch=None, 
     steps = reader.steps_per_epoch
     batches = iter(all_epochs(reader, cfg.epochs, first_epoch, first_step))
     window = StepWindow(cfg.log_every, comm.size)
-    history.setdefault("step_log", [])
+    step_log = []  # (not in checkpoints: timings differ between a run and its resumption)
     fail_at, stop_after = _injected_failure(comm.rank), None
     if signals is not None:
         signals.in_loop = True
@@ -97,7 +97,7 @@ def fit(learner, reader, cfg, comm, log, tracker, plain=None, after_epoch=None, 
             window.add(loss, float(out["tasks"]), 0.0 if traced else t2 - t0)
             if window.due(global_step, last_of_epoch=n >= steps):
                 point = window.take(global_step)
-                history["step_log"].append(point)
+                step_log.append(point)
                 tracker.log_metrics({"step_loss": point["loss"], "tasks_per_s": point["tasks_per_s"]},
                                     step=global_step, synchronous=False)
                 if cfg.log_every:
@@ -136,6 +136,7 @@ def fit(learner, reader, cfg, comm, log, tracker, plain=None, after_epoch=None, 
                                     "calls": v["calls"] / max(steps_here, 1)} for k, v in snap.items()}
     history["input_wait_fraction"] = wait_s / max(wait_s + busy_s, 1e-9)
     history["steps"] = global_step
+    history["step_log"] = step_log
     tracker.log_metrics({"input_wait_fraction": history["input_wait_fraction"]})
     return history
 

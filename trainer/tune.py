@@ -283,7 +283,7 @@ def rerun_command(cfg, tuned) -> str:
 # tune's own flags (and fields it manages per trial) cannot be --set
 _OWN = {"model": "--model", "data": "--data", "epochs": "--epochs", "validation_split": "--validation-split",
         "tracking_uri": "--tracking-uri", "experiment": "--experiment"}
-_MANAGED = ("run_name", "output_dir", "eval_splits", "plain_baseline", "comm", "saved_model")
+_MANAGED = ("run_name", "output_dir", "eval_splits", "plain_baseline", "comm", "saved_model", "support_curve")
 
 
 def set_argv(items, parser) -> tuple:
@@ -566,10 +566,11 @@ class TrialFailed(RuntimeError):
 
 def trial_config(cfg: TuneConfig, values: dict, number: int):
     """The full config of trial ``number``: base + sampled values + per-trial settings that keep it
-    cheap (only the validation split evaluated, no plain network) and separate."""
+    cheap (only the validation split evaluated, no plain network, no support curve) and separate."""
     tcfg = apply_values(cfg.base, values)
     tcfg = dataclasses.replace(
         tcfg, validation_split=cfg.validation, eval_splits=(cfg.validation,), plain_baseline="off", saved_model=False,
+        support_curve="none",
         output_dir=os.path.join(cfg.study_dir, f"trial-{number}"), run_name=f"{cfg.study_name}-trial-{number}",
         comm="local" if cfg.in_process else tcfg.comm)
     return tcfg.validate()

@@ -1,0 +1,128 @@
+"""Bad input from the user's side: broken copies of a real (generated) dataset through
+`gmeta train`, each stopped with one clear error that names the file, stripe or column, before
+any result is written. The matrix runs `train` in this process (the command's code without its
+process guard); one case runs the installed command under horovodrun to show what a user sees:
+one line, exit code 1, the MLflow run FAILED."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.orc as orc
+import pytest
+
+from conftest import BIN, horovodrun
+
+ARGS = ["--model", "maml_dnn", "--epochs", "1", "--tasks-per-batch", "16", "--tracking-uri", "none",
+        "--log-every", "0", "--no-saved-model", "--checkpoint-dir", "none", "--plain-baseline", "off",
+        "--validation-split", "none", "--support-curve", "none", "--eval-splits", "user_cold"]
+FILE = "part-00000.orc"
+
+
+def _broken_copy(src, dst: Path, edit=None) -> Path:
+    """A copy of the dataset whose training file is rewritten by ``edit(table) -> table``
+    (without its index, as a user's own tool would leave it)."""
+    shutil.copytree(src, dst)
+    path = dst / "train" / FILE
+    if edit is not None:
+        table = orc.ORCFile(str(path)).read()
+        orc.write_table(edit(table), str(path))
+        (dst / "train" / "_index.json").unlink(missing_ok=True)
+    return dst
+
+
+def _column(table, name, values, type_=None):
+    i = table.schema.get_field_index(name)
+    return table.set_column(i, name, pa.array(values, type_ or table.schema.field(name).type))
+
+
+def _train(data, tmp_path):
+    from gmeta.cli import build_parser_for
+    from gmeta.trainer.train import config_from_args, train
+
+    argv = ["train", "--data", str(data), "--output-dir", str(tmp_path / "runs"), *ARGS]
+    return train(config_from_args(build_parser_for(argv).parse_args(argv)))
+
+
+def _negative_item(t):
+    ids = t.column("item_id").to_numpy().copy()
+    ids[5] = -3
+    return _column(t, "item_id", ids)
+
+
+def _huge_item(t):
+    ids = t.column("item_id").to_numpy().copy()
+    ids[7] = 10**12
+    return _column(t, "item_id", ids)
+
+
+def _nan_label(t):
+    y = t.column("click").to_numpy().astype(np.float64)
+    y[3] = np.nan
+    return _column(t, "click", y, pa.float64() if t.schema.field("click").type != pa.float32() else pa.float32())
+
+
+def _split_task(t):
+    """The first task's rows moved to the end: one task in two places of the file."""
+    ids = t.column("task_id").to_numpy()
+    first = np.flatnonzero(ids == ids[0])
+    order = np.r_[first[1:], np.flatnonzero(ids != ids[0]), first[:1]]
+    return t.take(pa.array(order))
+
+
+CASES = {
+    # name: (edit of the training file or of the directory, what the message must name)
+    "truncated file": (lambda d: (d / "train" / FILE).write_bytes((d / "train" / FILE).read_bytes()[:3000]),
+                       [FILE, "truncated or corrupt"]),
+    "zero-byte file": (lambda d: (d / "train" / "part-00001.orc").write_bytes(b""), ["part-00001.orc", "empty file"]),
+    "garbage file": (lambda d: (d / "train" / FILE).write_bytes(b"not an orc file\n" * 200),
+                     [FILE, "truncated or corrupt"]),
+    "dropped column": (lambda t: t.drop_columns(["item_category"]), [FILE, "'item_category'"]),
+    "retyped column": (lambda t: _column(t, "item_id", t.column("item_id").to_numpy().astype(str), pa.string()),
+                       [FILE, "'item_id'"]),
+    "negative id": (_negative_item, [FILE, "'item_id'", "stripe"]),
+    "huge id": (_huge_item, [FILE, "'item_id'", "stripe"]),
+    "NaN label": (_nan_label, [FILE, "'click'", "stripe"]),
+    "task split in the file": (_split_task, [FILE, "'task_id'"]),
+    "missing schema": (lambda d: (d / "schema.json").unlink(), ["schema.json", "not found"]),
+    "corrupt schema": (lambda d: (d / "schema.json").write_text('{"labels": ["click"], "sparse": [oops'),
+                       ["schema.json"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_broken_dataset_is_refused_with_a_message_that_names_the_place(case, tiny_synth, tmp_path):
+    edit, named = CASES[case]
+    table_edit = edit.__code__.co_varnames[:1] == ("t",)
+    data = _broken_copy(tiny_synth, tmp_path / "data", edit if table_edit else None)
+    if not table_edit:
+        edit(data)
+    with pytest.raises(ValueError) as info:  # DataError and SchemaError are ValueErrors
+        _train(data, tmp_path)
+    message = str(info.value)
+    assert "\n" not in message.strip(), message
+    for part in named:
+        assert part in message, (case, message)
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("eval_results.json"))
+
+
+def test_what_a_user_sees_for_bad_data_found_while_training(tiny_synth, tmp_path):
+    """A NaN label is found while reading (after planning): one line from the rank that read
+    it, the job ends non-zero, and the MLflow run is FAILED."""
+    data = _broken_copy(tiny_synth, tmp_path / "data", _nan_label)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = horovodrun(2, [BIN / "gmeta", "train", "--data", data, "--output-dir", tmp_path / "runs",
+                          *ARGS, "--tracking-uri", uri], check=False,
+                      timeout=240)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    errors = [line for line in text.splitlines() if "ERROR DataError" in line]
+    assert len(errors) == 1 and FILE in errors[0] and "'click'" in errors[0], text[-3000:]
+    assert "Traceback (most recent call last)" not in text.split("ERROR DataError")[0]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("gmeta").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.params["model"] == "maml_dnn"
