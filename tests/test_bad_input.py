@@ -126,3 +126,41 @@ def test_what_a_user_sees_for_bad_data_found_while_training(tiny_synth, tmp_path
     (run,) = client.search_runs([client.get_experiment_by_name("gmeta").experiment_id])
     assert run.info.status == "FAILED"
     assert run.data.params["model"] == "maml_dnn"
+
+
+@pytest.mark.parametrize("flag", ["--output-dir", "--checkpoint-dir", "--results-json"])
+def test_an_unwritable_path_is_refused_before_any_work(flag, tiny_synth, tmp_path):
+    from gmeta.cli import build_parser_for
+    from gmeta.trainer.train import config_from_args, train
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    bad = blocker / "sub" / ("r.json" if flag == "--results-json" else "")
+    argv = ["train", "--data", str(tiny_synth), "--output-dir", str(tmp_path / "runs"), *ARGS, flag, str(bad)]
+    with pytest.raises(ValueError, match=f"{flag} {blocker}/sub.*not writable"):
+        train(config_from_args(build_parser_for(argv).parse_args(argv)))
+
+
+class _Planted:
+    """Unpickling this would create a file: the evidence that code ran."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.target),))
+
+
+def test_a_checkpoint_file_holding_pickled_code_is_refused_not_run(tmp_path):
+    import hashlib
+
+    from gmeta.trainer.checkpoint import CheckpointError, _load_npz
+
+    evidence = tmp_path / "code-ran"
+    path = tmp_path / "dense.npz"
+    np.savez(path, w=np.array([_Planted(str(evidence))], dtype=object))
+    data = path.read_bytes()
+    manifest = {"files": {"dense.npz": {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}}
+    with pytest.raises(CheckpointError, match=r"dense.npz cannot be decoded: ValueError: .*allow_pickle=False"):
+        _load_npz(str(path), manifest)
+    assert not evidence.exists()

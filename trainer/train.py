@@ -332,6 +332,7 @@ def train(cfg: TrainConfig, on_epoch=None) -> dict:
     comm = init_communicator(cfg.comm)
     is_chief = comm.rank == 0
     log = _Log(is_chief)
+    check_writable(cfg, comm.rank)
     schema = Schema.load(cfg.data)
     splits = evaluation_splits(schema, cfg.eval_splits)
     cfg = resolve_sizes(cfg, log)
@@ -495,6 +496,24 @@ def _register(cfg, tracker, log) -> None:
     name, _, alias = cfg.register_as.partition("@")
     with contextlib.redirect_stdout(sys.stderr):
         register(RegisterConfig(run=tracker.run_id, name=name, alias=alias, tracking_uri=tracker.uri))
+
+
+def check_writable(cfg: TrainConfig, rank: int) -> None:
+    """Every place the run writes, tried before any work (not found unwritable after an epoch)."""
+    from gmeta.io import fs
+
+    places = [("--output-dir", cfg.output_dir)]
+    if cfg.checkpoint_dir and cfg.checkpoint_dir.lower() != "none" and not cfg.resume:
+        places.append(("--checkpoint-dir", cfg.checkpoint_dir))
+    if cfg.results_json and rank == 0:
+        places.append(("--results-json", os.path.dirname(os.path.abspath(cfg.results_json))))
+    for flag, directory in places:
+        probe = fs.join(directory, f".gmeta-write-test-{os.getpid()}-{rank}")
+        try:
+            fs.write_text(probe, "")
+            fs.delete_file(probe)
+        except OSError as exc:
+            raise ValueError(f"{flag} {directory}: not writable ({type(exc).__name__}: {exc})") from None
 
 
 def validation_split(cfg: TrainConfig, schema) -> str:
