@@ -104,7 +104,7 @@ class TrainConfig:
             if not ok:
                 raise ValueError(message)
         self.model_config()  # validates --adapt
-        self.support_points  # validates --support-curve
+        self.support_points  # noqa: B018 - parsing validates --support-curve
         return self
 
     @property
@@ -245,7 +245,7 @@ def add_arguments(p) -> None:
     add_tracking_arguments(p, d.experiment)
     p.add_argument("--run-name", default=d.run_name)
     p.add_argument("--output-dir", default=d.output_dir, help="where the model export is written")
-    p.add_argument("--log-every", type=int, default=d.log_every, help="steps between progress lines (0: off)")
+    p.add_argument("--log-every", type=int, default=d.log_every, help="steps between progress lines and per-step MLflow metrics (0: no lines, one metric point per epoch)")
     p.add_argument("--comm", default=d.comm, choices=("auto", "horovod", "local"))
     p.add_argument("--checkpoint-dir", default=d.checkpoint_dir,
                    help="where checkpoints go (local or hdfs://, shared by all workers; default "
