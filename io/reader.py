@@ -240,6 +240,18 @@ class MetaReader:
             spec[side] = d
         return spec
 
+    def surfacing_errors(self, batches):
+        """Iterate ``batches`` (this reader's ``dataset``); a DataError met while reading is
+        raised as itself (file, stripe, column) instead of the tf.data error that carried it."""
+        import tensorflow as tf
+
+        try:
+            yield from batches
+        except tf.errors.OpError:
+            if self.error is not None:
+                raise self.error from None
+            raise
+
     def dataset(self, epoch: int = 0):
         """A ``tf.data.Dataset`` of exactly ``steps_per_epoch`` meta-batches (static shapes).
 

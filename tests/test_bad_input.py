@@ -164,3 +164,17 @@ def test_a_checkpoint_file_holding_pickled_code_is_refused_not_run(tmp_path):
     with pytest.raises(CheckpointError, match=r"dense.npz cannot be decoded: ValueError: .*allow_pickle=False"):
         _load_npz(str(path), manifest)
     assert not evidence.exists()
+
+
+def test_bad_data_in_an_evaluation_split_is_named_too(tiny_synth, tmp_path):
+    """Evaluation reads its splits after training: a NaN label there is the same one-line
+    DataError, not a tf.data error."""
+    from gmeta.io.errors import DataError
+
+    data = _broken_copy(tiny_synth, tmp_path / "data")
+    path = data / "user_cold" / FILE
+    orc.write_table(_nan_label(orc.ORCFile(str(path)).read()), str(path))
+    (data / "user_cold" / "_index.json").unlink(missing_ok=True)
+    with pytest.raises(DataError) as info:
+        _train(data, tmp_path)
+    assert f"user_cold/{FILE}" in str(info.value) and "'click'" in str(info.value)

@@ -92,7 +92,7 @@ def _collect(learner, plain, reader, inner_steps: int, oracle_columns) -> dict:
     fn = learner.compiled_eval_step(ds.element_spec, inner_steps)
     plain_fn = plain.compiled_eval_step(ds.element_spec, inner_steps) if plain is not None else None
     chunks = []
-    for batch in ds:
+    for batch in reader.surfacing_errors(ds):
         out = fn(batch)
         keep = out.pop("mask").numpy() > 0
         row = {k: v.numpy()[keep] for k, v in out.items()}

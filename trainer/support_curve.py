@@ -63,7 +63,7 @@ def support_curve(learner, plain, dataset_dir: str, splits, comm, reader_kwargs:
         head = None
         rows = {k: {"adapted": [], "plain_finetuned": []} for k in points}
         common = {"task": [], "label": [], "unadapted": [], "plain": [], "rating": []}
-        for batch in ds:
+        for batch in reader.surfacing_errors(ds):
             for i, k in enumerate(points):
                 limited = _limited(batch, k)
                 scored = fn(limited)
