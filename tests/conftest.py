@@ -11,6 +11,13 @@ from pathlib import Path
 
 import pytest
 
+# The test machine has 2 cores, shared by two pytest workers and the TensorFlow processes each
+# test starts (horovodrun workers, gmeta commands). TensorFlow sizes its pools to the machine
+# and its idle threads spin, so every process gets one intra-op thread (set before TensorFlow
+# is imported here; inherited by every process a test starts). A user's own setting wins.
+os.environ.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+os.environ.setdefault("TF_NUM_INTEROP_THREADS", "2")
+
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).resolve().parent / "workers"
 BIN = Path(sys.executable).parent

@@ -47,6 +47,7 @@ import sys
 from dataclasses import dataclass
 
 from gmeta.trainer.launch import run_guarded
+from gmeta.trainer.signals import Stopped
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 OBJECTIVE = "validation GAUC adapted (final model, validation split)"
@@ -781,7 +782,7 @@ def tune(cfg: TuneConfig, pruner=None) -> int:
         study.optimize(objective, n_trials=cfg.n_trials, timeout=cfg.timeout, catch=fail_types,
                        callbacks=[after], gc_after_trial=True)
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Stopped):  # Ctrl-C, or a pre-empted trial (SIGTERM): the study stops
         status = "KILLED"
         raise
     finally:
