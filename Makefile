@@ -24,6 +24,8 @@ test: venv
 bench: venv
 	$(BIN)/gmeta bench io --json
 	$(BIN)/gmeta bench step --json
+	$(BIN)/gmeta bench step --full --json
+	$(BIN)/gmeta bench meta --json
 
 clean:
 	rm -rf $(VENV) data mlflow.db mlruns .pytest_cache

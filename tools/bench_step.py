@@ -11,6 +11,13 @@ worker per step (ids + vectors + vector gradients for hybrid; the full table gra
 mask for naive). Prints a table and, as its last line, one JSON object with ``bytes_ratio``
 (naive / hybrid bytes), ``memory_ratio`` (naive / hybrid bytes held), ``hybrid_ms``, ``naive_ms``
 (with ``--json`` the table goes to stderr, so stdout is only the JSON line).
+
+``--full``: the whole meta-step instead of the embedding exchange alone: a maml_dnn model (hidden
+64,64) whose ``item_id`` feature reads the big table and three small user features their own,
+T tasks x (S support + Q query) rows per worker, second-order MAML, the learner's own
+``train_step`` (lookup + AlltoAll, inner loop, outer backward, ONE allreduce, Adam, row-wise
+update), hybrid against naive on identical batches. JSON adds ``samples_per_s`` / ``tasks_per_s``
+per mode and ``speedup`` = hybrid samples/s / naive samples/s.
 """
 
 from __future__ import annotations
@@ -45,6 +52,10 @@ class BenchStepConfig:
     seed: int
     timeout: int
     json_only: bool
+    full: bool = False
+    tasks: int = 32
+    support: int = 64
+    query: int = 10
 
     def validate(self) -> "BenchStepConfig":
         for name in ("np", "rows", "dim", "steps", "timeout"):
@@ -74,13 +85,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the ids and the table init")
     parser.add_argument("--timeout", type=int, default=600, help="seconds before the run is abandoned")
     parser.add_argument("--json", action="store_true", help="stdout is only the JSON line (table on stderr)")
+    parser.add_argument("--full", action="store_true",
+                        help="time the full meta-step (model, inner loop, allreduce), not only the embedding")
+    parser.add_argument("--tasks", type=int, default=32, help="--full: tasks per worker per step")
+    parser.add_argument("--support", type=int, default=64, help="--full: support rows per task")
+    parser.add_argument("--query", type=int, default=10, help="--full: query rows per task")
 
 
 def _config(args) -> BenchStepConfig:
     return BenchStepConfig(np=args.np, rows=args.rows, dim=args.dim, batch_ids=args.batch_ids,
                            steps=args.steps, warmup=args.warmup, optimizer=args.optimizer,
                            zipf=args.zipf, seed=args.seed, timeout=args.timeout,
-                           json_only=args.json).validate()
+                           json_only=args.json, full=args.full, tasks=args.tasks, support=args.support,
+                           query=args.query).validate()
 
 
 # ---------------------------------------------------------------- launcher (no TF import)
@@ -133,7 +150,16 @@ def summarize(cfg: BenchStepConfig, per_rank: list) -> dict:
     hb, nb = mean("hybrid", "bytes_per_step"), mean("naive", "bytes_per_step")
     hm, nm = worst("hybrid", "memory_bytes"), worst("naive", "memory_bytes")
     hms, nms = worst("hybrid", "ms_per_step"), worst("naive", "ms_per_step")
+    full = {}
+    if cfg.full:
+        samples = {m: cfg.np * cfg.tasks * (cfg.support + cfg.query) / (worst(m, "ms_per_step") / 1e3)
+                   for m in ("hybrid", "naive")}
+        full = {"mode": "full meta-step", "tasks": cfg.tasks, "support": cfg.support, "query": cfg.query,
+                "hybrid_samples_per_s": round(samples["hybrid"]), "naive_samples_per_s": round(samples["naive"]),
+                "hybrid_tasks_per_s": round(samples["hybrid"] / (cfg.support + cfg.query), 1),
+                "naive_tasks_per_s": round(samples["naive"] / (cfg.support + cfg.query), 1)}
     return {
+        **full,
         "bench": "step", "np": cfg.np, "rows": cfg.rows, "dim": cfg.dim,
         "batch_ids": cfg.batch_ids, "steps": cfg.steps, "optimizer": cfg.optimizer, "zipf": cfg.zipf,
         "unique_ids_per_step": mean("hybrid", "unique_ids_per_step"),
@@ -152,6 +178,18 @@ def summarize(cfg: BenchStepConfig, per_rank: list) -> dict:
 
 def format_table(r: dict) -> str:
     mb = 1 << 20
+    if r.get("mode") == "full meta-step":
+        return "\n".join([
+            f"full meta-step, {r['np']} workers, table {r['rows']:,} x {r['dim']}, T={r['tasks']} S={r['support']} "
+            f"Q={r['query']} per worker, {r['steps']} timed steps",
+            f"{'mode':<8}{'MB moved/step/worker':>22}{'ms/step':>10}{'samples/s':>12}{'tasks/s':>10}",
+            f"{'hybrid':<8}{r['hybrid_bytes_per_step'] / mb:>22.3f}{r['hybrid_ms']:>10.1f}"
+            f"{r['hybrid_samples_per_s']:>12,}{r['hybrid_tasks_per_s']:>10,.0f}",
+            f"{'naive':<8}{r['naive_bytes_per_step'] / mb:>22.3f}{r['naive_ms']:>10.1f}"
+            f"{r['naive_samples_per_s']:>12,}{r['naive_tasks_per_s']:>10,.0f}",
+            f"speedup (samples/s) {r['speedup']}x (target >= 20), bytes ratio naive/hybrid {r['bytes_ratio']} "
+            f"(target >= 50)",
+        ])
     return "\n".join([
         f"{r['np']} workers, table {r['rows']:,} x {r['dim']}, {r['batch_ids']:,} ids/worker/step "
         f"(~{r['unique_ids_per_step']:,.0f} unique), optimizer {r['optimizer']}, {r['steps']} timed steps",
@@ -178,6 +216,74 @@ def draw_ids(cfg: BenchStepConfig, rank: int, step: int) -> dict:
     return {"item_id": item, "hist_items": hist}
 
 
+def full_batch(cfg: BenchStepConfig, rank: int, step: int) -> dict:
+    """One worker's meta-batch: Zipf item ids over the big table, uniform small user features."""
+    rng = np.random.default_rng([cfg.seed, rank, step, 7])
+
+    def part(n):
+        raw = rng.zipf(cfg.zipf, (cfg.tasks, n)).astype(np.int64) - 1
+        out = {"item_id": (raw * 2654435761) % cfg.rows}
+        for f in FULL_USER_FEATURES:
+            out[f] = np.repeat(rng.integers(0, 1000, (cfg.tasks, 1)), n, axis=1)
+        out["click"] = rng.integers(0, 2, (cfg.tasks, n)).astype(np.float32)
+        out["mask"] = np.ones((cfg.tasks, n), np.float32)
+        return out
+
+    return {"support": part(cfg.support), "query": part(cfg.query),
+            "task_id": np.arange(cfg.tasks, dtype=np.int64) + rank * cfg.tasks,
+            "task_mask": np.ones(cfg.tasks, np.float32)}
+
+
+FULL_USER_FEATURES = ("user_id", "age", "occupation")
+
+
+def _full_worker(cfg: BenchStepConfig, comm) -> dict:
+    """Hybrid vs naive through the learner's own traced train_step on identical batches."""
+    import gc
+
+    import tensorflow as tf
+
+    from gmeta.io.schema import Schema, SparseFeature, TableSpec
+    from gmeta.models.base import ModelConfig
+    from gmeta.models.registry import build_model
+    from gmeta.trainer.meta_learner import MetaConfig, MetaLearner, batch_spec
+    from gmeta.trainer.setup import build_embedding
+
+    schema = Schema(labels=("click",),
+                    sparse=(SparseFeature("item_id", "item_id", group="item"),
+                            *(SparseFeature(f, f, group="user") for f in FULL_USER_FEATURES)),
+                    tables=(TableSpec("item_id", cfg.rows), *(TableSpec(f, 1000) for f in FULL_USER_FEATURES)),
+                    item_id_feature="item_id").validate()
+    batches = [tf.nest.map_structure(tf.constant, full_batch(cfg, comm.rank, s))
+               for s in range(cfg.warmup + cfg.steps)]
+    result = {}
+    for mode in ("hybrid", "naive"):
+        model = build_model("maml_dnn", schema, ModelConfig(emb_dim=cfg.dim, hidden=(64, 64), seed=cfg.seed))
+        emb = build_embedding(model, comm, mode=mode, optimizer=cfg.optimizer, learning_rate=0.05, seed=cfg.seed)
+        learner = MetaLearner(model, emb, comm, MetaConfig())
+        comm.broadcast_variables(learner.dense_variables)
+        step = learner.compiled_train_step(batch_spec(batches[0]))
+        for b in batches[:cfg.warmup]:
+            float(step(b)["loss"])
+        comm.barrier()
+        before = comm.counters.snapshot()
+        start = time.perf_counter()
+        for b in batches[cfg.warmup:]:
+            out = step(b)
+        float(out["loss"])
+        comm.barrier()
+        elapsed = time.perf_counter() - start
+        delta = comm.counters.delta(before)
+        by_kind = {k: delta[k]["bytes"] / cfg.steps for k in delta}
+        result[mode] = {"ms_per_step": 1000.0 * elapsed / cfg.steps, "bytes_per_step": sum(by_kind.values()),
+                        "by_kind": by_kind, "memory_bytes": emb.memory_bytes(),
+                        "unique_ids_per_step": float(np.mean([np.unique(b["support"]["item_id"]).size
+                                                              for b in batches[cfg.warmup:]]))}
+        del learner, emb, model, step
+        gc.collect()
+    return result
+
+
 def _worker(out_dir: str, cfg: BenchStepConfig) -> int:
     import gc
 
@@ -188,6 +294,9 @@ def _worker(out_dir: str, cfg: BenchStepConfig) -> int:
     from gmeta.trainer.sharding import ShardingPlan, TableConfig
 
     comm = init_communicator("horovod")
+    if cfg.full:
+        Path(out_dir, f"rank{comm.rank}.json").write_text(json.dumps(_full_worker(cfg, comm)))
+        return 0
     plan = ShardingPlan.build([TableConfig("item", cfg.rows, cfg.dim)],
                               {"item_id": "item", "hist_items": "item"}, comm.size)
     w = tf.constant(np.linspace(-1.0, 1.0, cfg.dim, dtype=np.float32))
