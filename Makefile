@@ -26,6 +26,7 @@ bench: venv
 	$(BIN)/gmeta bench step --json
 	$(BIN)/gmeta bench step --full --json
 	$(BIN)/gmeta bench meta --json
+	$(BIN)/gmeta bench memory --json
 
 clean:
 	rm -rf $(VENV) data mlflow.db mlruns .pytest_cache

@@ -1,4 +1,4 @@
-"""``gmeta bench io|step``: benchmarks. Each prints a table and, as its last line, one JSON object."""
+"""``gmeta bench io|step|meta|memory``: benchmarks. Each prints a table and, as its last line, one JSON object."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ BENCHES = {
     "io": "gmeta.tools.bench_io",      # reader rows/s vs raw pyarrow decode
     "step": "gmeta.tools.bench_step",  # hybrid vs naive embedding step: bytes and memory per worker
     "meta": "gmeta.tools.bench_meta",  # meta-step speed: vectorized inner loop vs task-by-task loop
+    "memory": "gmeta.tools.bench_memory",  # peak resident memory per worker, 1 vs 2 workers
 }
 
 
