@@ -27,6 +27,7 @@ bench: venv
 	$(BIN)/gmeta bench step --full --json
 	$(BIN)/gmeta bench meta --json
 	$(BIN)/gmeta bench memory --json
+	$(BIN)/gmeta bench projection --json
 
 clean:
 	rm -rf $(VENV) data mlflow.db mlruns .pytest_cache

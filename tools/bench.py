@@ -1,4 +1,4 @@
-"""``gmeta bench io|step|meta|memory``: benchmarks. Each prints a table and, as its last line, one JSON object."""
+"""``gmeta bench io|step|meta|memory|projection``: benchmarks. Each prints a table and, as its last line, one JSON object."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ BENCHES = {
     "step": "gmeta.tools.bench_step",  # hybrid vs naive embedding step: bytes and memory per worker
     "meta": "gmeta.tools.bench_meta",  # meta-step speed: vectorized inner loop vs task-by-task loop
     "memory": "gmeta.tools.bench_memory",  # peak resident memory per worker, 1 vs 2 workers
+    "projection": "gmeta.tools.bench_projection",  # a model: throughput at 8-64 workers
 }
 
 
