@@ -28,6 +28,7 @@ bench: venv
 	$(BIN)/gmeta bench meta --json
 	$(BIN)/gmeta bench memory --json
 	$(BIN)/gmeta bench projection --json
+	$(BIN)/gmeta bench movielens --json
 
 clean:
 	rm -rf $(VENV) data mlflow.db mlruns .pytest_cache

@@ -1,4 +1,6 @@
-"""``gmeta bench io|step|meta|memory|projection``: benchmarks. Each prints a table and, as its last line, one JSON object."""
+"""``gmeta bench NAME`` (io, step, meta, memory, projection, movielens): benchmarks.
+
+Each prints a table and, as its last line, one JSON object."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ BENCHES = {
     "meta": "gmeta.tools.bench_meta",  # meta-step speed: vectorized inner loop vs task-by-task loop
     "memory": "gmeta.tools.bench_memory",  # peak resident memory per worker, 1 vs 2 workers
     "projection": "gmeta.tools.bench_projection",  # a model: throughput at 8-64 workers
+    "movielens": "gmeta.tools.bench_movielens",  # MeLU tasks/s on MovieLens-100K-shaped tasks
 }
 
 
