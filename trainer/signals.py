@@ -88,13 +88,16 @@ class StopSignals:
 
     # ---- watcher thread ----
     def _watch(self, read_fd: int) -> None:
-        try:
-            data = os.read(read_fd, 1)
-        except OSError:
-            return
-        if not data:  # the run ended without a signal
-            os.close(read_fd)
-            return
+        while True:  # (the wakeup fd also carries other signals that have Python handlers)
+            try:
+                data = os.read(read_fd, 1)
+            except OSError:
+                return
+            if not data:  # the run ended without a stop signal
+                os.close(read_fd)
+                return
+            if data[0] in SIGNALS:
+                break
         signum = data[0]
         # the main thread stops the run itself unless it is blocked (see the module docstring)
         time.sleep(self.grace_s)
