@@ -29,6 +29,7 @@ bench: venv
 	$(BIN)/gmeta bench memory --json
 	$(BIN)/gmeta bench projection --json
 	$(BIN)/gmeta bench movielens --json
+	$(BIN)/gmeta bench breakdown --json
 
 clean:
 	rm -rf $(VENV) data mlflow.db mlruns .pytest_cache

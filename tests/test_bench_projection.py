@@ -1,4 +1,4 @@
-"""The projection bench is a model; its arithmetic is checked here by hand-worked values."""
+"""The projection and breakdown benches: their arithmetic and op attribution by hand-worked values."""
 
 import pytest
 
@@ -16,3 +16,14 @@ def test_projection_follows_the_stated_model():
     assert row["hybrid_samples_per_s"] == round(4 * 100 / 0.01525)
     # naive: 2 * 0.75 * (1e6 + 100e6) = 151.5e6 bytes = 151.5 ms
     assert row["naive_efficiency"] == pytest.approx(10 / 161.5, abs=1e-3)
+
+
+def test_breakdown_assigns_traced_ops_to_the_step_stages():
+    from gmeta.tools.bench_breakdown import stage_of
+
+    assert stage_of("lookup/HorovodAlltoall_x:HorovodAlltoall") == "lookup"
+    assert stage_of("inner_loop/gradient_tape/einsum/Einsum:Einsum") == "inner_loop"   # the inner tape
+    assert stage_of("gradient_tape/inner_loop/einsum/Einsum_1:Einsum") == "outer_backward"
+    assert stage_of("allreduce/HorovodGroupedAllreduce:HorovodGroupedAllreduce") == "allreduce"
+    assert stage_of("optimizer/Adam/mul:Mul") == "optimizer"
+    assert stage_of("batch:_Arg") == "other"

@@ -1,4 +1,4 @@
-"""``gmeta bench NAME`` (io, step, meta, memory, projection, movielens): benchmarks.
+"""``gmeta bench NAME`` (io, step, meta, memory, projection, movielens, breakdown): benchmarks.
 
 Each prints a table and, as its last line, one JSON object."""
 
@@ -13,6 +13,7 @@ BENCHES = {
     "memory": "gmeta.tools.bench_memory",  # peak resident memory per worker, 1 vs 2 workers
     "projection": "gmeta.tools.bench_projection",  # a model: throughput at 8-64 workers
     "movielens": "gmeta.tools.bench_movielens",  # MeLU tasks/s on MovieLens-100K-shaped tasks
+    "breakdown": "gmeta.tools.bench_breakdown",  # where a meta-step's time goes (profiler trace)
 }
 
 

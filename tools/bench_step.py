@@ -237,16 +237,12 @@ def full_batch(cfg: BenchStepConfig, rank: int, step: int) -> dict:
 FULL_USER_FEATURES = ("user_id", "age", "occupation")
 
 
-def _full_worker(cfg: BenchStepConfig, comm) -> dict:
-    """Hybrid vs naive through the learner's own traced train_step on identical batches."""
-    import gc
-
-    import tensorflow as tf
-
+def full_learner(cfg: BenchStepConfig, comm, mode: str):
+    """The --full problem's learner: maml_dnn (hidden 64,64), second order, ``mode`` tables."""
     from gmeta.io.schema import Schema, SparseFeature, TableSpec
     from gmeta.models.base import ModelConfig
     from gmeta.models.registry import build_model
-    from gmeta.trainer.meta_learner import MetaConfig, MetaLearner, batch_spec
+    from gmeta.trainer.meta_learner import MetaConfig, MetaLearner
     from gmeta.trainer.setup import build_embedding
 
     schema = Schema(labels=("click",),
@@ -254,14 +250,27 @@ def _full_worker(cfg: BenchStepConfig, comm) -> dict:
                             *(SparseFeature(f, f, group="user") for f in FULL_USER_FEATURES)),
                     tables=(TableSpec("item_id", cfg.rows), *(TableSpec(f, 1000) for f in FULL_USER_FEATURES)),
                     item_id_feature="item_id").validate()
+    model = build_model("maml_dnn", schema, ModelConfig(emb_dim=cfg.dim, hidden=(64, 64), seed=cfg.seed))
+    emb = build_embedding(model, comm, mode=mode, optimizer=cfg.optimizer, learning_rate=0.05, seed=cfg.seed)
+    learner = MetaLearner(model, emb, comm, MetaConfig())
+    comm.broadcast_variables(learner.dense_variables)
+    return learner
+
+
+def _full_worker(cfg: BenchStepConfig, comm) -> dict:
+    """Hybrid vs naive through the learner's own traced train_step on identical batches."""
+    import gc
+
+    import tensorflow as tf
+
+    from gmeta.trainer.meta_learner import batch_spec
+
     batches = [tf.nest.map_structure(tf.constant, full_batch(cfg, comm.rank, s))
                for s in range(cfg.warmup + cfg.steps)]
     result = {}
     for mode in ("hybrid", "naive"):
-        model = build_model("maml_dnn", schema, ModelConfig(emb_dim=cfg.dim, hidden=(64, 64), seed=cfg.seed))
-        emb = build_embedding(model, comm, mode=mode, optimizer=cfg.optimizer, learning_rate=0.05, seed=cfg.seed)
-        learner = MetaLearner(model, emb, comm, MetaConfig())
-        comm.broadcast_variables(learner.dense_variables)
+        learner = full_learner(cfg, comm, mode)
+        emb = learner.embedding
         step = learner.compiled_train_step(batch_spec(batches[0]))
         for b in batches[:cfg.warmup]:
             float(step(b)["loss"])
@@ -279,7 +288,7 @@ def _full_worker(cfg: BenchStepConfig, comm) -> dict:
                         "by_kind": by_kind, "memory_bytes": emb.memory_bytes(),
                         "unique_ids_per_step": float(np.mean([np.unique(b["support"]["item_id"]).size
                                                               for b in batches[cfg.warmup:]]))}
-        del learner, emb, model, step
+        del learner, emb, step
         gc.collect()
     return result
 

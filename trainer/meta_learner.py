@@ -163,23 +163,27 @@ class MetaLearner(tf.Module):
         rank's real tasks (rows for ``meta="none"``), so the step can normalise globally."""
         cfg = self.config
         task_mask = batch["task_mask"]
+        # (the name scopes label each stage's ops in profiles: gmeta bench breakdown)
         # 1. embeddings of support and query: one lookup, one AlltoAll round trip
-        x_support, x_query = self.embed(batch)
+        with tf.name_scope("lookup"):
+            x_support, x_query = self.embed(batch)
         params = self.params()
         if cfg.meta == "maml":
             # 2. inner loop on the support sets, all tasks at once
-            fast = self._adapted(params, x_support, batch["support"], cfg.inner_steps, cfg.first_order)
+            with tf.name_scope("inner_loop"):
+                fast = self._adapted(params, x_support, batch["support"], cfg.inner_steps, cfg.first_order)
             # 3. query loss with the adapted weights; a task without query rows has no loss and
             #    does not count
-            per_task = self.model.task_loss(self.model.forward(fast, x_query), batch["query"])
-            if cfg.plain_weight > 0:
-                # the shared parameters also learn from every row, as a plain model would: MAML's
-                # query-only objective otherwise sees a fraction of the labels
-                part = _concat_parts(batch["support"], batch["query"])
-                x_all = tf.concat([x_support, x_query], axis=1)
-                per_task += cfg.plain_weight * self.model.task_loss(self.model.forward(params, x_all), part)
-            counted = task_mask * tf.cast(tf.reduce_sum(batch["query"]["mask"], axis=1) > 0, tf.float32)
-            return tf.reduce_sum(per_task * counted), tf.reduce_sum(counted)
+            with tf.name_scope("query_loss"):
+                per_task = self.model.task_loss(self.model.forward(fast, x_query), batch["query"])
+                if cfg.plain_weight > 0:
+                    # the shared parameters also learn from every row, as a plain model would:
+                    # MAML's query-only objective otherwise sees a fraction of the labels
+                    part = _concat_parts(batch["support"], batch["query"])
+                    x_all = tf.concat([x_support, x_query], axis=1)
+                    per_task += cfg.plain_weight * self.model.task_loss(self.model.forward(params, x_all), part)
+                counted = task_mask * tf.cast(tf.reduce_sum(batch["query"]["mask"], axis=1) > 0, tf.float32)
+                return tf.reduce_sum(per_task * counted), tf.reduce_sum(counted)
         # non-meta baseline: the same network on all rows, one plain step
         part = _concat_parts(batch["support"], batch["query"])
         part["mask"] = part["mask"] * task_mask[:, None]
@@ -207,15 +211,17 @@ class MetaLearner(tf.Module):
         # 5. ONE fused allreduce, one division by the global count (the rule of comm.py); the
         #    loss rides along, so every rank reports (and guards on) the same global mean, as do
         #    the step's real tasks (for tasks/s) and any rank's request to stop (comm.StopRequest)
-        emb_inputs = self.embedding.reduction_inputs(emb_grads)
-        sums, scale, (tasks, stop) = self.comm.sum_for_global_mean(
-            dense_grads + emb_inputs + [loss_sum], count,
-            riders=[tf.reduce_sum(batch["task_mask"]), self.comm.stop.flag.read_value()])
-        dense_step = [g * scale for g in sums[:n_dense]]
-        if self.config.clip_norm > 0:
-            dense_step, _ = tf.clip_by_global_norm(dense_step, self.config.clip_norm)
-        self.optimizer.apply(dense_step)
-        self.embedding.apply_reduced(emb_grads, sums[n_dense:-1], scale)
+        with tf.name_scope("allreduce"):
+            emb_inputs = self.embedding.reduction_inputs(emb_grads)
+            sums, scale, (tasks, stop) = self.comm.sum_for_global_mean(
+                dense_grads + emb_inputs + [loss_sum], count,
+                riders=[tf.reduce_sum(batch["task_mask"]), self.comm.stop.flag.read_value()])
+        with tf.name_scope("optimizer"):
+            dense_step = [g * scale for g in sums[:n_dense]]
+            if self.config.clip_norm > 0:
+                dense_step, _ = tf.clip_by_global_norm(dense_step, self.config.clip_norm)
+            self.optimizer.apply(dense_step)
+            self.embedding.apply_reduced(emb_grads, sums[n_dense:-1], scale)
         return {"loss": sums[-1] * scale, "tasks": tasks, "stop": stop}
 
     # ------------------------------------------------------------------ evaluation
