@@ -143,12 +143,6 @@ def _worker(out_dir: str, config: dict) -> int:
 
 
 if __name__ == "__main__":
-    import argparse
+    from gmeta.tools.common import worker_main
 
-    parser = argparse.ArgumentParser(prog="gmeta.tools.bench_breakdown")
-    parser.add_argument("--worker", required=True)
-    parser.add_argument("--config", required=True)
-    a = parser.parse_args()
-    from gmeta.trainer.launch import run_guarded
-
-    sys.exit(run_guarded(_worker, a.worker, json.loads(a.config)))
+    worker_main("gmeta.tools.bench_breakdown", _worker)

@@ -11,7 +11,6 @@ sharding can change. The table goes to stderr; the last stdout line is one JSON 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -126,10 +125,6 @@ def _worker(out_dir: str, config: dict) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="gmeta.tools.bench_memory")
-    parser.add_argument("--worker", required=True, help="(internal) output folder")
-    parser.add_argument("--config", required=True, help="(internal) settings as JSON")
-    a = parser.parse_args()
-    from gmeta.trainer.launch import run_guarded
+    from gmeta.tools.common import worker_main
 
-    sys.exit(run_guarded(_worker, a.worker, json.loads(a.config)))
+    worker_main("gmeta.tools.bench_memory", _worker)

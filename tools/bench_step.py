@@ -22,7 +22,6 @@ per mode and ``speedup`` = hybrid samples/s / naive samples/s.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -352,10 +351,6 @@ def _worker(out_dir: str, cfg: BenchStepConfig) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="gmeta.tools.bench_step")
-    parser.add_argument("--worker", required=True, help="(internal) output folder of a worker run")
-    parser.add_argument("--config", required=True, help="(internal) BenchStepConfig as JSON")
-    a = parser.parse_args()
-    from gmeta.trainer.launch import run_guarded
+    from gmeta.tools.common import worker_main
 
-    sys.exit(run_guarded(_worker, a.worker, BenchStepConfig(**json.loads(a.config))))
+    worker_main("gmeta.tools.bench_step", _worker, lambda d: BenchStepConfig(**d))

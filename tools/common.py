@@ -94,3 +94,18 @@ def group_arange(counts: np.ndarray) -> np.ndarray:
     """[0..c0-1, 0..c1-1, ...] for counts [c0, c1, ...]."""
     starts = np.cumsum(counts) - counts
     return np.arange(counts.sum()) - np.repeat(starts, counts)
+
+
+def worker_main(prog: str, worker, make_config=lambda settings: settings) -> None:
+    """The ``__main__`` of a benchmark's horovodrun worker: ``--worker DIR --config JSON``, the
+    body run under the trainer's failure guard (a failing rank ends the whole job)."""
+    import argparse
+    import json
+
+    from gmeta.trainer.launch import run_guarded
+
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--worker", required=True, help="(internal) output folder of a worker run")
+    parser.add_argument("--config", required=True, help="(internal) the benchmark's settings as JSON")
+    a = parser.parse_args()
+    sys.exit(run_guarded(worker, a.worker, make_config(json.loads(a.config))))
