@@ -3,7 +3,9 @@ ranks, per-task sizes, and whole-split reads of a few columns. Pure Python / num
 
 Units ``(file, stripe)`` come from ``_index.json`` when it still describes the files present,
 else from scanning each stripe's task and flag columns; both give the same list, so every rank
-computes the same plan without a collective. ``shard_units`` then balances task counts.
+computes the same plan without a collective. ``shard_tasks`` then gives each rank a contiguous
+range of the split's tasks (in file order), cut below the stripe where needed, so task counts
+differ by at most one across ranks however few stripes the split has.
 ``task_sizes``, ``distinct_values`` and ``read_columns`` answer questions about a whole split
 (cap choice, which ids were seen, baselines) without going through meta-batches, which drop
 rows past the S/Q caps.
@@ -11,9 +13,9 @@ rows past the S/Q caps.
 
 from __future__ import annotations
 
-import heapq
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -28,7 +30,9 @@ from gmeta.io.validate import check_no_nulls, check_tasks_disjoint
 
 @dataclass(frozen=True)
 class Unit:
-    """One stripe of one file: the unit of sharding and of parallel reading."""
+    """One stripe of one file (the unit of parallel reading), or a rank's share of it: tasks
+    ``[lo, hi)`` in the stripe's order (``hi`` None: to the end). ``rows``, ``tasks``,
+    ``first_task`` and ``last_task`` always describe the whole stripe (to check the file)."""
 
     file: str
     stripe: int
@@ -36,6 +40,17 @@ class Unit:
     tasks: int
     first_task: int
     last_task: int
+    lo: int = 0
+    hi: Optional[int] = None
+
+    @property
+    def share(self) -> int:
+        """How many of the stripe's tasks this unit stands for."""
+        return (self.tasks if self.hi is None else self.hi) - self.lo
+
+    @property
+    def whole(self) -> bool:
+        return self.lo == 0 and (self.hi is None or self.hi == self.tasks)
 
 
 def load_schema(dataset_dir: str) -> Schema:
@@ -80,16 +95,23 @@ def plan_units(split_dir: str, schema: Schema, use_index: bool = True, threads: 
             for p, i, e in split_stripes(split_dir, schema, use_index, threads)]
 
 
-def shard_units(unit_tasks, world_size: int) -> list:
-    """Unit indices per rank, balancing task counts (largest first onto the least loaded rank;
-    ties go to the lower unit index and the lower rank, so every rank computes the same plan)."""
-    heap = [(0, r) for r in range(world_size)]
-    assigned = [[] for _ in range(world_size)]
-    for i in sorted(range(len(unit_tasks)), key=lambda i: (-unit_tasks[i], i)):
-        load, r = heapq.heappop(heap)
-        assigned[r].append(i)
-        heapq.heappush(heap, (load + int(unit_tasks[i]), r))
-    return [sorted(a) for a in assigned]
+def shard_tasks(units, world_size: int) -> list:
+    """Units per rank: rank r gets the split's tasks ``[r N / W, (r+1) N / W)`` in file order, so
+    counts differ by at most one. A stripe that straddles a boundary is shared: each rank gets a
+    ``Unit`` for its task range of it (and decodes the stripe, keeping only that range). Pure
+    arithmetic on the plan, so every rank computes the same assignment."""
+    total = sum(u.tasks for u in units)
+    bounds = [r * total // world_size for r in range(world_size + 1)]
+    shares = [[] for _ in range(world_size)]
+    offset = 0
+    for u in units:
+        lo, hi = offset, offset + u.tasks
+        for r in range(world_size):
+            a, b = max(lo, bounds[r]), min(hi, bounds[r + 1])
+            if a < b:
+                shares[r].append(u if (a, b) == (lo, hi) else replace(u, lo=a - lo, hi=b - lo))
+        offset = hi
+    return shares
 
 
 def task_sizes(dataset_dir: str, split: str, use_index: bool = True):

@@ -2,7 +2,8 @@
 
 Three layers, one module each: ``gmeta.io.plan`` lists the units of work ``(file, stripe)``
 from ``_index.json`` or a scan of the task columns and balances them over ranks by task count
-(pure Python, identical on every rank, no collective); ``gmeta.io.assemble`` turns a decoded
+(pure Python, identical on every rank, no collective; a stripe may be shared by two ranks, each
+keeping its range of tasks); ``gmeta.io.assemble`` turns a decoded
 stripe into a validated block of whole tasks and cuts padded meta-batches out of pooled blocks
 (numpy only); this module orchestrates: a thread pool decodes this rank's stripes (pyarrow
 releases the GIL), blocks are pooled, the pool's tasks shuffled (seed, epoch and rank fix the
@@ -29,9 +30,9 @@ from gmeta.io import fs
 from gmeta.io.assemble import STAT_KEYS, Block, Layout, batch_of, build_block, compact, empty_block, gather_tasks
 from gmeta.io.errors import DataError
 from gmeta.io.index import INDEX_FILE
-from gmeta.io.plan import Unit, load_schema, plan_units, shard_units
+from gmeta.io.plan import Unit, load_schema, plan_units, shard_tasks
 from gmeta.io.stripes import OrcFileCache, read_stripe
-from gmeta.io.validate import check_file_schema
+from gmeta.io.validate import check_file_schema, check_no_nulls, task_runs
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +77,14 @@ class MetaReader:
         self._layout = Layout(self.schema)
         self.split_dir = fs.join(dataset_dir, split)
         self.units = plan_units(self.split_dir, self.schema, use_index, self.num_parallel_reads)
-        shards = shard_units([u.tasks for u in self.units], self.world_size)
-        self.tasks_per_rank = [sum(self.units[i].tasks for i in s) for s in shards]
-        self.my_units = [self.units[i] for i in shards[self.rank]]
+        shards = shard_tasks(self.units, self.world_size)
+        self.tasks_per_rank = [sum(u.share for u in s) for s in shards]
+        self.my_units = shards[self.rank]
         self.num_tasks = self.tasks_per_rank[self.rank]
         self.steps_per_epoch = int(math.ceil(max(self.tasks_per_rank) / self.T))
         if not self.my_units:
-            log.warning("rank %d of %d has no stripes of %s (only %d units); it yields padding batches only",
-                        self.rank, self.world_size, self.split_dir, len(self.units))
+            log.warning("rank %d of %d has no tasks of %s (only %d tasks); it yields padding batches only",
+                        self.rank, self.world_size, self.split_dir, sum(self.tasks_per_rank))
         self.stats = dict.fromkeys(STAT_KEYS, 0)
         self.stats_by_epoch = {}  # the same counts, per epoch read (see epoch_stats)
         self.error: Optional[DataError] = None  # the last DataError raised while reading
@@ -100,15 +101,27 @@ class MetaReader:
                             stripe=unit.stripe) from None
         batch = read_stripe(reader, unit.file, unit.stripe, self._layout.columns)
         check_file_schema(batch.schema, self.schema, unit.file)
-        block, stats = build_block(batch, self._layout, self.S, self.Q, unit.file, unit.stripe)
-        ids = block.task_id
-        if (batch.num_rows, ids.size, int(ids[0]), int(ids[-1])) != (unit.rows, unit.tasks, unit.first_task,
-                                                                      unit.last_task):
-            raise DataError(f"stripe holds {batch.num_rows} rows / {ids.size} tasks ({ids[0]}..{ids[-1]}) but "
+        if unit.whole:
+            block, stats = build_block(batch, self._layout, self.S, self.Q, unit.file, unit.stripe)
+            self._check_plan(unit, batch.num_rows, block.task_id)
+            return block, stats
+        # a shared stripe: check it whole against the plan, then keep this rank's task range
+        column = self.schema.task_column
+        check_no_nulls({column: batch.column(column)}, unit.file, unit.stripe)
+        starts, ids = task_runs(batch.column(column).to_numpy(), unit.file, unit.stripe, column)
+        self._check_plan(unit, batch.num_rows, ids)
+        bounds = np.append(starts, batch.num_rows)
+        part = batch.slice(int(bounds[unit.lo]), int(bounds[unit.lo + unit.share] - bounds[unit.lo]))
+        return build_block(part, self._layout, self.S, self.Q, unit.file, unit.stripe)
+
+    def _check_plan(self, unit: Unit, rows: int, ids: np.ndarray) -> None:
+        if ids.size == 0:
+            raise DataError("stripe has no rows", file=unit.file, stripe=unit.stripe)
+        if (rows, ids.size, int(ids[0]), int(ids[-1])) != (unit.rows, unit.tasks, unit.first_task, unit.last_task):
+            raise DataError(f"stripe holds {rows} rows / {ids.size} tasks ({ids[0]}..{ids[-1]}) but "
                             f"the plan ({INDEX_FILE}) says {unit.rows} / {unit.tasks} ({unit.first_task}.."
                             f"{unit.last_task}); the file changed after it was indexed",
                             file=unit.file, stripe=unit.stripe, column=self.schema.task_column)
-        return block, stats
 
     def _blocks(self, executor: ThreadPoolExecutor, units) -> Iterator:
         """Decoded blocks of ``units`` in order, ``2 * num_parallel_reads`` stripes in flight."""

@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
 from io_data import write_tiny  # noqa: E402
 
 from conftest import horovodrun, read_rank_results  # noqa: E402
-from gmeta.io.plan import shard_units  # noqa: E402
+from gmeta.io.plan import Unit, shard_tasks  # noqa: E402
 from gmeta.io.reader import MetaReader  # noqa: E402
 
 N_TASKS = 97
@@ -52,32 +52,48 @@ def test_every_task_exactly_once_and_equal_steps(data, world_size, epoch):
     assert readers[0].steps_per_epoch == -(-max(len(i) for i in ids) // 4)
     for r, rank_ids in zip(readers, ids):
         assert len(rank_ids) == r.num_tasks == r.tasks_per_rank[r.rank]
-    if world_size > 1:  # ranks get disjoint stripes
-        files = [{(u.file, u.stripe) for u in r.my_units} for r in readers]
-        assert sum(len(f) for f in files) == len(set().union(*files)) == len(readers[0].units)
+    counts = [len(i) for i in ids]
+    assert max(counts) - min(counts) <= 1, counts
+    # a stripe is shared by at most two neighbouring ranks; whole stripes by exactly one
+    held = [(u.file, u.stripe) for r in readers for u in r.my_units]
+    assert len(held) - len(set(held)) <= world_size - 1
+    assert set(held) == {(u.file, u.stripe) for u in readers[0].units}
 
 
-def test_shard_plan_is_balanced_and_deterministic():
-    """Greedy largest-first: loads differ by at most one unit's tasks; same input, same plan."""
+def test_task_ranges_are_balanced_contiguous_and_deterministic():
+    """Every rank's count within one of the others, tasks covered once in file order, whatever
+    the stripe sizes (one huge stripe, many small ones, more ranks than tasks)."""
     rng = np.random.default_rng(0)
-    tasks = rng.integers(1, 50, 40).tolist()
-    for world in (2, 3, 5):
-        plan = shard_units(tasks, world)
-        assert plan == shard_units(list(tasks), world)
-        assert sorted(i for p in plan for i in p) == list(range(40))
-        loads = [sum(tasks[i] for i in p) for p in plan]
-        assert max(loads) - min(loads) <= max(tasks)
+    for sizes in (rng.integers(1, 50, 40).tolist(), [1000], [3, 500, 2], [1, 1]):
+        units, first = [], 0
+        for i, n in enumerate(sizes):
+            units.append(Unit(f"f{i // 4}.orc", i % 4, 10 * n, n, first, first + n - 1))
+            first += n
+        for world in (1, 2, 3, 5):
+            plan = shard_tasks(units, world)
+            assert plan == shard_tasks(list(units), world)
+            counts = [sum(u.share for u in p) for p in plan]
+            assert max(counts) - min(counts) <= 1 and sum(counts) == sum(sizes), (sizes, world, counts)
+            covered = [u.first_task + k for p in plan for u in p
+                       for k in range(u.lo, u.lo + u.share)]
+            assert covered == list(range(sum(sizes)))
 
 
 def test_more_ranks_than_stripes(tmp_path):
-    """A rank with no stripe yields only padding batches, as many as the busiest rank's steps."""
+    """One stripe, three ranks: each decodes it and keeps its own task range (2 tasks each),
+    with exact per-rank read counts; a rank with no task at all yields padding batches only."""
     write_tiny(tmp_path, n_tasks=6, rows_per_stripe=1000)  # one stripe
     readers, ids, steps = run_ranks(str(tmp_path), 3, T=4)
     assert sorted(t for i in ids for t in i) == list(range(6))
-    assert steps == [2, 2, 2]
-    assert sorted(len(i) for i in ids) == [0, 0, 6]
+    assert steps == [1, 1, 1]
+    assert [len(i) for i in ids] == [2, 2, 2]
+    assert sum(r.stats["tasks_read"] for r in readers) == 6
+    assert sum(r.stats["rows_read"] for r in readers) == readers[0].units[0].rows
+    assert [r.stats["padding_tasks"] for r in readers] == [2, 2, 2]
+    readers, ids, steps = run_ranks(str(tmp_path), 8, T=4)
+    assert sorted(len(i) for i in ids) == [0, 0] + [1] * 6 and steps == [1] * 8
     empty = [r for r in readers if not r.my_units][0]
-    assert empty.stats["padding_tasks"] == 8
+    assert empty.stats["padding_tasks"] == 4
 
 
 def test_horovodrun_two_workers_read_disjoint_shards(data, tmp_path):
