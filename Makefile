@@ -30,6 +30,7 @@ bench: venv
 	$(BIN)/gmeta bench projection --json
 	$(BIN)/gmeta bench movielens --json
 	$(BIN)/gmeta bench breakdown --json
+	$(BIN)/gmeta bench hot --json
 
 clean:
 	rm -rf $(VENV) data mlflow.db mlruns .pytest_cache

@@ -63,12 +63,15 @@ def test_meta_step_communication_shape(tmp_path, mode):
                 assert one[kind] == {"bytes": 0, "calls": 0}, kind
 
 
-@pytest.mark.parametrize("np_,mode,model", [(2, "hybrid", "maml_dnn"), (3, "hybrid", "maml_esmm"),
-                                            (2, "naive", "melu")])
-def test_distributed_meta_steps_equal_single_process(tmp_path, np_, mode, model):
-    """N workers on slices of a global batch reach the same dense weights and tables as one process."""
-    horovodrun(np_, ["meta_equivalence.py", tmp_path, REPO / "tests", mode, model], timeout=300)
-    for res in read_rank_results(tmp_path, np_):
+@pytest.mark.parametrize("np_,modes,model", [(2, "hybrid,tiered-dense", "maml_dnn"),
+                                             (3, "hybrid,tiered-sparse", "maml_esmm"), (2, "naive", "melu")])
+def test_distributed_meta_steps_equal_single_process(tmp_path, np_, modes, model):
+    """N workers on slices of a global batch reach the same dense weights and tables as one
+    process (tiered: hot rows replicated, with either sync)."""
+    horovodrun(np_, ["meta_equivalence.py", tmp_path, REPO / "tests", modes, model], timeout=300)
+    results = read_rank_results(tmp_path, np_)
+    for res in (per_mode for rank_res in results for per_mode in rank_res.values()):
+        assert set(results[0]) == set(modes.split(","))
         # training really moved the weights: Adam's first step moves the parameter with the
         # largest gradient by the learning rate (m / sqrt(v) = sign(g) after bias correction)
         assert res["first_step_move"] == pytest.approx(res["outer_lr"], rel=1e-3)

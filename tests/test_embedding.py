@@ -22,7 +22,7 @@ from gmeta.trainer.sharding import ShardingPlan, TableConfig  # noqa: E402
 from gmeta.trainer.sok_backend import UNAVAILABLE_REASON, sok_available  # noqa: E402
 from gmeta.trainer.sparse_optim import RowOptimizer, slots_per_row  # noqa: E402
 
-BACKENDS = ["hybrid", "naive", "sok"]
+BACKENDS = ["hybrid", "naive", "sok", "tiered-sparse", "tiered-dense"]
 
 
 def _comm_for(backend):
@@ -42,8 +42,7 @@ def backend(request):
 def _emb(backend, kind="sgd", lr=0.1, plan=None):
     comm = _comm_for(backend)
     plan = plan or ref.plan_for(comm.size)
-    return make_embedding(backend, plan=plan, comm=comm,
-                          optimizer=RowOptimizerConfig(kind, lr), seed=0, init_stddev=0.05)
+    return emb_conformance.build(backend, plan, comm, RowOptimizerConfig(kind, lr))
 
 
 def _full(emb):
@@ -129,6 +128,8 @@ def test_steps_match_single_process_reference(backend, kind):
                                          {kind: emb_conformance.OPTIMIZERS[kind]})
     ref.assert_conformance(result, backend)
     res = result[kind]
+    if backend.startswith("tiered-"):
+        assert res["reload_err"] <= 1e-6 and res["reload_fwd_err"] == 0.0, res
     if backend in ("hybrid", "sok"):
         got = {k: res["counters"][k]["bytes"] for k in res["analytic"]}
         assert got == res["analytic"]
@@ -177,12 +178,14 @@ def test_dense_and_missing_gradients(backend):
         grads[i] = tf.ones([2, 2])
     else:  # this rank's shard rows
         grads[i] = tf.ones_like(emb.trainable_variables[i])
+    if backend.startswith("tiered-"):  # hot rows step through their replica, not the shard
+        grads[len(emb.params) + i] = tf.ones_like(emb.hot_params[i])
     emb.apply_gradients(grads)
     after = _full(emb)
     # one process: hybrid scales the sum by 1/1, naive averages over 1 rank
     np.testing.assert_allclose(after["tiny"], before["tiny"] - 0.1, rtol=1e-6)
     np.testing.assert_array_equal(after["item"], before["item"])
-    with pytest.raises(ValueError, match="apply_gradients got 1 gradients for 3"):
+    with pytest.raises(ValueError, match="apply_gradients got 1 gradients for [36]"):
         emb.apply_gradients([None])
 
 
@@ -193,8 +196,10 @@ def test_memory_counts_match_plan(backend):
         plan = emb.plan
         if backend == "naive":
             assert emb.memory_bytes() == plan.replicated_bytes(slots_per_row(kind))
-        else:
-            assert emb.memory_bytes() == plan.bytes_on_rank(emb.comm.rank, slots_per_row(kind))
+        else:  # tiered: the shards plus every hot row (value and slots) on every rank
+            hot = sum(len(emb_conformance.HOT_ROWS[t.name]) * t.dim * 4 * (1 + slots_per_row(kind))
+                      for t in plan.tables) if backend.startswith("tiered-") else 0
+            assert emb.memory_bytes() == plan.bytes_on_rank(emb.comm.rank, slots_per_row(kind)) + hot
 
 
 def test_set_full_table_round_trip_and_errors(backend):
@@ -268,6 +273,7 @@ def test_checkpoint_round_trip_includes_optimizer_state(backend, tmp_path):
         v.assign(tf.zeros_like(v))
     tf.train.Checkpoint(emb=emb).restore(path).assert_consumed()
     assert int(emb.optimizer.iterations.numpy()) == 1
-    assert len(saved) == 3 * 3 + 1  # 3 tables x (param, m, v) + the step counter
+    # 3 tables x (param, m, v) (and as much again for tiered's hot replicas) + the step counter
+    assert len(saved) == 3 * 3 * (2 if backend.startswith("tiered-") else 1) + 1
     for before, v in zip(saved, emb.variables):
         np.testing.assert_array_equal(before, v.numpy())

@@ -13,14 +13,15 @@ from conftest import WORKERS, horovodrun, read_rank_results
 
 sys.path.insert(0, str(WORKERS))
 import emb_reference as ref  # noqa: E402
+from emb_conformance import HOT_ROWS  # noqa: E402
 
 from gmeta.trainer.sok_backend import sok_available  # noqa: E402
 
-BACKENDS = ["hybrid", "naive", "sok"]
+BACKENDS = ["hybrid", "naive", "sok", "tiered-sparse", "tiered-dense"]
 
 
 def _modes():
-    return BACKENDS if sok_available()[0] else ["hybrid", "naive"]
+    return [m for m in BACKENDS if m != "sok" or sok_available()[0]]
 
 
 # one worker is the in-process reference test in test_embedding.py; here the real collectives
@@ -51,11 +52,16 @@ def test_sharded_equals_single_process(dist, mode):
         ref.assert_conformance(got, f"np{n}/rank{res['rank']}/{mode}")
 
 
-def test_naive_equals_hybrid(dist):
-    """The replicated baseline ends every optimizer run with the hybrid tables (1e-6)."""
+def test_naive_and_tiered_equal_hybrid(dist):
+    """The replicated baseline and both tiered syncs end every optimizer run with the hybrid
+    tables (1e-6); a reload refreshes the hot replicas from the shards' owners."""
     n, results = dist
     for res in results:
-        assert res["cross_mode_err"]["hybrid-naive"] <= 1e-6, res["cross_mode_err"]
+        for other in ("naive", "tiered-sparse", "tiered-dense"):
+            assert res["cross_mode_err"][f"hybrid-{other}"] <= 1e-6, res["cross_mode_err"]
+        for mode in ("tiered-sparse", "tiered-dense"):
+            for kind, r in res["modes"][mode].items():
+                assert r["reload_err"] <= 1e-6 and r["reload_fwd_err"] == 0.0, (mode, kind, r)
 
 
 @pytest.mark.parametrize("mode", BACKENDS)
@@ -71,6 +77,17 @@ def test_byte_counters_match_analytic_count(dist, mode):
             if mode == "naive":
                 assert c["allreduce"] == {"bytes": full, "calls": 1}
                 assert c["alltoall_ids"]["calls"] == c["alltoall_vectors"]["calls"] == 0
+            elif mode.startswith("tiered-"):
+                # one AlltoAll round trip for the cold rows; the hot sync is ONE allgather of
+                # every table's touched hot rows (sparse) or one fused allreduce of the hot
+                # tables with their touch counts (dense)
+                assert c["alltoall_ids"]["calls"] == c["alltoall_vectors"]["calls"] == 1
+                hot = sum(len(HOT_ROWS[t.name]) * 4 * (t.dim + 1) for t in ref.TABLES)
+                if mode == "tiered-dense":
+                    assert c["allreduce"] == {"bytes": hot, "calls": 1} and c["hot_sync"]["calls"] == 0
+                else:
+                    assert c["hot_sync"]["calls"] == 1 and c["allreduce"]["calls"] == 0
+                assert c["alltoall_ids"]["bytes"] < r["analytic"]["alltoall_ids"]
             else:
                 got = {k: c[k]["bytes"] for k in r["analytic"]}
                 assert got == r["analytic"], f"np{n}/rank{res['rank']}/{kind}"

@@ -23,17 +23,21 @@ def _run_id(proc) -> str:
 
 def test_two_worker_run_is_logged_registered_and_evaluated(tiny_synth, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    # with tiered embeddings (hot rows replicated, profiled at start): the export and the
+    # evaluation below must see one table whatever its tiers
     proc = horovodrun(2, [BIN / "gmeta", "train", "--model", "melu", "--data", tiny_synth,
-                          "--tracking-uri", uri, "--output-dir", tmp_path / "runs", *FLAGS],
+                          "--tracking-uri", uri, "--output-dir", tmp_path / "runs", "--tiering", "auto", *FLAGS],
                       timeout=400, env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
     trained = last_json(proc)
     run_id = _run_id(proc)
+    assert "tiering item_id: " in proc.stdout + proc.stderr and " hot rows of " in proc.stdout + proc.stderr
 
     from mlflow import MlflowClient
     client = MlflowClient(uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["model"] == "melu" and run.data.params["workers"] == "2"
+    assert run.data.params["tiering"] == "auto"
     assert abs(run.data.metrics["user_cold.auc_adapted"] - trained["user_cold"]["auc_adapted"]) < 1e-6
     assert "train_loss" in run.data.metrics and "comm_per_step.allreduce.calls" in run.data.metrics
     # what ran: versions, world size, source commit; the dataset with its schema and digest

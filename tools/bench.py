@@ -1,4 +1,4 @@
-"""``gmeta bench NAME`` (io, step, meta, memory, projection, movielens, breakdown): benchmarks.
+"""``gmeta bench NAME`` (io, step, meta, memory, projection, movielens, breakdown, hot): benchmarks.
 
 Each prints a table and, as its last line, one JSON object."""
 
@@ -14,6 +14,7 @@ BENCHES = {
     "projection": "gmeta.tools.bench_projection",  # a model: throughput at 8-64 workers
     "movielens": "gmeta.tools.bench_movielens",  # MeLU tasks/s on MovieLens-100K-shaped tasks
     "breakdown": "gmeta.tools.bench_breakdown",  # where a meta-step's time goes (profiler trace)
+    "hot": "gmeta.tools.bench_hot",  # tiered embeddings (hot rows replicated) vs plain sharding
 }
 
 

@@ -109,3 +109,35 @@ def worker_main(prog: str, worker, make_config=lambda settings: settings) -> Non
     parser.add_argument("--config", required=True, help="(internal) the benchmark's settings as JSON")
     a = parser.parse_args()
     sys.exit(run_guarded(worker, a.worker, make_config(json.loads(a.config))))
+
+
+def launch_bench(name: str, module: str, np_: int, out_dir: str, config: dict, timeout: int) -> list:
+    """Run ``module``'s worker under ``horovodrun -np np_ --gloo`` on localhost (its ``__main__``
+    is ``worker_main``) and return every rank's ``rank{r}.json``; a failure or timeout is a
+    SystemExit naming the benchmark, with the workers' last output."""
+    import json
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    bin_dir = Path(sys.executable).parent
+    horovodrun = bin_dir / "horovodrun"
+    if not horovodrun.exists():
+        found = shutil.which("horovodrun")
+        if not found:
+            raise SystemExit(f"gmeta bench {name}: horovodrun not found next to this Python or on PATH")
+        horovodrun = Path(found)
+    cmd = [str(horovodrun), "-np", str(np_), "-H", f"localhost:{np_}", "--gloo", sys.executable, "-m",
+           module, "--worker", out_dir, "--config", json.dumps(config)]
+    env = dict(os.environ)
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"gmeta bench {name}: no result from -np {np_} within --timeout {timeout} s") from None
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"gmeta bench {name}: horovodrun -np {np_} failed ({proc.returncode})")
+    return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(np_)]

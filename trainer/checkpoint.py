@@ -446,6 +446,7 @@ def restore_checkpoint(path: str, learners: dict, comm=None) -> dict:
         values = {k[len(prefix) + 1:]: v for k, v in dense.items() if k.startswith(prefix + "/")}
         values.update({n: v for (p, n), v in assembled.items() if p == prefix})
         assign_by_name(variables, values, f"checkpoint {path} ({prefix})")
+        learner.embedding.after_load()
         learner.model.load_plain_state(meta.get("plain_state", {}).get(prefix, {}))
     return meta
 
@@ -642,6 +643,7 @@ def init_from(source: str, learners: dict, tracking_uri, log) -> dict:
             else:
                 left.append(name if shape is None else f"{name} (shape {list(shape)} there, "
                                                          f"{[t.num_rows, t.dim]} here)")
+        emb.after_load()
         unused = sorted(n for n in set(src.values) - set(state.model_variables())
                         if not n.startswith(OPTIMIZER_PREFIXES))
         report[prefix] = {"loaded": loaded, "left": left}

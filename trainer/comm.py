@@ -37,7 +37,7 @@ from typing import Sequence
 import tensorflow as tf
 
 # Counter kinds reported as metrics (bytes and calls per step).
-COUNTER_KINDS = ("alltoall_ids", "alltoall_vectors", "alltoall_grads", "allreduce", "broadcast")
+COUNTER_KINDS = ("alltoall_ids", "alltoall_vectors", "alltoall_grads", "allreduce", "broadcast", "hot_sync")
 
 
 def launched_by_horovodrun() -> bool:
@@ -167,6 +167,14 @@ class Communicator:
             return _identity_with_grad_count(tensor, self.counters), splits
         return self._alltoall(tensor, splits)
 
+    def allgather(self, tensor: tf.Tensor, kind: str) -> tf.Tensor:
+        """Every rank's ``tensor`` (first dimensions may differ) concatenated in rank order; no
+        gradient (used after the tape, e.g. the tiered embedding's sparse sync)."""
+        self.counters.add(kind, [tensor])
+        if self.size == 1:
+            return tf.identity(tensor)
+        return self._allgather(tensor)
+
     def broadcast_variables(self, variables, root_rank: int = 0) -> None:
         variables = list(variables)
         if not variables:
@@ -186,6 +194,9 @@ class Communicator:
         return [tf.identity(t) for t in tensors]
 
     def _alltoall(self, tensor, splits):
+        raise NotImplementedError
+
+    def _allgather(self, tensor):
         raise NotImplementedError
 
     def _broadcast_variables(self, variables, root_rank):
@@ -232,6 +243,9 @@ class HorovodCommunicator(Communicator):
         # Horovod registers the alltoall gradient (the reverse alltoall); we only count it.
         received, recv_splits = self._hvd.alltoall(tensor, splits=splits)
         return _identity_with_grad_count(received, self.counters), recv_splits
+
+    def _allgather(self, tensor):
+        return self._hvd.allgather(tensor)
 
     def _broadcast_variables(self, variables, root_rank):
         self._hvd.broadcast_variables(variables, root_rank=root_rank)

@@ -5,6 +5,10 @@
 * ``sok``:    the hybrid placement with SparseOperationKit's GPU kernels (gmeta.trainer.sok_backend)
 * ``auto``:   ``sok`` when it imports and a GPU is visible, else ``hybrid``
 
+``hot_rows`` (``{table: global rows}``, from ``gmeta.trainer.tiering.choose_hot``) turns the
+hybrid backend into the tiered one (gmeta.trainer.embedding_tiered): those rows replicated on
+every rank, the rest sharded; ``hot_sync`` says how replicas are kept equal (sparse | dense).
+
 All backends start from the same global table for a given seed (gmeta.trainer.embedding_init),
 so they and any world size are comparable number for number. Usage::
 
@@ -43,10 +47,18 @@ def resolve_mode(mode: str) -> str:
 
 def make_embedding(mode: str = "hybrid", *, plan: ShardingPlan, comm,
                    optimizer: RowOptimizerConfig | None = None, seed: int = 0,
-                   init_stddev: float = 0.05) -> EmbeddingBase:
+                   init_stddev: float = 0.05, hot_rows: dict | None = None,
+                   hot_sync: str = "sparse") -> EmbeddingBase:
     """Build the embedding tables of ``plan`` for this rank (see module docstring)."""
     optimizer = optimizer or RowOptimizerConfig()
     concrete = resolve_mode(mode)
+    if hot_rows is not None:
+        if concrete != "hybrid":
+            raise ValueError(f"--tiering replicates hot rows on top of the hybrid placement; it does not "
+                             f"combine with --parallel {concrete} (use --parallel hybrid or --tiering off)")
+        from gmeta.trainer.embedding_tiered import TieredEmbedding
+
+        return TieredEmbedding(plan, comm, optimizer, hot_rows, hot_sync, seed=seed, init_stddev=init_stddev)
     if concrete == "hybrid":
         cls = HybridEmbedding
     elif concrete == "naive":

@@ -210,6 +210,10 @@ class EmbeddingBase(tf.Module):
         return grads
 
     # ---- whole tables (tests, checkpoints, export) ----
+    def after_load(self) -> None:
+        """Called on every rank after its state variables were assigned (checkpoint load,
+        ``--init-from``); a backend with derived copies of rows refreshes them here."""
+
     def gather_full_table(self, name: str) -> np.ndarray:
         raise NotImplementedError
 

@@ -12,11 +12,11 @@ def build_plan(model, world_size: int) -> ShardingPlan:
 
 
 def build_embedding(model, comm, mode: str, optimizer: str, learning_rate: float, seed: int,
-                    init_stddev: float = 0.05):
+                    init_stddev: float = 0.05, hot_rows=None, hot_sync: str = "sparse"):
     from gmeta.trainer.embedding import make_embedding
     from gmeta.trainer.sparse_optim import RowOptimizerConfig
 
     plan = build_plan(model, comm.size)
     return make_embedding(mode=mode, plan=plan, comm=comm,
                           optimizer=RowOptimizerConfig(kind=optimizer, learning_rate=learning_rate),
-                          seed=seed, init_stddev=init_stddev)
+                          seed=seed, init_stddev=init_stddev, hot_rows=hot_rows, hot_sync=hot_sync)

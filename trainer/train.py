@@ -44,6 +44,9 @@ class TrainConfig:
     plain_baseline: str = "alongside"  # alongside | off | an export dir, models:/ URI or run id
     parallel: str = "hybrid"           # hybrid | naive | sok | auto
     input_sharding: str = "units"      # units | replicated (see TrainInput)
+    tiering: str = "off"               # off | auto | BUDGET bytes per worker of replicated hot rows
+    hot_sync: str = "auto"             # auto | sparse | dense (gmeta.trainer.embedding_tiered)
+    profile_dir: str = ""              # "": DATA/_profile (gmeta profile)
     emb_dim: int = 16
     hidden: tuple = (64, 64)
     adapt: tuple = ("auto",)           # what the inner loop adapts (gmeta.models.base.ADAPT_PARTS)
@@ -99,13 +102,25 @@ class TrainConfig:
             (self.meta == "maml" or self.plain_baseline in ("alongside", "off"),
              "--plain-baseline: a --meta none run is itself the plain network; use off or alongside"),
             (self.stop_grace_secs > 0, "--stop-grace-secs must be > 0"),
+            (self.hot_sync in ("auto", "sparse", "dense"), "--hot-sync must be auto, sparse or dense"),
+            (self.tiering == "off" or self.parallel in ("hybrid", "auto"),
+             f"--tiering replicates hot rows on top of --parallel hybrid; it does not combine with "
+             f"--parallel {self.parallel}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
         self.model_config()  # validates --adapt
         self.support_points  # noqa: B018 - parsing validates --support-curve
+        self.tiering_budget  # noqa: B018 - parsing validates --tiering
         return self
+
+    @property
+    def tiering_budget(self):
+        """None (off), -1 (auto) or bytes per worker."""
+        from gmeta.trainer.tiering import parse_budget
+
+        return parse_budget(self.tiering)
 
     @property
     def support_points(self) -> tuple:
@@ -222,9 +237,18 @@ def add_arguments(p) -> None:
     p.add_argument("--parallel", default=d.parallel, choices=("hybrid", "naive", "sok", "auto"),
                    help="embeddings: hybrid (row-sharded, AlltoAll), naive (replicated, dense allreduce), sok (GPU)")
     p.add_argument("--input-sharding", default=d.input_sharding, choices=("units", "replicated"),
-                   help="units: each worker reads its own stripes (scales I/O); replicated: every "
+                   help="units: each worker reads its own range of the tasks (scales I/O); replicated: every "
                         "worker reads all data and takes its slice of each global batch, so results do not "
                         "depend on the number of workers (costs N x decoding)")
+    p.add_argument("--tiering", default=d.tiering, metavar="off|auto|BUDGET",
+                   help="replicate the most looked-up embedding rows on every worker (the rest stay sharded): "
+                        "auto (up to 1%% of each table) or a byte budget per worker such as 64M; needs a "
+                        "profile (gmeta profile) or profiles the data at start. See README, Tiered embeddings")
+    p.add_argument("--hot-sync", default=d.hot_sync, choices=("auto", "sparse", "dense"),
+                   help="how hot replicas stay equal: sparse (one allgather of touched rows), dense (in the "
+                        "step's fused allreduce); auto picks the one with fewer expected bytes")
+    p.add_argument("--profile-dir", default=d.profile_dir,
+                   help="where gmeta profile wrote the id profile (default DATA/_profile)")
     p.add_argument("--emb-dim", type=int, default=d.emb_dim)
     p.add_argument("--hidden", default=",".join(map(str, d.hidden)), help="MLP sizes, comma separated")
     p.add_argument("--adapt", default=",".join(d.adapt),
@@ -336,8 +360,9 @@ def train(cfg: TrainConfig, on_epoch=None) -> dict:
     schema = Schema.load(cfg.data)
     splits = evaluation_splits(schema, cfg.eval_splits)
     cfg = resolve_sizes(cfg, log)
-    learner = build_learner(cfg, schema, comm, cfg.meta)
-    plain = build_learner(cfg, schema, comm.with_own_counters(), "none") \
+    tiering = plan_run_tiering(cfg, schema, comm, log)
+    learner = build_learner(cfg, schema, comm, cfg.meta, tiering)
+    plain = build_learner(cfg, schema, comm.with_own_counters(), "none", tiering) \
         if cfg.meta == "maml" and cfg.plain_baseline == "alongside" else None
     reader = TrainInput(cfg, comm)
     steps = reader.steps_per_epoch
@@ -528,15 +553,31 @@ def validation_split(cfg: TrainConfig, schema) -> str:
     return cfg.validation_split
 
 
-def build_learner(cfg: TrainConfig, schema, comm, meta: str):
-    """A zoo model with its embedding tables and meta-learner, identical on every rank."""
+def plan_run_tiering(cfg: TrainConfig, schema, comm, log):
+    """``(hot rows per table, sync)`` for ``--tiering``, or None when it is off."""
+    if cfg.tiering_budget is None:
+        return None
+    from gmeta.models.registry import build_model
+    from gmeta.trainer.sparse_optim import slots_per_row
+    from gmeta.trainer.tiering import plan_tiering
+
+    model = build_model(cfg.model, schema, cfg.model_config())
+    rows = cfg.tasks_per_batch * (int(cfg.support_size) + int(cfg.query_size))
+    return plan_tiering(model, cfg.data, cfg.profile_dir, cfg.tiering_budget, slots_per_row(cfg.emb_optimizer),
+                        rows, comm.size, cfg.hot_sync, log)
+
+
+def build_learner(cfg: TrainConfig, schema, comm, meta: str, tiering=None):
+    """A zoo model with its embedding tables and meta-learner, identical on every rank;
+    ``tiering``: ``(hot rows per table, sync)`` from ``plan_run_tiering``."""
     from gmeta.models.registry import build_model
     from gmeta.trainer.meta_learner import MetaLearner
     from gmeta.trainer.setup import build_embedding
 
     model = build_model(cfg.model, schema, cfg.model_config())
+    hot_rows, hot_sync = tiering if tiering is not None else (None, "sparse")
     embedding = build_embedding(model, comm, mode=cfg.parallel, optimizer=cfg.emb_optimizer,
-                                learning_rate=cfg.emb_lr, seed=cfg.seed)
+                                learning_rate=cfg.emb_lr, seed=cfg.seed, hot_rows=hot_rows, hot_sync=hot_sync)
     learner = MetaLearner(model, embedding, comm, cfg.meta_config(meta))
     comm.broadcast_variables(learner.dense_variables)
     return learner
@@ -580,7 +621,7 @@ def _print_run_facts(comm_stats, history, tracker, model_uri, export_dir) -> Non
 class TrainInput:
     """The training batches of this rank.
 
-    ``units``: the reader shards (file, stripe) units over ranks; the global batch of a step is
+    ``units``: each rank reads its own range of the split's tasks; the global batch of a step is
     whatever the ranks' shuffles put together, so results vary with the number of workers the
     way any data order does. ``replicated``: every rank reads the whole split as one reader with
     ``T x N`` tasks per batch and keeps rows ``[rank*T, (rank+1)*T)``; the global batch sequence

@@ -29,6 +29,19 @@ OPTIMIZERS = {"sgd": RowOptimizerConfig("sgd", 0.1),
               "adam": RowOptimizerConfig("adam", 0.05, epsilon=1e-6)}
 
 
+# tiered modes: these rows replicated on every rank (case 2 hammers items 0-3; rank 0's case-0
+# items are multiples of the world size, so some are hot and some cold)
+HOT_ROWS = {"item": [0, 1, 2, 3, 10, 21, 49], "user": [0, 5], "tiny": [1]}
+
+
+def build(mode, plan, comm, cfg):
+    """A backend by name; ``tiered-sparse`` / ``tiered-dense`` are hybrid plus HOT_ROWS."""
+    if mode.startswith("tiered-"):
+        return make_embedding("hybrid", plan=plan, comm=comm, optimizer=cfg, seed=0, init_stddev=0.05,
+                              hot_rows=HOT_ROWS, hot_sync=mode.split("-", 1)[1])
+    return make_embedding(mode, plan=plan, comm=comm, optimizer=cfg, seed=0, init_stddev=0.05)
+
+
 def make_step(emb):
     @tf.function(input_signature=[SPEC])
     def step(ids):
@@ -51,7 +64,7 @@ def run_mode(mode, comm, plan, initial, optimizers=None):
     out = {}
     finals = {}
     for kind, cfg in (optimizers or OPTIMIZERS).items():
-        emb = make_embedding(mode, plan=plan, comm=comm, optimizer=cfg, seed=0, init_stddev=0.05)
+        emb = build(mode, plan, comm, cfg)
         res = {"init_err": max_err({t: emb.gather_full_table(t) for t in initial}, initial)}
         tables = {k: v.copy() for k, v in initial.items()}
         reference = ref.ReferenceOptimizer(cfg, tables)
@@ -82,6 +95,16 @@ def run_mode(mode, comm, plan, initial, optimizers=None):
                 for t in got))
             prev = got
         res["moved"] = max_err({t: emb.gather_full_table(t) for t in initial}, initial)
+        if mode.startswith("tiered-"):  # a checkpoint-style reload refreshes the replicas
+            saved = {n: v.numpy() for n, v in emb.state_variables().items()}
+            for v in emb.hot_params:
+                v.assign(tf.zeros_like(v))
+            for name, var in emb.state_variables().items():
+                var.assign(saved[name])
+            emb.after_load()
+            res["reload_err"] = max_err({t: emb.gather_full_table(t) for t in initial}, prev)
+            res["reload_fwd_err"] = max_err({k: v.numpy() for k, v in emb.lookup(ref.batch(2, r, n)).items()},
+                                            ref.reference_lookup(prev, ref.batch(2, r, n)))
         finals[kind] = {t: emb.gather_full_table(t) for t in initial}
         out[kind] = res
     return out, finals

@@ -1,7 +1,8 @@
 """Worker: N ranks training on slices of a global batch == one process on the whole batch.
 
-argv: OUT_DIR TESTS_DIR MODE MODEL. Every rank also runs the single-process reference on the
-whole global batch (LocalCommunicator) and reports the largest differences.
+argv: OUT_DIR TESTS_DIR MODES MODEL (MODES comma separated; ``tiered-sparse`` / ``tiered-dense``
+are hybrid with rows 0-4 of every table replicated). Every rank also runs the single-process
+reference on the whole global batch (LocalCommunicator) and reports the largest differences.
 """
 import json
 import sys
@@ -23,13 +24,22 @@ T_LOCAL = 3
 OUTER_LR = 0.01
 
 
-def main(out_dir, mode, model_name):
+def main(out_dir, modes, model_name):
     comm = init_communicator("horovod")
+    result = {mode: run_mode(comm, mode, model_name) for mode in modes.split(",")}
+    json.dump(result, open(f"{out_dir}/rank{comm.rank}.json", "w"))
+
+
+def run_mode(comm, mode, model_name):
     n, r = comm.size, comm.rank
 
     def learner_for(c, emb_mode):
         model = build_model(model_name, SCHEMA, ModelConfig(emb_dim=4, hidden=(8,), seed=1))
-        emb = build_embedding(model, c, mode=emb_mode, optimizer="adagrad", learning_rate=0.1, seed=3)
+        tiered = emb_mode.startswith("tiered-")
+        hot = {t.name: list(range(min(5, t.num_rows))) for t in SCHEMA.tables} if tiered else None
+        emb = build_embedding(model, c, mode="hybrid" if tiered else emb_mode, optimizer="adagrad",
+                              learning_rate=0.1, seed=3, hot_rows=hot,
+                              hot_sync=emb_mode.split("-", 1)[1] if tiered else "sparse")
         return MetaLearner(model, emb, c, MetaConfig(inner_steps=2, inner_lr=0.3, outer_lr=OUTER_LR))
 
     def global_batch(step):
@@ -60,9 +70,8 @@ def main(out_dir, mode, model_name):
     for t in dist.embedding.plan.tables:
         full = dist.embedding.gather_full_table(t.name)
         tables[t.name] = float(np.max(np.abs(full - ref.embedding.gather_full_table(t.name))))
-    json.dump({"losses": losses, "dense_max_diff": dense, "table_max_diff": tables,
-               "first_step_move": first_step_move, "outer_lr": OUTER_LR},
-              open(f"{out_dir}/rank{r}.json", "w"))
+    return {"losses": losses, "dense_max_diff": dense, "table_max_diff": tables,
+            "first_step_move": first_step_move, "outer_lr": OUTER_LR}
 
 
 guard(main, sys.argv[1], sys.argv[3], sys.argv[4])
