@@ -5,7 +5,8 @@ batch size (``--batches``, ids looked up per worker per step), workers draw Zipf
 one ``--rows`` x ``--dim`` table (hot ids scattered over owners by a multiplicative hash), pick
 the hot rows from a profile of separate draws (``gmeta.trainer.tiering.choose_hot``, the top
 ``--shares`` of rows) and time a traced embedding step (lookup, loss, backward, row-wise
-update) for no tiering and for tiering with the sparse and the dense sync.
+update; the median of ``--steps`` steps) for no tiering and for tiering with the sparse and the
+dense sync.
 
 Bytes are counted two ways. ``wire``: what crosses between workers, summed over workers and
 divided by their number (ids, vectors and gradients of rows fetched from another worker's shard;
@@ -40,7 +41,7 @@ class BenchHotConfig:
     shares: tuple = (0.001, 0.01)
     rows: int = 1_000_000
     dim: int = 32
-    steps: int = 5
+    steps: int = 10
     warmup: int = 2
     optimizer: str = "adagrad"
     seed: int = 0
@@ -95,7 +96,10 @@ def main(args) -> int:
                          rows=args.rows, dim=args.dim, steps=args.steps, warmup=args.warmup,
                          optimizer=args.optimizer, seed=args.seed, timeout=args.timeout).validate()
     rows = []
+    settings = len(cfg.zipfs) * len(cfg.batches) * (1 + 2 * len(cfg.shares))
     for n in cfg.nps:
+        print(f"[gmeta bench hot] {n} workers: {settings} settings of {cfg.warmup + cfg.steps} steps each",
+              file=sys.stderr, flush=True)
         out_dir = tempfile.mkdtemp(prefix="gmeta_bench_hot_")
         try:
             per_rank = launch_bench("hot", "gmeta.tools.bench_hot", n, out_dir, asdict(cfg), cfg.timeout)
@@ -110,7 +114,7 @@ def main(args) -> int:
 
 def combine(per_rank: list) -> list:
     """One row per setting: wire bytes (already global) from rank 0, handed bytes averaged over
-    ranks, ms the slowest rank's."""
+    ranks, ms the slowest rank's (each rank's median step)."""
     out = []
     for k, row in enumerate(per_rank[0]):
         row = dict(row)
@@ -221,18 +225,17 @@ def _worker(out_dir: str, cfg: BenchHotConfig) -> int:
                     step(f).numpy()
                 comm.barrier()
                 before = comm.counters.snapshot()
-                start = time.perf_counter()
+                times = []
                 for f in feeds[cfg.warmup:]:
-                    loss = step(f)
-                loss.numpy()
-                comm.barrier()
-                elapsed = time.perf_counter() - start
+                    start = time.perf_counter()
+                    step(f).numpy()
+                    times.append(time.perf_counter() - start)
                 delta = comm.counters.delta(before)
                 wires = [wire_bytes(cfg, s, hot, sync, n) for s in steps[cfg.warmup:]]
                 hits = np.mean([np.isin(s[rank], hot).mean() for s in steps[cfg.warmup:]])
                 results.append({
                     "np": n, "zipf": zipf, "batch": batch, "share": share, "sync": sync, "hot_rows": int(hot.size),
-                    "hot_hit": float(hits), "ms_per_step": 1000.0 * elapsed / cfg.steps,
+                    "hot_hit": float(hits), "ms_per_step": 1000.0 * float(np.median(times)),
                     "wire": {k: float(np.mean([w[k] for w in wires])) for k in wires[0]},
                     "handed": {k: delta[k]["bytes"] / cfg.steps for k in delta},
                     "memory_bytes": emb.memory_bytes()})
