@@ -212,7 +212,7 @@ def _worker(out_dir: str, cfg: BenchHotConfig) -> int:
                                      hot_rows={"item": hot} if share else None,
                                      hot_sync=sync if share else "sparse")
 
-                @tf.function(input_signature=[spec])
+                @tf.function(input_signature=[spec], autograph=False)
                 def step(ids, emb=emb):
                     with tf.GradientTape() as tape:
                         v = emb.lookup(ids)["item_id"]

@@ -66,7 +66,7 @@ def _time(schema, batch, args, task_loop: bool) -> float:
     comm = LocalCommunicator()
     emb = build_embedding(model, comm, mode="hybrid", optimizer="adagrad", learning_rate=0.05, seed=0)
     learner = MetaLearner(model, emb, comm, MetaConfig(first_order=args.first_order, task_loop=task_loop))
-    step = tf.function(learner.train_step)
+    step = tf.function(learner.train_step, autograph=False)
     step(batch)  # trace
     step(batch)
     t0 = time.perf_counter()

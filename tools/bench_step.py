@@ -319,7 +319,7 @@ def _worker(out_dir: str, cfg: BenchStepConfig) -> int:
         emb = make_embedding(mode, plan=plan, comm=comm, seed=cfg.seed,
                              optimizer=RowOptimizerConfig(cfg.optimizer, 0.05))
 
-        @tf.function(input_signature=[spec])
+        @tf.function(input_signature=[spec], autograph=False)
         def step(ids):
             with tf.GradientTape() as tape:
                 vecs = emb.lookup(ids)

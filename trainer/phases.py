@@ -43,7 +43,7 @@ class PhaseStep(tf.Module):
 
     def compiled(self, element_spec):
         if self._fn is None:
-            self._fn = tf.function(self.step, input_signature=[element_spec])
+            self._fn = tf.function(self.step, input_signature=[element_spec], autograph=False)
         return self._fn
 
 

@@ -43,7 +43,7 @@ def build(mode, plan, comm, cfg):
 
 
 def make_step(emb):
-    @tf.function(input_signature=[SPEC])
+    @tf.function(input_signature=[SPEC], autograph=False)
     def step(ids):
         with tf.GradientTape() as tape:
             vecs = emb.lookup(ids)

@@ -49,7 +49,7 @@ def run_mode(comm, mode, model_name):
     dist = learner_for(comm, mode)
     ref = learner_for(LocalCommunicator(), "hybrid")
     initial = {k: v.numpy().copy() for k, v in ref.model.params.items()}
-    dist_step, ref_step = tf.function(dist.train_step), tf.function(ref.train_step)
+    dist_step, ref_step = (tf.function(dist.train_step, autograph=False), tf.function(ref.train_step, autograph=False))
     losses, first_step_move = [], None
     for step in range(3):
         g = global_batch(step)

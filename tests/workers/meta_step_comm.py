@@ -30,7 +30,7 @@ def main(out_dir, mode):
         model = build_model("maml_dnn", SCHEMA, ModelConfig(emb_dim=EMB_DIM, hidden=(8,), seed=1))
         emb = build_embedding(model, comm, mode=mode, optimizer="adagrad", learning_rate=0.1, seed=3)
         learner = MetaLearner(model, emb, comm, MetaConfig(inner_steps=inner_steps))
-        step = tf.function(learner.train_step)
+        step = tf.function(learner.train_step, autograph=False)
         batch = make_batch(seed=comm.rank)
         step(batch)  # trace
         comm.counters.reset()
