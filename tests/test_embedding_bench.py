@@ -48,7 +48,7 @@ def test_bench_step_reports_analytic_bytes_and_half_memory():
     by_kind = {"alltoall_ids": 8 * mean_unique, "alltoall_vectors": 4 * dim * mean_unique,
                "alltoall_grads": 4 * dim * mean_unique}
     assert r["hybrid_bytes_by_kind"] == {**{k: round(v) for k, v in by_kind.items()},
-                                         "allreduce": 0, "broadcast": 0}
+                                         "allreduce": 0, "broadcast": 0, "hot_sync": 0}
     hybrid_bytes = sum(by_kind.values())
     # naive: the full table gradient plus a float32 touched count per row, in one allreduce
     naive_bytes = rows * dim * 4 + rows * 4
