@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine (Python 3.11, gcc, cmake):
 #   make demo   - build .venv if needed, make synthetic data, train MeLU on 2 Horovod workers, log to MLflow
-#   make test   - build .venv if needed, run the test suite
+#   make test   - build .venv if needed, run the test suite (the fast tier; make test-slow: the rest)
 VENV := .venv
 BIN := $(VENV)/bin
 DATA ?= data/synth
@@ -8,7 +8,7 @@ NP ?= 2
 MODEL ?= melu
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-slow test-all bench clean
 
 venv:
 	@bash tools/bootstrap.sh
@@ -19,10 +19,17 @@ demo: venv
 	    $(BIN)/gmeta train --model $(MODEL) --data $(DATA) --tracking-uri sqlite:///mlflow.db
 
 test: venv
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+
+test-slow: venv
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m slow tests
+
+test-all: venv
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 bench: venv
 	$(BIN)/gmeta bench io --json
+	$(BIN)/gmeta bench io --input-wait --json
 	$(BIN)/gmeta bench step --json
 	$(BIN)/gmeta bench step --full --json
 	$(BIN)/gmeta bench meta --json

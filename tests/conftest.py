@@ -89,3 +89,9 @@ def tiny_synth(tmp_path_factory):
     run_gmeta("datagen", "--out", out, "--seed", "1", "--train-users", "300", "--cold-users", "60",
               "--items", "200", "--cold-items", "50", "--quiet", cwd=REPO)
     return out
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: a slow end-to-end check whose behaviour the fast tier also covers more cheaply; "
+                   "`make test` skips it (CI's 8-minute budget), `make test-slow` runs only these")

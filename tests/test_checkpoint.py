@@ -117,6 +117,7 @@ def _kill_tree(proc) -> None:
     psutil.wait_procs(family, timeout=30)
 
 
+@pytest.mark.slow  # fast tier: 1-worker resume of an interrupted run, kill -9 of the chief (test_failures.py)
 def test_kill_9_mid_epoch_then_resume_reaches_the_uninterrupted_metrics(reference, tiny_synth, tmp_path):
     """A 2-worker run killed with SIGKILL in epoch 1, steps after its last checkpoint, and
     resumed with --resume ends with the uninterrupted run's metrics; the interrupted epoch's mean

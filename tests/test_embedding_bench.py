@@ -16,6 +16,7 @@ from gmeta.tools import bench_step
 BIN = Path(sys.executable).parent
 
 
+@pytest.mark.slow  # a benchmark's own check; the byte counts it relies on: test_embedding_dist.py
 def test_bench_step_reports_analytic_bytes_and_half_memory():
     """Every byte and memory figure equals its analytic value, derived here from the drawn ids
     and the table shape; timings fit inside the wall clock of the run."""

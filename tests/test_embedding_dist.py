@@ -25,7 +25,8 @@ def _modes():
 
 
 # one worker is the in-process reference test in test_embedding.py; here the real collectives
-@pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"np{n}")
+# np2 in the slow tier: np3 (an uneven world) runs the same checks in the fast tier
+@pytest.fixture(scope="module", params=[pytest.param(2, marks=pytest.mark.slow), 3], ids=lambda n: f"np{n}")
 def dist(request, tmp_path_factory):
     n = request.param
     out = tmp_path_factory.mktemp(f"emb_np{n}")

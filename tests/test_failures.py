@@ -98,6 +98,7 @@ def test_sigterm_stops_every_rank_after_one_step_with_a_checkpoint_and_a_killed_
     assert run.info.run_id == run_id and run.info.status == "KILLED"
 
 
+@pytest.mark.slow  # fast tier: a failing rank's guard (test_foundation.py), bad data on one rank (test_bad_input.py)
 def test_an_exception_on_one_rank_ends_every_rank_with_one_message(tiny_synth, tmp_path):
     proc, log_path, uri, log = _start(tmp_path, tiny_synth, "--checkpoint-dir", "none",
                                       env={"GMETA_TEST_FAIL_AT": "3:1"})

@@ -76,7 +76,7 @@ def test_subpackages_import_under_gmeta():
     assert hasattr(io, "BytesIO")
 
 
-@pytest.mark.parametrize("np_", [2, 3])
+@pytest.mark.parametrize("np_", [pytest.param(2, marks=pytest.mark.slow), 3])  # 3: the fast tier
 def test_collectives_route_by_rank(tmp_path, np_):
     """allreduce, grouped allreduce and alltoall with uneven splits, in tf.function, plus gradient."""
     horovodrun(np_, ["collectives.py", tmp_path], timeout=240)

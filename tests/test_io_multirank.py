@@ -96,6 +96,7 @@ def test_more_ranks_than_stripes(tmp_path):
     assert empty.stats["padding_tasks"] == 4
 
 
+@pytest.mark.slow  # fast tier: every rank's reader in one process (the tests above), tf.data under horovodrun in test_bad_input.py
 def test_horovodrun_two_workers_read_disjoint_shards(data, tmp_path):
     """Real horovodrun -np 2 (Gloo): each rank reads its shard via tf.data; together every task once,
     equal step counts, and a per-step allreduce that completes on both ranks."""

@@ -5,7 +5,7 @@ import pytest
 from conftest import REPO, horovodrun, read_rank_results
 
 
-@pytest.mark.parametrize("np_", [2, 3])
+@pytest.mark.parametrize("np_", [pytest.param(2, marks=pytest.mark.slow), 3])  # 3: the fast tier
 def test_generator_phase_on_uneven_ranks_equals_single_process(tmp_path, np_):
     """Generator weights after two steps on N ranks with uneven real-task counts equal one
     process on the whole batch: sums over ranks, one division by the global task count."""

@@ -96,6 +96,7 @@ def test_tasks_without_query_rows_do_not_count():
     assert float(loss_sum) - float(loss_sum2) == pytest.approx(per_task[1], rel=1e-5)
 
 
+@pytest.mark.slow  # fast tier: every model's export round trip (test_export_and_load_round_trip_every_model_variable)
 def test_metaemb_without_generator_evaluates_the_same_after_export(tiny_synth, tmp_path):
     """`--generator-epochs 0` trains no generator: the export must not switch generated
     embeddings on, so `gmeta evaluate --export` reproduces the run's own evaluation."""

@@ -113,14 +113,19 @@ def test_byte_model_says_replication_never_saves_wire_bytes_on_two_or_more_worke
     assert choose_sync({"a": p}, {"a": hot}, {"a": 32}, {"a": 4096}, 2) == "sparse"
 
 
-def test_gmeta_profile_writes_the_profile_and_train_uses_it(tiny, tmp_path):
-    """`gmeta profile` prints the skew table and writes summary, npz files and the plot; a
-    bad --tiering value is refused before any work, naming the flag."""
+def test_gmeta_profile_writes_the_profile_and_bad_tiering_flags_are_named(tiny, tmp_path):
+    """`gmeta profile` prints the skew table and writes summary, npz files and the plot; a bad
+    --tiering value (or one that cannot combine) is refused by the train config, naming the flag."""
     proc = run_gmeta("profile", "--data", tiny, "--out", tmp_path / "prof", cwd=REPO)
     assert "top 1%" in proc.stdout and "item" in proc.stdout
     assert {p.name for p in (tmp_path / "prof").iterdir()} >= {"summary.json", "item.npz", "skew.png"}
     proc = run_gmeta("profile", "--data", tmp_path / "nothing", cwd=REPO, check=False)
     assert proc.returncode == 2 and "schema" in proc.stderr
-    proc = run_gmeta("train", "--model", "melu", "--data", tiny, "--tiering", "lots", "--tracking-uri", "none",
-                     cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and "--tiering must be off, auto or a byte budget" in proc.stderr
+    from gmeta.cli import build_parser_for
+    from gmeta.trainer.train import config_from_args
+
+    for flags, message in ((["--tiering", "lots"], "--tiering must be off, auto or a byte budget"),
+                           (["--tiering", "auto", "--parallel", "naive"], "does not combine with --parallel naive")):
+        argv = ["train", "--model", "melu", "--data", str(tiny), "--tracking-uri", "none", *flags]
+        with pytest.raises(ValueError, match=message):
+            config_from_args(build_parser_for(argv).parse_args(argv))

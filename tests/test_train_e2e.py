@@ -33,7 +33,8 @@ def synth(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("model", MODELS)
+# melu in the fast tier; the other models (slow tier) are trained and served in test_serving.py
+@pytest.mark.parametrize("model", [MODELS[0], *(pytest.param(m, marks=pytest.mark.slow) for m in MODELS[1:])])
 def test_every_model_is_reported_against_its_baselines(model, synth, tmp_path):
     proc = gmeta("train", "--model", model, "--data", synth, "--output-dir", tmp_path / "runs",
                  "--results-json", tmp_path / "results.json", *TRAIN_FLAGS, cwd=tmp_path)

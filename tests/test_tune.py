@@ -56,6 +56,7 @@ def parse_train_command(command: str):
     return argv, config_from_args(p.parse_args(argv[2:]))
 
 
+@pytest.mark.slow  # fast tier: a full study with pruning (test_a_trial_below_the_threshold_is_pruned)
 def test_study_runs_resumes_and_prints_a_rerun_command(tiny_synth, tmp_path):
     from optuna.trial import TrialState
 
