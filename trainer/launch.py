@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 
 from gmeta.trainer.signals import Stopped
+
+
+ABORTED_EXIT_DELAY_S = 1.0
 
 
 def _rank_label() -> str:
@@ -43,6 +47,10 @@ def run_guarded(body, *args, **kwargs) -> int:
         sys.stderr.write(f"[gmeta {_rank_label()}] ERROR {detail}\n")
         if not debug:
             sys.stderr.write(f"[gmeta {_rank_label()}] (set GMETA_DEBUG=1 for the traceback)\n")
+        if collective_aborted(exc):
+            # another rank failed first: let it be the first to exit, so that horovodrun names the
+            # rank with the cause (both would otherwise exit within milliseconds, in either order)
+            time.sleep(ABORTED_EXIT_DELAY_S)
         _hard_exit(1)
     return 1
 
