@@ -95,3 +95,33 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "slow: a slow end-to-end check whose behaviour the fast tier also covers more cheaply; "
                    "`make test` skips it (CI's 8-minute budget), `make test-slow` runs only these")
+
+
+# The files whose tests take longest (measured: --durations), heaviest first. pytest-xdist's
+# loadfile scheduler hands out files by their number of tests, so these few-but-long files came
+# last and one worker ran them alone for minutes at the end; started first, the many short files
+# fill the other worker meanwhile. Files not listed keep xdist's order, after these.
+HEAVY_FILES_FIRST = ("test_distributed.py", "test_mlflow.py", "test_serving.py", "test_checkpoint.py",
+                     "test_embedding_dist.py", "test_failures.py", "test_foundation.py", "test_train_e2e.py",
+                     "test_compare.py", "test_tune.py", "test_bad_input.py", "test_phases.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    def weight(scope: str) -> int:
+        name = scope.rsplit("/", 1)[-1]
+        return HEAVY_FILES_FIRST.index(name) if name in HEAVY_FILES_FIRST else len(HEAVY_FILES_FIRST)
+
+    class HeavyFilesFirst(LoadFileScheduling):
+        def _assign_work_unit(self, node):
+            if not getattr(self, "_heavy_first", False):
+                self._heavy_first = True
+                ordered = sorted(self.workqueue.items(), key=lambda item: weight(item[0]))  # stable
+                self.workqueue.clear()
+                self.workqueue.update(ordered)
+            super()._assign_work_unit(node)
+
+    return HeavyFilesFirst(config, log)
