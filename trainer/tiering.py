@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from gmeta.io import fs
 from gmeta.io.errors import DataError
@@ -75,7 +76,11 @@ def profile_split(dataset_dir: str, split: str = "train", sample_rows: int = 2_0
     parts = {t: [] for t in features}
     cache = OrcFileCache()
     for done, (path, stripe, _) in enumerate(chosen, 1):
-        batch = read_stripe(cache.get(path), path, stripe, columns)
+        try:
+            reader = cache.get(path)
+        except (OSError, pa.ArrowException) as exc:
+            raise DataError(f"cannot open (truncated or corrupt?): {exc}", file=path) from None
+        batch = read_stripe(reader, path, stripe, columns)
         for table, feats in features.items():
             spec = schema.table(table)
             for f in feats:
