@@ -162,6 +162,20 @@ def test_every_sampled_point_is_a_valid_config_with_a_round_trip_command(model):
         assert back == cfg
 
 
+def test_the_rerun_command_does_not_depend_on_the_shell(monkeypatch):
+    """With MLFLOW_TRACKING_URI set elsewhere (MLflow itself sets it in process), a trial logged
+    to the default store still gets a command that says so."""
+    from gmeta.trainer import tune as t
+    from gmeta.trainer.train import TrainConfig
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    cfg = TrainConfig(model="melu", data="d", epochs=2, validation_split=VAL, log_every=0).validate()
+    command = t.rerun_command(cfg, ())
+    assert f"--tracking-uri {cfg.tracking_uri}" in command
+    _, back = parse_train_command(command)
+    assert back == cfg
+
+
 def test_an_entry_for_a_missing_field_is_skipped(monkeypatch):
     from gmeta.trainer import tune as t
 

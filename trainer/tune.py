@@ -244,6 +244,9 @@ def _field_argv(action, name: str, value) -> list:
     return [flag, _text(value)]
 
 
+_ENV_DEFAULTS = ("tracking_uri", "experiment")  # gmeta.trainer.tracking.add_tracking_arguments
+
+
 def config_argv(cfg, parser=None, force=()) -> list:
     """``gmeta train`` arguments that rebuild ``cfg``: model, data, every field that differs from
     its default, and the ``force``d fields (tuned ones) even when they equal it."""
@@ -255,9 +258,13 @@ def config_argv(cfg, parser=None, force=()) -> list:
     argv = []
     for f in dataclasses.fields(TrainConfig):
         value = getattr(cfg, f.name)
-        if f.name not in ("model", "data") and f.name not in force and value == getattr(default, f.name):
-            continue
         action = actions.get(f.name)
+        # a flag whose default comes from the environment (MLFLOW_TRACKING_URI, ...) is written
+        # out unless it equals that default too: the command must mean the same in another shell
+        env_default = f.name in _ENV_DEFAULTS and action is not None and value != action.default
+        if (f.name not in ("model", "data") and f.name not in force and value == getattr(default, f.name)
+                and not env_default):
+            continue
         if action is None:
             raise ValueError(f"TrainConfig.{f.name} has no gmeta train flag")
         argv += _field_argv(action, f.name, value)
