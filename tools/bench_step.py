@@ -23,9 +23,7 @@ per mode and ``speedup`` = hybrid samples/s / naive samples/s.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -102,40 +100,17 @@ def _config(args) -> BenchStepConfig:
 # ---------------------------------------------------------------- launcher (no TF import)
 def main(args) -> int:
     cfg = _config(args)
+    from gmeta.tools.common import launch_bench
+
     out_dir = tempfile.mkdtemp(prefix="gmeta_bench_step_")
     try:
-        _launch(cfg, out_dir)
-        per_rank = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(cfg.np)]
+        per_rank = launch_bench("step", "gmeta.tools.bench_step", cfg.np, out_dir, asdict(cfg), cfg.timeout)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
     result = summarize(cfg, per_rank)
     print(format_table(result), file=sys.stderr if cfg.json_only else sys.stdout, flush=True)
     print(json.dumps(result, sort_keys=True), flush=True)
     return 0
-
-
-def _launch(cfg: BenchStepConfig, out_dir: str) -> None:
-    bin_dir = Path(sys.executable).parent
-    horovodrun = bin_dir / "horovodrun"
-    if not horovodrun.exists():
-        found = shutil.which("horovodrun")
-        if not found:
-            raise SystemExit("gmeta bench step: horovodrun not found next to this Python or on PATH")
-        horovodrun = Path(found)
-    cmd = [str(horovodrun), "-np", str(cfg.np), "-H", f"localhost:{cfg.np}", "--gloo",
-           sys.executable, "-m", "gmeta.tools.bench_step", "--worker", out_dir,
-           "--config", json.dumps(asdict(cfg))]
-    env = dict(os.environ)
-    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=cfg.timeout, env=env)
-    except subprocess.TimeoutExpired:
-        raise SystemExit(f"gmeta bench step: no result within --timeout {cfg.timeout} s") from None
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        raise SystemExit(f"gmeta bench step: horovodrun -np {cfg.np} failed ({proc.returncode})")
 
 
 def summarize(cfg: BenchStepConfig, per_rank: list) -> dict:
