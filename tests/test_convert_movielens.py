@@ -70,6 +70,12 @@ def _item_1m(it):
     return f"{it['id']}::{title}::{'|'.join(GENRES[g] for g in it['genres'])}"
 
 
+def _item_latest(it):
+    """A movies.csv line: the title quoted (it may hold commas), no genres as MovieLens writes it."""
+    title = f"{it['title']}, The ({it['year']})" if it["year"] else f"{it['title']}, The"
+    return f"{it['id']},\"{title}\",{'|'.join(GENRES[g] for g in it['genres']) or '(no genres listed)'}"
+
+
 # per layout: its (ratings, users, items) files and how one rating / user / item is written there
 LAYOUTS = {
     "100k": (("u.data", "u.user", "u.item"),
@@ -80,7 +86,10 @@ LAYOUTS = {
            (lambda r: "::".join(map(str, r)),
             lambda u: f"{u['id']}::{u['gender']}::{AGE_1M[u['age']]}::{u['occupation']}::{u['zip']}",
             _item_1m)),
+    "latest": (("ratings.csv", None, "movies.csv"),
+               (lambda r: f"{r[0]},{r[1]},{float(r[2])},{r[3]}", None, _item_latest)),
 }
+HEADERS = {"ratings.csv": "userId,movieId,rating,timestamp", "movies.csv": "movieId,title,genres"}
 
 
 def write_raw(d, layout, items, users, ratings):
@@ -88,7 +97,10 @@ def write_raw(d, layout, items, users, ratings):
     os.makedirs(d, exist_ok=True)
     files, lines = LAYOUTS[layout]
     for name, line, rows in zip(files, lines, (ratings, users, items)):
-        with open(os.path.join(d, name), "w", encoding="latin-1") as f:
+        if name is None:
+            continue
+        with open(os.path.join(d, name), "w", encoding="utf-8" if layout == "latest" else "latin-1") as f:
+            f.writelines([HEADERS[name] + "\n"] if name in HEADERS else [])
             f.writelines(line(row) + "\n" for row in rows)
 
 
@@ -147,7 +159,7 @@ def converted(tmp_path_factory):
     return out, (items, users, ratings)
 
 
-@pytest.mark.parametrize("layout", ["100k", "1m"])
+@pytest.mark.parametrize("layout", ["100k", "1m", "latest"])
 def test_tasks_match_the_protocol(converted, layout):
     """Every task: 13..100 rows, the 10 most recent ratings as query after the support rows, exact
     items and ratings as recomputed by hand (the val users' warm-item ratings in val, their
@@ -188,7 +200,7 @@ def test_tasks_match_the_protocol(converted, layout):
         assert queries == sorted(tuple(sorted(i for i, _ in v[-10:])) for v in got.values())
 
 
-@pytest.mark.parametrize("layout", ["100k", "1m"])
+@pytest.mark.parametrize("layout", ["100k", "1m", "latest"])
 def test_cold_users_and_items_are_separated(converted, layout):
     """Cold items never occur in train or user_cold; cold users never in train or item_cold; cold
     ids are >= every warm id; item_cold users are existing (train) users; val users are warm users
@@ -211,13 +223,23 @@ def test_cold_users_and_items_are_separated(converted, layout):
 
 
 def test_layouts_give_the_same_dataset(converted):
-    """The same logical data in the 100K and the 1M layout converts to identical columns."""
+    """The same logical data in the 100K and the 1M layout converts to identical columns; the
+    latest layout to the same columns but the demographics (it has none) and genre ids (its
+    vocabulary is the file's own sorted names)."""
     outs = converted[0]
+    latest = Schema.load(outs["latest"])
+    assert [f.name for f in latest.sparse] == ["user_id", "item_id", "genres", "year"]
+    names = json.loads(open(os.path.join(outs["latest"], "convert.json")).read())["counts"]["genre_vocabulary"]
+    assert names == sorted(names) and latest.table("genre").num_rows == len(names)
     for s in SPLITS:
-        a, b = read_split(outs["100k"], s), read_split(outs["1m"], s)
+        a, b, c = read_split(outs["100k"], s), read_split(outs["1m"], s), read_split(outs["latest"], s)
         for col in ("task_id", "is_query", "click", "rating", "user_id", "age", "gender", "item_id",
                     "genres", "year", "zip"):
             assert a.column(col).to_pylist() == b.column(col).to_pylist(), (s, col)
+        for col in ("task_id", "is_query", "click", "rating", "user_id", "item_id", "year"):
+            assert a.column(col).to_pylist() == c.column(col).to_pylist(), (s, col)
+        assert ([sorted(GENRES[g] for g in gs) for gs in a.column("genres").to_pylist()]
+                == [sorted(names[g] for g in gs) for gs in c.column("genres").to_pylist()])
 
 
 def test_features(converted):
@@ -282,7 +304,7 @@ def test_layout_detection_errors(tmp_path, capsys):
     empty.mkdir()
     assert gmeta(["convert", "movielens", "--src", str(empty), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    for name in ("u.data", "u.user", "u.item", "ratings.dat", "users.dat", "movies.dat"):
+    for name in ("u.data", "u.user", "u.item", "ratings.dat", "users.dat", "movies.dat", "ratings.csv", "movies.csv"):
         assert name in err
     partial = tmp_path / "partial"
     partial.mkdir()
@@ -335,6 +357,107 @@ def test_val_split_is_seeded_and_optional(converted, tmp_path):
         assert set(noval[s]["user_id"]) == with_val | val_ids and not with_val & val_ids
     for s in ("user_cold", "user_item_cold"):
         assert noval[s] == read_split(outs["1m"], s).to_pydict(), s
+
+
+@pytest.mark.parametrize("name, mutate, message", [
+    ("ratings.csv", lambda r: r[:3] + ["1,2,5.5,880000000\n"] + r[4:],
+     "ratings.csv: line 4: column 'rating' = 5.5 is outside [0.5, 5.0]"),
+    ("ratings.csv", lambda r: r[:3] + ["1,x,4,880000000\n"] + r[4:], "ratings.csv: cannot parse as CSV"),
+    ("ratings.csv", lambda r: ["userId,movieId,stars,timestamp\n"] + r[1:], "lacks the column(s) ['rating']"),
+    ("movies.csv", lambda r: r + [r[1]], "movies.csv: item id 2 is listed twice"),
+])
+def test_latest_layout_bad_input(tmp_path, capsys, name, mutate, message):
+    """The latest layout's CSV files: a rating off the half-star scale, a value that does not
+    parse, a missing column, a movie listed twice; each names the file (and line or column)."""
+    items, users, ratings = _fixture()
+    src = tmp_path / "src"
+    write_raw(str(src), "latest", items, users, ratings)
+    lines = (src / name).read_text().splitlines(keepends=True)
+    (src / name).write_text("".join(mutate(lines)))
+    assert gmeta(["convert", "movielens", "--src", str(src), "--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_implicit_protocol_negatives(converted, tmp_path):
+    """--negatives N: the rated rows of every task are exactly the explicit conversion's, all with
+    click 1; each query set gets N label-0 rows and each support set one per support positive,
+    of distinct items the user never rated in any split, from the task's item pool (warm items
+    for train/val/user_cold, cold ones for the cold-item splits), each support negative right
+    after a support positive; the draw is seeded (same seed, same rows) and the schema has no
+    rating label."""
+    outs, (items, users, ratings) = converted
+    src = tmp_path / "src"
+    write_raw(str(src), "1m", items, users, ratings)
+    runs = {}
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "5")):
+        runs[name] = str(tmp_path / name)
+        assert gmeta(["convert", "movielens", "--src", str(src), "--out", runs[name], "--quiet",
+                      "--negatives", "6", "--seed", seed, "--val-fraction", "0"]) == 0
+    schema = Schema.load(runs["a"])
+    assert schema.labels == ("click",)
+    explicit = str(tmp_path / "explicit")
+    assert gmeta(["convert", "movielens", "--src", str(src), "--out", explicit, "--quiet", "--val-fraction", "0"]) == 0
+    rated = {}
+    for s in SPLITS[:4]:
+        e = read_split(explicit, s).to_pydict()
+        for u, i in zip(e["user_id"], e["item_id"]):
+            rated.setdefault(u, set()).add(i)
+    # (a user's ids are the same in every split, so rated[u] holds its warm and its cold items)
+    n_warm, short = N_ITEMS - N_COLD_ITEMS, 0
+    for s in SPLITS[:4]:
+        t = read_split(runs["a"], s).to_pydict()
+        e = read_split(explicit, s).to_pydict()
+        assert t == read_split(runs["b"], s).to_pydict()
+        assert t["item_id"] != read_split(runs["c"], s)["item_id"].to_pylist()
+        tid, click, q, item = (np.array(t[k]) for k in ("task_id", "click", "is_query", "item_id"))
+        for task in np.unique(tid):
+            rows = tid == task
+            pos, neg = rows & (click == 1), rows & (click == 0)
+            want = [(i, qq) for u, i, qq in zip(e["task_id"], e["item_id"], e["is_query"]) if u == task]
+            assert sorted(zip(item[pos].tolist(), q[pos].tolist())) == sorted(want)
+            negs = item[neg]
+            assert len(set(negs.tolist())) == len(negs) and not set(negs.tolist()) & rated[task]
+            cold_pool = s in ("item_cold", "user_item_cold")
+            assert np.all(negs >= n_warm) if cold_pool else np.all(negs < n_warm)
+            pool = set(range(n_warm, N_ITEMS)) if cold_pool else set(range(n_warm))
+            need = 6 + (pos & (q == 0)).sum()
+            if len(pool - rated[task]) < need:   # a pool that runs out gives what it has, support first
+                short += 1
+                assert len(negs) == len(pool - rated[task])
+                continue
+            assert (neg & (q == 1)).sum() == 6 and (neg & (q == 0)).sum() == (pos & (q == 0)).sum()
+            support = click[rows][q[rows] == 0]
+            assert np.array_equal(support, np.tile([1.0, 0.0], len(support) // 2))
+            assert np.all(q[rows][:-16] == 0) and np.all(q[rows][-16:] == 1)
+    counts = json.loads(open(os.path.join(runs["a"], "convert.json")).read())["counts"]
+    assert counts["tasks_short_of_negatives"] == short > 0
+
+
+def test_cold_users_at_random(converted, tmp_path):
+    """--cold-users random: as many cold users as the time rule, a seeded draw that differs
+    from the latest arrivals; ids still put every cold user after every warm one."""
+    outs, (items, users, ratings) = converted
+    src = tmp_path / "src"
+    write_raw(str(src), "1m", items, users, ratings)
+    runs = {}
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "3")):
+        runs[name] = str(tmp_path / name)
+        assert gmeta(["convert", "movielens", "--src", str(src), "--out", runs[name], "--quiet",
+                      "--cold-users", "random", "--seed", seed]) == 0
+    _, cold_by_time, _ = expected_tasks(items, users, ratings)
+    counts = json.loads(open(os.path.join(runs["a"], "convert.json")).read())["counts"]
+    assert counts["cold_users"] == N_COLD_USERS
+    cold_sets = {}
+    for name, d in runs.items():
+        t = read_split(d, "user_cold").to_pydict()
+        cold_sets[name] = sorted(set(t["task_id"]))
+        assert min(cold_sets[name]) >= N_USERS - N_COLD_USERS
+    assert cold_sets["a"] == cold_sets["b"]
+    a = read_split(runs["a"], "user_cold").to_pydict()
+    c = read_split(runs["c"], "user_cold").to_pydict()
+    assert a["item_id"] != c["item_id"]
+    time_run = read_split(outs["1m"], "user_cold").to_pydict()
+    assert a["item_id"] != time_run["item_id"]
 
 
 # Bad flags of `gmeta convert movielens`: tests/test_datagen.py::test_bad_flags_are_named, one test
