@@ -29,6 +29,8 @@ from gmeta.models import layers
 #:   bias  a per-task scale and bias of the output logit (the user's level and sharpness; never
 #:         changes the order of a task's items)
 ADAPT_PARTS = ("head", "last", "user", "pref", "bias")
+#: a rating at or above this is "liked": the relevance of rating targets in ranking metrics
+LIKED_RATING = 4.0
 #: ``--adapt auto``: measured best on the synthetic regimes (README, "What a run reports"); ``user``
 #: is dropped for a model whose inputs have no user-group column
 AUTO_ADAPT = ("user", "pref", "bias")
@@ -220,6 +222,13 @@ class ZooModel(tf.Module):
     def scores(self, outputs: dict, part: dict) -> dict:
         """{metric: (score [T, N], binary label [T, N])}; the first entry is the headline AUC."""
         raise NotImplementedError
+
+    def relevance(self, part: dict):
+        """The headline metric's binary label of every row of ``part`` (tensors or numpy arrays):
+        the click label, or for a rating target whether the rating is at least LIKED_RATING."""
+        if self.target == "rating":
+            return part["rating"] >= LIKED_RATING
+        return part[self.target] > 0.5
 
     def describe(self) -> dict:
         return {"model": self.name, "paper": self.paper, "adapt": list(self.adapt_parts()),

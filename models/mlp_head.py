@@ -45,5 +45,5 @@ class MLPHeadModel(ZooModel):
     def scores(self, outputs, part):
         if self.target == "rating":
             # ranking quality of predicted ratings against "liked" (rating >= 4)
-            return {"auc": (outputs["out"], tf.cast(part["rating"] >= 4.0, tf.float32))}
+            return {"auc": (outputs["out"], tf.cast(self.relevance(part), tf.float32))}
         return {"auc": (tf.sigmoid(outputs["out"]), part[self.target])}

@@ -20,7 +20,7 @@ MARGIN_POOLED_OVER_UNADAPTED = 0.01   # pooled AUC points
 MARGIN_GAUC_OVER_CONSTANT = 0.10      # GAUC points above chance
 TRAIN_FLAGS = ["--epochs", "3", "--tracking-uri", "none", "--log-every", "0", "--no-saved-model",
                "--checkpoint-dir", "none", "--validation-split", "none", "--support-curve", "none"]
-SCORERS = {"adapted", "unadapted", "plain", "plain_finetuned", "item_mean", "constant", "oracle"}
+SCORERS = {"adapted", "unadapted", "plain", "plain_finetuned", "item_mean", "item_knn", "constant", "oracle"}
 
 
 gmeta = run_gmeta

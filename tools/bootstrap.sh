@@ -23,7 +23,7 @@ PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade "pip>=24" "setuptools>=68,<76" wheel
 echo "[bootstrap] installing TensorFlow, tensorflow-io, pyarrow, MLflow (pinned)"
 $PIP install -q -c constraints.txt tensorflow-cpu tensorflow-io tensorflow-io-gcs-filesystem \
-  mlflow pyarrow numpy protobuf absl-py psutil matplotlib requests cloudpickle optuna pytest pytest-timeout pytest-xdist packaging
+  mlflow pyarrow numpy protobuf absl-py psutil matplotlib requests scipy cloudpickle optuna pytest pytest-timeout pytest-xdist packaging
 echo "[bootstrap] building Horovod from source with Gloo + TensorFlow (about 3 min on 2 cores)"
 HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 \
 HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=gloo \

@@ -58,7 +58,7 @@ def main(args) -> int:
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
-    from gmeta.trainer.evaluation import evaluate_splits, evaluation_splits, item_mean_baseline
+    from gmeta.trainer.evaluation import evaluate_splits, evaluation_splits, item_baselines
     from gmeta.trainer.export import load_model
     from gmeta.trainer.report import print_report
     from gmeta.trainer.tracking import resolve_export_dir
@@ -74,11 +74,11 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     schema = learner.model.schema
     splits = evaluation_splits(schema, cfg.eval_splits)
     plain = load_plain_baseline(cfg.plain_baseline, cfg.tracking_uri) if cfg.plain_baseline else None
-    item_mean = item_mean_baseline(cfg.data, schema, learner.model.target) if "train" in schema.splits else None
+    baselines = item_baselines(cfg.data, learner.model) if "train" in schema.splits else {}
     rows = {}
     results, _ = evaluate_splits(learner, cfg.data, splits, learner.comm, reader_kwargs, steps,
                                  log=lambda m: print(f"[gmeta] {m}", file=sys.stderr, flush=True),
-                                 plain=plain, item_mean=item_mean, rows_out=rows)
+                                 plain=plain, baselines=baselines, rows_out=rows)
     if cfg.predictions_out:
         from gmeta.trainer.predict import write_eval_predictions
 

@@ -10,9 +10,10 @@ headline score of the model (and each extra head, e.g. MAML-ESMM's pCTCVR), the 
 * ``oracle``: the generator's true probability, when the dataset carries it;
 * baselines on the same query rows: ``constant`` (chance by the tie rule), ``item_mean`` (the
   smoothed training mean of the item's label: popularity for clicks, mean rating for ratings),
-  and, when a plain network is given, ``plain`` (the same network trained without meta-learning)
+  ``item_knn`` (cosine item-item similarity over the training split's positives, summed over the
+  task's support positives: the support rows the model adapts on), and, when a plain network is given, ``plain`` (the same network trained without meta-learning)
   and ``plain_finetuned`` (that network after the same inner loop on the support set);
-* ``differences``: the adapted model minus each baseline in GAUC and nDCG@5, with a paired
+* ``differences``: the adapted model minus each baseline in GAUC, nDCG@5 and nDCG@10, with a paired
   bootstrap interval and whether it excludes 0.
 
 Flat headline keys (``gauc_adapted``, ``auc_adapted`` = pooled AUC, ...) sit next to the nested
@@ -29,7 +30,7 @@ import numpy as np
 from gmeta.trainer import metrics
 
 ORACLE_FOR = {"auc": "p_click", "auc_ctcvr": "p_ctcvr"}
-COMPARED = ("gauc", "ndcg@5")
+COMPARED = ("gauc", "ndcg@5", "ndcg@10")
 FLAT = ("gauc", "ndcg@5", "mrr")
 
 
@@ -42,26 +43,32 @@ def evaluation_splits(schema, requested=None) -> list:
     return splits
 
 
-def item_mean_baseline(dataset_dir: str, schema, target: str):
-    """The item-mean baseline fitted on every training row, or None when the schema names no
-    single-valued item feature."""
+def item_baselines(dataset_dir: str, model) -> dict:
+    """The item baselines fitted on every training row: ``{"item_mean": ItemMeanBaseline,
+    "item_knn": ItemKNNBaseline}``, empty when the schema names no single-valued item feature."""
     from gmeta.io.plan import read_columns
-    from gmeta.trainer.baselines import ItemMeanBaseline
+    from gmeta.trainer.baselines import ItemKNNBaseline, ItemMeanBaseline
 
+    schema = model.schema
     item = schema.item_id_feature
     if item is None or schema.feature(item).is_list:
-        return None
-    cols = read_columns(dataset_dir, "train", [item, target])
-    return ItemMeanBaseline.fit(cols[item], cols[target])
+        return {}
+    label = "rating" if model.target == "rating" else model.target
+    cols = read_columns(dataset_dir, "train", sorted({schema.task_column, item, label}))
+    relevant = np.asarray(model.relevance(cols))
+    fitted = {"item_mean": ItemMeanBaseline.fit(cols[item], cols[label])}
+    if relevant.any():
+        fitted["item_knn"] = ItemKNNBaseline.fit(cols[schema.task_column], cols[item], relevant)
+    return fitted
 
 
 def evaluate_splits(learner, dataset_dir: str, splits, comm, reader_kwargs: dict, inner_steps: int,
-                    log=print, plain=None, item_mean=None, n_boot: int = 1000, rows_out=None) -> tuple:
+                    log=print, plain=None, baselines=None, n_boot: int = 1000, rows_out=None) -> tuple:
     """``(report, per_task)``: the JSON-able report per split (module docstring) and the per-task
     arrays behind it (``{split: {"<head>/<scorer>": per-task dict}}``) for paired comparisons.
 
     ``plain``: a learner of the same network trained with ``meta="none"`` (or None).
-    ``item_mean``: a fitted ``ItemMeanBaseline`` (or None).
+    ``baselines``: fitted item baselines from ``item_baselines`` (or None).
     ``rows_out``: a dict that receives, per split, the gathered per-query-row arrays (for
     ``gmeta evaluate --predictions-out``, so the rows are not computed twice).
     """
@@ -72,27 +79,41 @@ def evaluate_splits(learner, dataset_dir: str, splits, comm, reader_kwargs: dict
         t0 = time.time()
         reader = MetaReader(dataset_dir, split=split, rank=comm.rank, world_size=comm.size,
                             shuffle=False, seed=0, **reader_kwargs)
-        rows = _collect(learner, plain, reader, inner_steps, learner.model.schema.oracle)
-        gathered = [g for g in comm.allgather_object(rows) if g]
-        merged = {k: np.concatenate([g[k] for g in gathered]) for k in gathered[0]} if gathered else {}
-        tasks = int(sum(comm.allgather_object(reader.stats.get("tasks_read", 0))))
+        rows, support = _collect(learner, plain, reader, inner_steps, learner.model.schema.oracle)
+        gathered = comm.allgather_object((rows, support, reader.stats.get("tasks_read", 0)))
+        merged, support = (_concat([g[k] for g in gathered if g[k]]) for k in (0, 1))
+        tasks = int(sum(g[2] for g in gathered))
         if rows_out is not None:
             rows_out[split] = merged
-        report[split], per_task[split] = _split_report(merged, learner.model, item_mean, n_boot)
+        report[split], per_task[split] = _split_report(merged, support, learner.model, baselines or {}, n_boot)
         report[split]["tasks"] = tasks
         log(f"evaluated {split}: {report[split]['rows']} query rows of {tasks} tasks in "
             f"{time.time() - t0:.1f} s")
     return report, per_task
 
 
-def _collect(learner, plain, reader, inner_steps: int, oracle_columns) -> dict:
-    """This rank's real query rows of one split: the model's (and the plain network's) scores,
-    labels, task and item ids, oracle columns."""
+def _concat(parts: list) -> dict:
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+
+
+def _collect(learner, plain, reader, inner_steps: int, oracle_columns) -> tuple:
+    """This rank's real query rows of one split (the model's and the plain network's scores,
+    labels, task and item ids, oracle columns) and its real support positives (task, item: what
+    the item-kNN baseline scores from)."""
     ds = reader.dataset(epoch=0)
     fn = learner.compiled_eval_step(ds.element_spec, inner_steps)
     plain_fn = plain.compiled_eval_step(ds.element_spec, inner_steps) if plain is not None else None
-    chunks = []
+    model = learner.model
+    item = model.schema.item_id_feature
+    single_item = item is not None and not model.schema.feature(item).is_list
+    chunks, supports = [], []
     for batch in reader.surfacing_errors(ds):
+        if single_item:
+            s = batch["support"]
+            liked = ((s["mask"].numpy() > 0) & (batch["task_mask"].numpy()[:, None] > 0)
+                     & (np.asarray(model.relevance(s)) > 0.5))
+            supports.append({"task": np.broadcast_to(batch["task_id"].numpy()[:, None], liked.shape)[liked],
+                             "item": s[item].numpy()[liked]})
         out = fn(batch)
         keep = out.pop("mask").numpy() > 0
         row = {k: v.numpy()[keep] for k, v in out.items()}
@@ -105,10 +126,10 @@ def _collect(learner, plain, reader, inner_steps: int, oracle_columns) -> dict:
         for oracle in oracle_columns:
             row[f"oracle/{oracle}"] = batch["query"][oracle].numpy()[keep]
         chunks.append(row)
-    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]} if chunks else {}
+    return _concat(chunks), _concat(supports)
 
 
-def _split_report(merged: dict, model, item_mean, n_boot: int) -> tuple:
+def _split_report(merged: dict, support: dict, model, baselines: dict, n_boot: int) -> tuple:
     heads = [k[:-len("/label")] for k in merged if k.endswith("/label")]
     report = {"rows": int(merged["task"].size) if merged else 0}
     per_task = {}
@@ -126,16 +147,20 @@ def _split_report(merged: dict, model, item_mean, n_boot: int) -> tuple:
             scorers["oracle"] = merged[f"oracle/{oracle}"]
         if h == 0:
             scorers["constant"] = np.full(label.shape, 0.5)
-            if item_mean is not None and "item" in merged:
-                scorers["item_mean"] = item_mean.scores(merged["item"])
+            if "item_mean" in baselines and "item" in merged:
+                scorers["item_mean"] = baselines["item_mean"].scores(merged["item"])
+            if "item_knn" in baselines and "item" in merged:
+                s_task, s_item = (support.get(k, np.zeros(0, np.int64)) for k in ("task", "item"))
+                scorers["item_knn"] = baselines["item_knn"].scores(task, merged["item"], s_task, s_item)
             if f"plain:{head}/adapted" in merged:
                 scorers["plain"] = merged[f"plain:{head}/unadapted"]
                 scorers["plain_finetuned"] = merged[f"plain:{head}/adapted"]
         section = {}
         for name, scores in scorers.items():
-            # the oracle and the constant are probabilities even for a rating model's labels
-            probs = probabilities or name in ("oracle", "constant")
-            rates = ratings if name not in ("oracle", "constant") else None
+            # the oracle and the constant are probabilities even for a rating model's labels;
+            # item-kNN scores are neither probabilities nor ratings (ranking metrics only)
+            probs = (probabilities or name in ("oracle", "constant")) and name != "item_knn"
+            rates = ratings if name not in ("oracle", "constant", "item_knn") else None
             summary, per_task[f"{head}/{name}"] = metrics.evaluate_scores(
                 task, scores, label, ratings=rates, probabilities=probs and rates is None,
                 n_boot=n_boot, return_per_task=True)

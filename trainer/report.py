@@ -7,11 +7,11 @@ import os
 
 import numpy as np
 
-ROWS = ("adapted", "unadapted", "plain_finetuned", "plain", "item_mean", "constant", "oracle")
+ROWS = ("adapted", "unadapted", "plain_finetuned", "plain", "item_mean", "item_knn", "constant", "oracle")
 LABELS = {"adapted": "model, adapted", "unadapted": "model, unadapted",
           "plain_finetuned": "plain, fine-tuned", "plain": "plain", "item_mean": "item mean",
-          "constant": "constant", "oracle": "oracle"}
-COLUMNS = ("gauc", "ndcg@5", "mrr", "logloss", "rmse", "pooled_auc")
+          "item_knn": "item-kNN", "constant": "constant", "oracle": "oracle"}
+COLUMNS = ("gauc", "ndcg@5", "ndcg@10", "mrr", "logloss", "rmse", "pooled_auc")
 
 
 def _cell(m) -> str:

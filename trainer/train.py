@@ -409,7 +409,7 @@ def _run(cfg, comm, log, schema, splits, learner, plain, reader, checkpoints, tr
          steps) -> dict:
     """The body of ``train`` once the run's MLflow record and signal handling are in place."""
     from gmeta.io.plan import distinct_values
-    from gmeta.trainer.evaluation import evaluate_splits, item_mean_baseline
+    from gmeta.trainer.evaluation import evaluate_splits, item_baselines
     from gmeta.trainer.export import export_model
     from gmeta.trainer.phases import run_phases
     from gmeta.trainer.report import curve_metrics, print_report, save_per_task
@@ -447,10 +447,10 @@ def _run(cfg, comm, log, schema, splits, learner, plain, reader, checkpoints, tr
                               distinct_values=lambda column: distinct_values(cfg.data, "train", column)))
     if plain is None and cfg.plain_baseline not in ("alongside", "off"):
         plain = load_plain_baseline(cfg.plain_baseline, cfg.tracking_uri)
-    item_mean = item_mean_baseline(cfg.data, schema, learner.model.target)
+    baselines = item_baselines(cfg.data, learner.model)
     rows = {}
     results, per_task = evaluate_splits(learner, cfg.data, splits, comm, cfg.reader_kwargs(), cfg.eval_steps,
-                                        log, plain=plain, item_mean=item_mean, rows_out=rows)
+                                        log, plain=plain, baselines=baselines, rows_out=rows)
     curve = {}
     if cfg.support_points and splits:
         from gmeta.trainer.support_curve import support_curve
