@@ -24,7 +24,7 @@ SUBCOMMANDS = {
     "compare": ("gmeta.trainer.compare", "compare runs in per-task metrics with intervals and paired tests"),
     "register": ("gmeta.trainer.register", "register a run's model in the MLflow registry, with an alias"),
     "predict": ("gmeta.trainer.predict", "adapt to each task's support rows and score its query rows (file in, file out)"),
-    "bench": ("gmeta.tools.bench", "benchmarks: io, step, meta, memory, projection, movielens, breakdown, hot (see gmeta bench -h)"),
+    "bench": ("gmeta.tools.bench", "benchmarks: io, step, meta, memory, projection, movielens, breakdown, hot, coldstart (see gmeta bench -h)"),
 }
 
 

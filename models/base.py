@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import tensorflow as tf
 
 from gmeta.models import layers
@@ -31,6 +32,8 @@ from gmeta.models import layers
 ADAPT_PARTS = ("head", "last", "user", "pref", "bias")
 #: a rating at or above this is "liked": the relevance of rating targets in ranking metrics
 LIKED_RATING = 4.0
+#: the item prior's shrinkage: an item's mean label counts this many pseudo-rows of the global mean
+ITEM_PRIOR_WEIGHT = 10.0
 #: ``--adapt auto``: measured best on the synthetic regimes (README, "What a run reports"); ``user``
 #: is dropped for a model whose inputs have no user-group column
 AUTO_ADAPT = ("user", "pref", "bias")
@@ -43,6 +46,7 @@ class ModelConfig:
     target: str = "auto"          # melu: click | rating; auto = click when present
     seed: int = 0
     adapt: tuple = ("head",)      # see ADAPT_PARTS
+    item_prior: bool = False      # add the item's smoothed training mean (fit_item_prior) to the output
     extra: dict = field(default_factory=dict, hash=False, compare=False)
 
     def __post_init__(self):
@@ -78,6 +82,9 @@ class TrainingPhase:
 class ZooModel(tf.Module):
     """Base class. Subclasses set ``name``/``paper``, create ``self.params`` and ``self.adapted``."""
 
+    #: the output the per-task terms (pref, bias) act on: the one a closed-form solve targets
+    task_output = "out"
+
     name = "base"
     paper = ""
     #: sparse features the model never embeds (e.g. MeLU does not use the raw user id)
@@ -99,6 +106,13 @@ class ZooModel(tf.Module):
         self.dense_features = tuple(d.name for d in schema.dense)
         self.params: dict = {}
         self.adapted: tuple = ()
+        item = schema.item_id_feature
+        self.prior_feature = item if config.item_prior and item and not schema.feature(item).is_list else None
+        if config.item_prior and self.prior_feature is None:
+            raise ValueError("--item-prior needs the schema's item_id_feature, single-valued")
+        if self.prior_feature:
+            self.item_table = schema.table(schema.feature(item).table)
+            self.item_prior = tf.Variable(tf.zeros([self.item_table.num_rows]), trainable=False, name="item_prior")
 
     # ---- what the trainer needs to know ----
     def embedding_tables(self) -> dict:
@@ -107,7 +121,8 @@ class ZooModel(tf.Module):
 
     @property
     def input_width(self) -> int:
-        return self.config.emb_dim * len(self.sparse_features) + len(self.dense_features)
+        return (self.config.emb_dim * len(self.sparse_features) + len(self.dense_features)
+                + (1 if self.prior_feature else 0))
 
     def adapted_names(self) -> tuple:
         return self.adapted
@@ -146,12 +161,11 @@ class ZooModel(tf.Module):
 
     def column_groups(self):
         """The group (user | item | context) of every input column, in build_inputs order."""
-        import numpy as np
-
         groups = []
         for f in self.sparse_features:
             groups += [self.schema.feature(f).group] * self.config.emb_dim
         groups += [d.group for d in self.schema.dense if d.name in self.dense_features]
+        groups += ["prior"] if self.prior_feature else []
         return np.array(groups)
 
     def task_inputs(self, params: dict, x):
@@ -162,6 +176,37 @@ class ZooModel(tf.Module):
         shift = shift * self._user_cols
         return x + (shift if shift.shape.rank == 1 else shift[:, None, :])
 
+    def linear_task_terms(self) -> tuple:
+        """The adapted per-task terms the task output is linear in (``pref``, ``bias``), which
+        ``--inner-solver ridge`` solves in closed form on the support rows."""
+        return tuple(n for n in ("task/pref", "task/bias") if n in self.adapted)
+
+    def stepped_task_terms(self, solved: tuple) -> tuple:
+        """The adapted terms that take gradient steps when ``solved`` are solved in closed form;
+        the logit's scale (the task's sharpness, which has no closed form) stays at its shared,
+        meta-learned value when the bias is solved, so a rating task's solve is exact."""
+        keep_shared = {"task/scale"} if "task/bias" in solved else set()
+        return tuple(n for n in self.adapted if n not in solved and n not in keep_shared)
+
+    def linear_task_sizes(self) -> tuple:
+        """The number of coefficients of each ``linear_task_terms`` entry."""
+        return tuple(int(np.prod(self.params[n].shape)) or 1 for n in self.linear_task_terms())
+
+    def task_design(self, params: dict, x):
+        """d(task output) / d(linear task terms) for every row: ``[T, N, K]``, the terms'
+        coefficients side by side in ``linear_task_terms`` order (the output is exactly linear in
+        them, so a change ``delta`` of the terms changes the output by ``design @ delta``)."""
+        x = self.task_inputs(params, x)
+        scale = params.get("task/scale", tf.constant(1.0))
+        scale = scale[:, None, None] if scale.shape.rank == 1 else scale
+        cols = []
+        for name in self.linear_task_terms():
+            if name == "task/pref":
+                cols.append(scale * x * self._item_cols)
+            else:
+                cols.append(tf.ones_like(x[..., :1]))
+        return tf.concat(cols, axis=-1)
+
     def task_logit(self, params: dict, x, logit):
         """``logit`` with the task's preference term and scale/bias applied (when they adapt)."""
         pref = params.get("task/pref")
@@ -169,6 +214,8 @@ class ZooModel(tf.Module):
             pref = pref * self._item_cols
             logit = logit + (tf.einsum("tnw,w->tn", x, pref) if pref.shape.rank == 1
                              else tf.einsum("tnw,tw->tn", x, pref))
+        if self.prior_feature:
+            logit = logit + x[..., -1]
         if "task/scale" in params:
             scale, bias = params["task/scale"], params["task/bias"]
             if scale.shape.rank == 1:
@@ -180,7 +227,10 @@ class ZooModel(tf.Module):
     def state_variables(self) -> dict:
         """Every variable of the model by name (``params/<name>`` for the dense parameters);
         subclasses with more state extend it. Export and checkpoints use only this."""
-        return {f"params/{n}": v for n, v in self.params.items()}
+        state = {f"params/{n}": v for n, v in self.params.items()}
+        if self.prior_feature:
+            state["item_prior"] = self.item_prior
+        return state
 
     def plain_state(self) -> dict:
         """JSON-able attributes that change how the model computes (none by default)."""
@@ -191,14 +241,47 @@ class ZooModel(tf.Module):
         if unknown:
             raise ValueError(f"model {self.name}: unknown state entries {unknown}")
 
+    def fit_target(self, values) -> None:
+        """Statistics of the training split's target column a model may learn relative to (the
+        trainer calls it once, with the same values on every rank); none by default."""
+
+    def prior_offset(self, mean, global_mean):
+        """An item's smoothed mean label as an offset of the task output from the global mean's
+        (log-odds for clicks; a model with another output scale overrides it)."""
+        eps = 1e-4
+        logit = lambda p: np.log(np.clip(p, eps, 1 - eps) / (1 - np.clip(p, eps, 1 - eps)))
+        return logit(mean) - logit(global_mean)
+
+    def fit_item_prior(self, item_ids, labels) -> None:
+        """``--item-prior``: per item row the smoothed mean training label (ITEM_PRIOR_WEIGHT
+        pseudo-rows of the global mean), as the output offset ``prior_offset``; rows never seen in
+        training get 0. The trainer calls it once, with the same rows on every rank."""
+        if not self.prior_feature:
+            return
+        ids = np.asarray(item_ids).ravel()
+        labels = np.asarray(labels, np.float64).ravel()
+        keep = ids >= 0
+        rows = np.asarray(self.item_table.rows_of(ids[keep]))
+        n = self.item_table.num_rows
+        total, count = np.bincount(rows, labels[keep], n), np.bincount(rows, minlength=n)
+        global_mean = float(labels[keep].mean()) if keep.any() else 0.0
+        mean = (total + ITEM_PRIOR_WEIGHT * global_mean) / (count + ITEM_PRIOR_WEIGHT)
+        self.item_prior.assign(np.where(count > 0, self.prior_offset(mean, global_mean), 0.0).astype(np.float32))
+
     def training_phases(self) -> tuple:
         """Extra ``TrainingPhase``s run after meta-training (none by default)."""
         return ()
 
     # ---- forward ----
     def build_inputs(self, vectors: dict, part: dict):
-        """Looked-up vectors of every embedded feature and every dense feature: [T, N, W]."""
-        return self.concat_features(vectors, part, self.sparse_features, self.dense_features)
+        """Looked-up vectors of every embedded feature and every dense feature, and the item
+        prior (``--item-prior``) as the last column: [T, N, W]."""
+        x = self.concat_features(vectors, part, self.sparse_features, self.dense_features)
+        if not self.prior_feature:
+            return x
+        ids = part[self.prior_feature]
+        prior = tf.gather(self.item_prior, self.item_table.rows_of(tf.maximum(ids, 0)))
+        return tf.concat([x, (prior * tf.cast(ids >= 0, tf.float32))[..., None]], axis=-1)
 
     def concat_features(self, vectors: dict, part: dict, sparse, dense):
         """Concatenate the vectors of ``sparse`` (list features mean-pooled over valid ids) and

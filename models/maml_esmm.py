@@ -17,6 +17,7 @@ from gmeta.models.base import ZooModel
 class MAMLESMM(ZooModel):
     name = "maml_esmm"
     paper = "Ma et al., SIGIR 2018 (ESMM) + Finn et al., ICML 2017 (MAML)"
+    task_output = "ctr_logit"
 
     def __init__(self, schema, config):
         missing = [lab for lab in ("click", "conversion") if lab not in schema.labels]

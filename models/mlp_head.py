@@ -1,7 +1,13 @@
-"""A feature-embedding MLP with one output head: the shared body of MeLU and MAML-DNN."""
+"""A feature-embedding MLP with one output head: the shared body of MeLU and MAML-DNN.
+
+A rating target is learned standardised: the network's output predicts ``(rating - mean) / std``
+of the training split (``fit_target``), so one set of learning rates serves click and rating
+targets alike; scores are turned back into ratings for the metrics.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 from gmeta.models import layers
@@ -29,6 +35,26 @@ class MLPHeadModel(ZooModel):
         first = self.n_layers - k
         layer_names = [f"mlp/{p}{i}" for i in range(first, self.n_layers) if k for p in "wb"]
         self.adapted = tuple(sorted(layer_names)) + self._add_task_terms()
+        if self.target == "rating":   # (mean, std) of the training ratings; fit_target sets them
+            self.target_stats = tf.Variable([0.0, 1.0], trainable=False, name="target_stats")
+
+    def fit_target(self, values) -> None:
+        """Standardise a rating target with the training split's ratings (a no-op for clicks)."""
+        if self.target == "rating":
+            values = np.asarray(values, np.float64)
+            std = float(values.std()) if values.size > 1 else 1.0
+            self.target_stats.assign([float(values.mean()) if values.size else 0.0, std if std > 0 else 1.0])
+
+    def prior_offset(self, mean, global_mean):
+        if self.target == "rating":   # in the standardised units the output predicts
+            return (mean - global_mean) / float(self.target_stats[1].numpy())
+        return super().prior_offset(mean, global_mean)
+
+    def state_variables(self) -> dict:
+        state = super().state_variables()
+        if self.target == "rating":
+            state["target_stats"] = self.target_stats
+        return state
 
     def forward(self, params, x):
         x = self.task_inputs(params, x)
@@ -37,7 +63,7 @@ class MLPHeadModel(ZooModel):
 
     def task_loss(self, outputs, part):
         if self.target == "rating":
-            per_row = tf.square(outputs["out"] - part["rating"])
+            per_row = tf.square(outputs["out"] - (part["rating"] - self.target_stats[0]) / self.target_stats[1])
         else:
             per_row = layers.bce_with_logits(part[self.target], outputs["out"])
         return layers.masked_task_mean(per_row, part["mask"])
@@ -45,5 +71,6 @@ class MLPHeadModel(ZooModel):
     def scores(self, outputs, part):
         if self.target == "rating":
             # ranking quality of predicted ratings against "liked" (rating >= 4)
-            return {"auc": (outputs["out"], tf.cast(self.relevance(part), tf.float32))}
+            rating = self.target_stats[0] + self.target_stats[1] * outputs["out"]
+            return {"auc": (rating, tf.cast(self.relevance(part), tf.float32))}
         return {"auc": (tf.sigmoid(outputs["out"]), part[self.target])}

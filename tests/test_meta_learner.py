@@ -230,3 +230,156 @@ def test_bad_adapt_choices_are_clear_errors():
         ModelConfig(adapt=("everything",))
     with pytest.raises(ValueError, match="head already includes last"):
         ModelConfig(adapt=("head", "last"))
+
+
+RATING_SCHEMA = Schema(
+    labels=("click", "rating"),
+    sparse=(SparseFeature("item_id", "item_id", group="item"), SparseFeature("age", "age", group="user")),
+    dense=(DenseFeature("item_price", group="item"),),
+    tables=(TableSpec("item_id", 40), TableSpec("age", 5)),
+    item_id_feature="item_id",
+).validate()
+
+
+def make_ridge_learner(model="maml_dnn", adapt=("pref", "bias"), schema=SCHEMA, target="auto", **meta):
+    m = build_model(model, schema, ModelConfig(emb_dim=4, hidden=(8,), seed=1, adapt=adapt, target=target))
+    emb = build_embedding(m, LocalCommunicator(), mode="hybrid", optimizer="sgd", learning_rate=0.1, seed=3)
+    return MetaLearner(m, emb, LocalCommunicator(), MetaConfig(inner_solver="ridge", **meta))
+
+
+def _rating_batch(seed=31):
+    batch = make_batch(seed=seed, schema=RATING_SCHEMA)
+    rng = np.random.default_rng(seed)
+    for part in ("support", "query"):
+        shape = batch[part]["mask"].shape
+        batch[part]["rating"] = tf.constant(rng.integers(1, 6, size=shape), tf.float32)
+    return batch
+
+
+def test_ridge_step_on_ratings_is_the_exact_penalised_least_squares_solution():
+    """Squared loss: one Newton step lands on the minimiser of each task's summed support loss +
+    (lambda / 2) ||delta||^2 in (pref, bias), worked out here with numpy on the same design."""
+    learner = make_ridge_learner("melu", schema=RATING_SCHEMA, target="rating", ridge_lambda=0.7)
+    learner.model.fit_target(np.array([1.0, 2.0, 5.0, 4.0]))
+    batch = _rating_batch()
+    params = learner.params()
+    x_s, _ = learner.embed(batch)
+    fast = learner.adapt(params, x_s, batch["support"], steps=1, first_order=True)
+    model = learner.model
+    mean, std = model.target_stats.numpy()
+    base = model.forward(params, x_s)["out"].numpy()
+    design = model.task_design(params, x_s).numpy()
+    mask = batch["support"]["mask"].numpy()
+    target = (batch["support"]["rating"].numpy() - mean) / std
+    width = design.shape[-1]
+    for t in range(4):
+        m = mask[t] > 0
+        d, r = design[t][m], (target[t] - base[t])[m]
+        # loss = sum (r - d delta)^2 (d/ddelta: -2 d'(r - d delta)), penalty lambda/2 |delta|^2
+        want = np.linalg.solve(2 * d.T @ d + 0.7 * np.eye(width), 2 * d.T @ r)
+        got = np.concatenate([fast["task/pref"][t].numpy() - params["task/pref"].numpy(),
+                              [fast["task/bias"][t].numpy() - params["task/bias"].numpy()]])
+        np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-4)
+    # a second step from the optimum stays there
+    again = learner.adapt(params, x_s, batch["support"], steps=2, first_order=True)
+    np.testing.assert_allclose(again["task/pref"].numpy(), fast["task/pref"].numpy(), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("model", ["melu", "maml_dnn", "maml_esmm"])
+def test_ridge_step_lowers_every_task_penalised_support_loss(model):
+    """Logistic losses: the Newton (IRLS) step lowers each real task's support loss; with a huge
+    penalty it changes nothing, and it never touches the stepped terms' shapes."""
+    learner = make_ridge_learner(model, ridge_lambda=0.5)
+    batch = make_batch(seed=32)
+    params = learner.params()
+    x_s, _ = learner.embed(batch)
+    fast = learner.adapt(params, x_s, batch["support"], steps=1, first_order=True)
+    before, after = support_losses(learner, batch, params), support_losses(learner, batch, fast)
+    assert np.all(after[:3] < before[:3]), (before, after)
+    stiff = make_ridge_learner(model, ridge_lambda=1e9)
+    still = stiff.adapt(stiff.params(), x_s, batch["support"], steps=1, first_order=True)
+    np.testing.assert_allclose(support_losses(stiff, batch, still), support_losses(stiff, batch, stiff.params()),
+                               rtol=1e-5)
+
+
+def test_ridge_meta_gradient_reaches_lambda_and_the_tables_and_first_order_stops_it():
+    """Second order through the solve: the query loss after adaptation differentiates into the
+    learned penalty, the shared preference and the item table; first order leaves the penalty
+    without gradient (the solution is a constant)."""
+    batch = make_batch(seed=33)
+    for first_order in (False, True):
+        learner = make_ridge_learner("melu", first_order=first_order, plain_weight=0.0)
+        with tf.GradientTape() as tape:
+            loss = learner.meta_loss(batch)
+        lam = learner.ridge_log_lambda["log_lambda"]
+        variables = [lam, learner.model.params["task/pref"], *learner.embedding.trainable_variables]
+        g_lam, g_pref, *g_tables = tape.gradient(loss, variables)
+        item = tf.convert_to_tensor(g_tables[learner.embedding.table_index("item_id")])
+        if first_order:
+            assert g_lam is None
+        else:
+            assert float(tf.reduce_max(tf.abs(g_lam))) > 0
+            assert float(tf.reduce_max(tf.abs(item))) > 0
+        assert g_pref is not None
+
+
+def test_ridge_vectorized_equals_task_loop_and_mixes_with_gradient_steps():
+    """All tasks solved at once equal one task at a time; stepped parts (the user shift) take
+    gradient steps in the same inner loop."""
+    vec = make_ridge_learner(adapt=("user", "pref", "bias"), inner_lr=0.3, inner_steps=2)
+    loop = make_ridge_learner(adapt=("user", "pref", "bias"), inner_lr=0.3, inner_steps=2, task_loop=True)
+    batch = make_batch(seed=34)
+    np.testing.assert_allclose(float(loop.meta_loss(batch)), float(vec.meta_loss(batch)), rtol=1e-5)
+    assert vec.solved == ("task/pref", "task/bias")
+    params = vec.params()
+    x_s, _ = vec.embed(batch)
+    fast = vec.adapt(params, x_s, batch["support"], steps=1, first_order=True)
+    assert not np.allclose(fast["task/user_shift"].numpy(), params["task/user_shift"].numpy())
+
+
+def test_ridge_penalty_is_learned_and_saved():
+    learner = make_ridge_learner("melu", outer_lr=0.05, ridge_lambda=2.0)
+    assert "ridge/log_lambda" in learner.state_variables()
+    np.testing.assert_allclose(np.exp(learner.ridge_log_lambda["log_lambda"].numpy()), 2.0, rtol=1e-6)
+    step = tf.function(learner.train_step, autograph=False)
+    for _ in range(5):
+        step(make_batch(seed=35))
+    assert not np.allclose(np.exp(learner.ridge_log_lambda["log_lambda"].numpy()), 2.0)
+    with pytest.raises(ValueError, match="--inner-solver"):
+        MetaConfig(inner_solver="exact").validate()
+    with pytest.raises(ValueError, match="--ridge-lambda"):
+        MetaConfig(ridge_lambda=0.0).validate()
+
+
+def test_item_prior_is_the_smoothed_item_mean_added_to_the_output():
+    """--item-prior: per item row (mean label with 10 pseudo-rows of the global mean) as log-odds
+    from the global mean's, zero for items never seen; the model's output moves by exactly it."""
+    m = build_model("maml_dnn", SCHEMA, ModelConfig(emb_dim=4, hidden=(8,), seed=1, adapt=("pref", "bias"),
+                                                    item_prior=True))
+    plain = build_model("maml_dnn", SCHEMA, ModelConfig(emb_dim=4, hidden=(8,), seed=1, adapt=("pref", "bias")))
+    m.fit_item_prior(np.array([3, 3, 3, 7, -1]), np.array([1.0, 1.0, 0.0, 0.0, 1.0]))
+    g = 2 / 4
+    logit = lambda p: np.log(p / (1 - p))
+    want = np.zeros(40)
+    want[3] = logit((2 + 10 * g) / (3 + 10)) - logit(g)
+    want[7] = logit((0 + 10 * g) / (1 + 10)) - logit(g)
+    np.testing.assert_allclose(m.item_prior.numpy(), want, rtol=1e-5, atol=1e-7)
+    assert "item_prior" in m.state_variables() and m.input_width == plain.input_width + 1
+    emb = build_embedding(m, LocalCommunicator(), mode="hybrid", optimizer="sgd", learning_rate=0.1, seed=3)
+    learner = MetaLearner(m, emb, LocalCommunicator(), MetaConfig())
+    w0 = m.params["mlp/w0"]
+    w0.assign(tf.concat([w0[:-1], tf.zeros_like(w0[-1:])], 0))   # the MLP does not read the prior column
+    batch = make_batch(seed=41)
+    x_s, _ = learner.embed(batch)
+    out = m.forward(learner.params(), x_s)["out"].numpy()
+    saved = m.item_prior.numpy()
+    m.item_prior.assign(np.zeros(40, np.float32))
+    x0, _ = learner.embed(batch)
+    base = m.forward(learner.params(), x0)["out"].numpy()
+    m.item_prior.assign(saved)
+    items = batch["support"]["item_id"].numpy()
+    np.testing.assert_allclose(out - base, want[items], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="--item-prior needs"):
+        build_model("maml_dnn", Schema(labels=("click",), sparse=SCHEMA.sparse, dense=SCHEMA.dense,
+                                       tables=SCHEMA.tables).validate(),
+                    ModelConfig(emb_dim=4, hidden=(8,), item_prior=True))

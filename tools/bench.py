@@ -1,4 +1,4 @@
-"""``gmeta bench NAME`` (io, step, meta, memory, projection, movielens, breakdown, hot): benchmarks.
+"""``gmeta bench NAME`` (io, step, meta, memory, projection, movielens, breakdown, hot, coldstart): benchmarks.
 
 Each prints a table and, as its last line, one JSON object."""
 
@@ -15,6 +15,7 @@ BENCHES = {
     "movielens": "gmeta.tools.bench_movielens",  # MeLU tasks/s on MovieLens-100K-shaped tasks
     "breakdown": "gmeta.tools.bench_breakdown",  # where a meta-step's time goes (profiler trace)
     "hot": "gmeta.tools.bench_hot",  # tiered embeddings (hot rows replicated) vs plain sharding
+    "coldstart": "gmeta.tools.bench_coldstart",  # quality on real data: models vs popularity, item-kNN, plain
 }
 
 

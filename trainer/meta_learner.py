@@ -3,8 +3,12 @@
 One meta-step (``train_step``), top to bottom:
   1. one embedding lookup for support and query together (hybrid mode: one AlltoAll round trip
      of ids and vectors; no collective anywhere else until step 5);
-  2. inner loop: ``inner_steps`` gradient steps on each task's support loss, with the adapted
-     parameters held as fast weights ``[T, ...]`` so all T tasks adapt in one computation;
+  2. inner loop: ``inner_steps`` steps on each task's support loss, with the adapted parameters
+     held as fast weights ``[T, ...]`` so all T tasks adapt in one computation: gradient steps,
+     or (``inner_solver="ridge"``) for the terms the output is linear in (the preference over the
+     item representation and the bias) a Newton step of the support loss plus a learned ridge
+     penalty towards the shared values, solved in closed form (exact in one step for a squared
+     loss; one IRLS step for a logistic one) and differentiated through ``cholesky_solve``;
   3. query loss with the adapted weights, summed over this rank's real tasks;
   4. meta-gradients, second order by default (the inner gradient is itself differentiated),
      first order on request (inner gradients treated as constants);
@@ -22,9 +26,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import tensorflow as tf
 
 from gmeta.trainer.dense_optim import Adam
+
+INNER_SOLVERS = ("gradient", "ridge")
 
 
 @dataclass(frozen=True)
@@ -39,10 +46,16 @@ class MetaConfig:
     clip_norm: float = 0.0      # outer loop: clip the dense meta-gradient's global norm (0 = off)
     plain_weight: float = 0.0   # outer loss += this x the unadapted loss on support and query rows
     inner_clip: float = 0.0     # inner loop: clip each task's gradient norm (0 = off)
+    inner_solver: str = "gradient"  # gradient | ridge (closed form for the linear task terms)
+    ridge_lambda: float = 1.0   # ridge: the penalty's initial value (learned in the outer loop)
 
     def validate(self) -> "MetaConfig":
         if self.meta not in ("maml", "none"):
             raise ValueError(f"--meta must be maml or none, got {self.meta!r}")
+        if self.inner_solver not in INNER_SOLVERS:
+            raise ValueError(f"--inner-solver must be one of {', '.join(INNER_SOLVERS)}, got {self.inner_solver!r}")
+        if not self.ridge_lambda > 0:
+            raise ValueError(f"--ridge-lambda must be > 0, got {self.ridge_lambda}")
         if self.inner_steps < 0:
             raise ValueError(f"--inner-steps must be >= 0, got {self.inner_steps}")
         if not self.inner_lr > 0:
@@ -89,9 +102,18 @@ class MetaLearner(tf.Module):
             self.inner_lrs = {n: tf.Variable(tf.fill(model.params[n].shape, config.inner_lr),
                                              name=f"inner_lr_{n.replace('/', '_')}")
                               for n in model.adapted_names()}
-        self.dense_variables = list(model.params.values()) + list(self.inner_lrs.values())
+        # ridge: the penalty per coefficient of the linear task terms, log-parameterised (learned)
+        self.solved = model.linear_task_terms() if config.inner_solver == "ridge" else ()
+        self.ridge_log_lambda = {}
+        if self.solved:
+            width = sum(model.linear_task_sizes())
+            self.ridge_log_lambda = {"log_lambda": tf.Variable(tf.fill([width], float(np.log(config.ridge_lambda))),
+                                                               name="ridge_log_lambda")}
+        self.dense_variables = (list(model.params.values()) + list(self.inner_lrs.values())
+                                + list(self.ridge_log_lambda.values()))
         self.optimizer = Adam(self.dense_variables, learning_rate=config.outer_lr,
-                              names=[f"params/{n}" for n in model.params] + [f"inner_lr/{n}" for n in self.inner_lrs])
+                              names=[f"params/{n}" for n in model.params] + [f"inner_lr/{n}" for n in self.inner_lrs]
+                              + [f"ridge/{n}" for n in self.ridge_log_lambda])
         self._train_fn = None
         self._eval_fns = {}
 
@@ -101,6 +123,7 @@ class MetaLearner(tf.Module):
         Meta-SGD rates and the outer optimizer's slots (identical on every rank)."""
         state = dict(self.model.state_variables())
         state.update({f"inner_lr/{n}": v for n, v in self.inner_lrs.items()})
+        state.update({f"ridge/{n}": v for n, v in self.ridge_log_lambda.items()})
         state.update({f"outer_optimizer/{k}": v for k, v in self.optimizer.state_variables().items()})
         return state
 
@@ -119,28 +142,72 @@ class MetaLearner(tf.Module):
         return {n: v.read_value() if isinstance(v, tf.Variable) else v
                 for n, v in self.model.params.items()}
 
+    def adaptation_variables(self) -> list:
+        """The learned settings of the inner loop itself (Meta-SGD rates, ridge penalties)."""
+        return list(self.inner_lrs.values()) + list(self.ridge_log_lambda.values())
+
     def adapt(self, params: dict, x, part, steps: int, first_order: bool) -> dict:
-        """Inner loop: returns params with the adapted entries replaced by fast weights [T, ...]."""
+        """Inner loop: returns params with the adapted entries replaced by fast weights [T, ...]:
+        per step a gradient step of the stepped terms, then the closed-form step of the solved ones."""
         n_tasks = tf.shape(x)[0]
         fast = {n: tf.tile(params[n][None], tf.concat([[n_tasks], tf.ones_like(tf.shape(params[n]))], 0))
                 for n in self.model.adapted_names()}
+        stepped = self.model.stepped_task_terms(self.solved)
         for _ in range(steps):
-            with tf.GradientTape() as tape:
-                tape.watch(list(fast.values()))
-                outputs = self.model.forward({**params, **fast}, x)
-                # tasks are independent, so d(sum of task losses)/d(fast_t) is task t's gradient
-                total = tf.reduce_sum(self.model.task_loss(outputs, part))
-            grads = tape.gradient(total, fast)
-            grads = {n: grads[n] if grads[n] is not None else tf.zeros_like(fast[n]) for n in fast}
-            if self.config.inner_clip > 0:
-                grads = _clip_per_task(grads, self.config.inner_clip)
-            for n in fast:
-                g = grads[n]
-                if first_order:
-                    g = tf.stop_gradient(g)
-                lr = self.inner_lrs.get(n, self.config.inner_lr)
-                fast[n] = fast[n] - lr * g
+            if stepped:
+                fast.update(self._gradient_step(params, fast, stepped, x, part, first_order))
+            if self.solved:
+                fast.update(self._ridge_step(params, fast, x, part, first_order))
         return {**params, **fast}
+
+    def _gradient_step(self, params, fast, names, x, part, first_order) -> dict:
+        with tf.GradientTape() as tape:
+            tape.watch([fast[n] for n in names])
+            outputs = self.model.forward({**params, **fast}, x)
+            # tasks are independent, so d(sum of task losses)/d(fast_t) is task t's gradient
+            total = tf.reduce_sum(self.model.task_loss(outputs, part))
+        grads = tape.gradient(total, {n: fast[n] for n in names})
+        grads = {n: grads[n] if grads[n] is not None else tf.zeros_like(fast[n]) for n in names}
+        if self.config.inner_clip > 0:
+            grads = _clip_per_task(grads, self.config.inner_clip)
+        out = {}
+        for n in names:
+            g = tf.stop_gradient(grads[n]) if first_order else grads[n]
+            out[n] = fast[n] - self.inner_lrs.get(n, self.config.inner_lr) * g
+        return out
+
+    def _ridge_step(self, params, fast, x, part, first_order) -> dict:
+        """One Newton step on each task's summed support loss + (lambda / 2) ||theta - theta_0||^2
+        in the linear task terms theta (theta_0: their shared values):
+        ``theta -= (D'WD + diag(lambda))^-1 (D'g + lambda (theta - theta_0))``, with ``D`` the
+        design (d output / d theta, exact: the output is linear in theta), ``g`` and ``W`` the
+        loss's first and second derivative in each row's output (W clipped at 0). For a squared
+        loss the first step lands on the penalised optimum and further steps stay there."""
+        p = {**params, **fast}
+        rows = tf.reduce_sum(part["mask"], axis=1)                       # [T]: mean -> sum loss
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                out = self.model.forward(p, x)
+                output = out[self.model.task_output]
+                outer.watch(output)
+                inner.watch(output)
+                total = tf.reduce_sum(self.model.task_loss(out, part) * rows)
+            g = inner.gradient(total, output)                            # [T, N]
+        w = tf.maximum(outer.gradient(g, output), 0.0)                   # [T, N], separable loss
+        design = self.model.task_design(p, x)                            # [T, N, K]
+        lam = tf.exp(self.ridge_log_lambda["log_lambda"])                # [K]
+        n_tasks = tf.shape(design)[0]
+        offset = tf.concat([tf.reshape(fast[n] - params[n][None], [n_tasks, -1]) for n in self.solved], axis=1)
+        hessian = tf.einsum("tnk,tn,tnl->tkl", design, w, design) + tf.linalg.diag(lam)
+        grad = tf.einsum("tnk,tn->tk", design, g) + lam * offset
+        delta = -tf.linalg.cholesky_solve(tf.linalg.cholesky(hessian), grad[..., None])[..., 0]
+        if first_order:
+            delta = tf.stop_gradient(delta)
+        out, start = {}, 0
+        for name, size in zip(self.solved, self.model.linear_task_sizes()):
+            out[name] = fast[name] + tf.reshape(delta[:, start:start + size], tf.shape(fast[name]))
+            start += size
+        return out
 
     def adapt_task_loop(self, params, x, part, steps, first_order):
         """DMAML-style baseline: the same inner loop, one task at a time (unrolled in the graph)."""

@@ -195,7 +195,7 @@ def build_module(learner, steps: int, max_steps: int):
         def __init__(self):
             super().__init__(name="gmeta_serving")
             self.lookup = ServingTables()
-            self.dense = list(model.state_variables().values()) + list(learner.inner_lrs.values())
+            self.dense = list(model.state_variables().values()) + learner.adaptation_variables()
 
     module = ServingModule()
 

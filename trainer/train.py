@@ -19,13 +19,15 @@ from gmeta.trainer.launch import collective_aborted, run_guarded
 
 AUTO = "auto"
 AUTO_SIZE_PERCENTILE = 95  # --support-size/--query-size auto: this percentile of the real sizes
+AUTO_MIN_STEPS = 320       # --epochs auto: enough epochs for this many optimizer steps ...
+AUTO_MIN_EPOCHS = 3        # ... and at least this many
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     model: str
     data: str
-    epochs: int = 3
+    epochs: object = AUTO              # int, or "auto": resolved from the steps per epoch (auto_epochs)
     tasks_per_batch: int = 32
     support_size: object = AUTO        # int, or "auto": resolved from the dataset's index
     query_size: object = AUTO
@@ -39,8 +41,10 @@ class TrainConfig:
     task_loop: bool = False
     clip_norm: float = 0.0             # outer loop: global norm of the dense meta-gradient; 0 = off
     inner_clip: float = 0.0            # inner loop: per-task gradient norm; 0 = off
+    inner_solver: str = "gradient"     # gradient | ridge (closed form for pref and bias)
+    ridge_lambda: float = 1.0          # ridge: initial penalty (learned)
     plain_loss_weight: float = 1.0     # outer loss += this x the unadapted loss on all rows
-    loss_rise_tolerance: float = 0.1   # stop when an epoch's mean loss rises by more; inf = never
+    loss_rise_tolerance: float = 0.5   # stop when an epoch's mean loss rises by more; inf = never
     plain_baseline: str = "alongside"  # alongside | off | an export dir, models:/ URI or run id
     parallel: str = "hybrid"           # hybrid | naive | sok | auto
     input_sharding: str = "units"      # units | replicated (see TrainInput)
@@ -50,6 +54,7 @@ class TrainConfig:
     emb_dim: int = 16
     hidden: tuple = (64, 64)
     adapt: tuple = ("auto",)           # what the inner loop adapts (gmeta.models.base.ADAPT_PARTS)
+    item_prior: bool = False           # the item's smoothed training mean added to the output
     target: str = "auto"
     emb_optimizer: str = "adagrad"
     emb_lr: float = 0.2
@@ -81,7 +86,7 @@ class TrainConfig:
 
         checks = [
             (self.model in MODELS, f"--model {self.model!r} is not in the zoo; choose one of {sorted(MODELS)}"),
-            (self.epochs >= 0, "--epochs must be >= 0"),
+            (self.epochs == AUTO or self.epochs >= 0, "--epochs must be auto or >= 0"),
             (self.tasks_per_batch >= 1, "--tasks-per-batch must be >= 1"),
             (self.support_size == AUTO or self.support_size >= 1, "--support-size must be auto or >= 1"),
             (self.query_size == AUTO or self.query_size >= 1, "--query-size must be auto or >= 1"),
@@ -134,13 +139,15 @@ class TrainConfig:
         return MetaConfig(meta=meta or self.meta, inner_steps=self.inner_steps, inner_lr=self.inner_lr,
                           first_order=self.first_order, meta_sgd=self.meta_sgd and (meta or self.meta) == "maml",
                           task_loop=self.task_loop, outer_lr=self.outer_lr, clip_norm=self.clip_norm,
-                          inner_clip=self.inner_clip, plain_weight=self.plain_loss_weight).validate()
+                          inner_clip=self.inner_clip, plain_weight=self.plain_loss_weight,
+                          inner_solver=self.inner_solver, ridge_lambda=self.ridge_lambda).validate()
 
     def model_config(self):
         from gmeta.models.base import ModelConfig
 
         return ModelConfig(emb_dim=self.emb_dim, hidden=self.hidden, target=self.target,
-                           seed=self.seed, adapt=tuple(self.adapt), extra=dict(self.extra))
+                           seed=self.seed, adapt=tuple(self.adapt), item_prior=self.item_prior,
+                           extra=dict(self.extra))
 
     def reader_kwargs(self) -> dict:
         if AUTO in (self.support_size, self.query_size):
@@ -175,6 +182,12 @@ def resolve_sizes(cfg: TrainConfig, log) -> TrainConfig:
     return dataclasses.replace(cfg, **sizes)
 
 
+def auto_epochs(steps_per_epoch: int) -> int:
+    """``--epochs auto``: at least AUTO_MIN_EPOCHS epochs and AUTO_MIN_STEPS optimizer steps, so a
+    small dataset (a few hundred users, a few steps per epoch) trains as long as a large one."""
+    return max(AUTO_MIN_EPOCHS, -(-AUTO_MIN_STEPS // max(int(steps_per_epoch), 1)))
+
+
 def _parse_extra(items) -> dict:
     out = {}
     for item in items or ():
@@ -204,7 +217,9 @@ def add_arguments(p) -> None:
     d = TrainConfig(model="", data="")
     p.add_argument("--model", required=True, choices=sorted(MODELS), help="zoo model")
     p.add_argument("--data", required=True, help="dataset directory (local or hdfs://) with schema.json")
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--epochs", type=_size, default=d.epochs,
+                   help=f"passes over the training tasks; auto: enough for {AUTO_MIN_STEPS} optimizer steps, "
+                        f"at least {AUTO_MIN_EPOCHS}")
     p.add_argument("--tasks-per-batch", type=int, default=d.tasks_per_batch, help="tasks per worker per step (T)")
     p.add_argument("--support-size", type=_size, default=d.support_size,
                    help=f"support rows per task (S), padded/capped; auto: the p{AUTO_SIZE_PERCENTILE} of the "
@@ -224,6 +239,14 @@ def add_arguments(p) -> None:
                    help="clip the dense meta-gradient to this global norm (0: off)")
     p.add_argument("--inner-clip", type=float, default=d.inner_clip,
                    help="clip each task's inner-loop gradient to this norm (0: off)")
+    p.add_argument("--inner-solver", default=d.inner_solver, choices=("gradient", "ridge"),
+                   help="how the inner loop adapts the terms the output is linear in (pref, bias): gradient "
+                        "steps at --inner-lr, or ridge: a Newton step of the support loss plus a learned ridge "
+                        "penalty, solved in closed form (exact in one step for ratings); other adapted parts "
+                        "always take gradient steps")
+    p.add_argument("--ridge-lambda", type=float, default=d.ridge_lambda,
+                   help="--inner-solver ridge: the initial penalty towards the shared values (learned "
+                        "per coefficient in the outer loop)")
     p.add_argument("--plain-loss-weight", type=float, default=d.plain_loss_weight,
                    help="add this weight x the unadapted model's loss on support and query rows to the "
                         "meta-objective, so the shared parameters learn from every label as a plain model does")
@@ -256,6 +279,10 @@ def add_arguments(p) -> None:
                         "(the output layer), user (the task's user embedding rows as local copies), pref (a "
                         "per-task preference over the item representation), bias (per-task logit scale and bias); "
                         "auto: user,pref,bias (pref,bias when the model has no user input)")
+    p.add_argument("--item-prior", action=argparse.BooleanOptionalAction, default=d.item_prior,
+                   help="add each item's smoothed mean training label (popularity for clicks, mean rating "
+                        "for ratings; items never seen in training: 0) to the model's output, so the network "
+                        "learns what popularity does not know")
     p.add_argument("--target", default=d.target, choices=("auto", "click", "rating"),
                    help="label to fit for single-head models (auto: click when present)")
     p.add_argument("--emb-optimizer", default=d.emb_optimizer, choices=("sgd", "adagrad", "adam"))
@@ -366,6 +393,10 @@ def train(cfg: TrainConfig, on_epoch=None) -> dict:
         if cfg.meta == "maml" and cfg.plain_baseline == "alongside" else None
     reader = TrainInput(cfg, comm)
     steps = reader.steps_per_epoch
+    if cfg.epochs == AUTO:
+        cfg = dataclasses.replace(cfg, epochs=auto_epochs(steps))
+        log(f"--epochs auto = {cfg.epochs} ({steps} steps per epoch; at least {AUTO_MIN_STEPS} steps and "
+            f"{AUTO_MIN_EPOCHS} epochs)")
     log(f"model {cfg.model} ({cfg.meta}), {comm.size} worker(s), parallel={cfg.parallel}, "
         f"{steps} steps/epoch x {cfg.epochs} epochs, T={cfg.tasks_per_batch} S={cfg.support_size} "
         f"Q={cfg.query_size}" + ("; the plain network trains alongside" if plain else ""))
@@ -575,12 +606,28 @@ def build_learner(cfg: TrainConfig, schema, comm, meta: str, tiering=None):
     from gmeta.trainer.setup import build_embedding
 
     model = build_model(cfg.model, schema, cfg.model_config())
+    fit_to_training_split(model, cfg.data)
     hot_rows, hot_sync = tiering if tiering is not None else (None, "sparse")
     embedding = build_embedding(model, comm, mode=cfg.parallel, optimizer=cfg.emb_optimizer,
                                 learning_rate=cfg.emb_lr, seed=cfg.seed, hot_rows=hot_rows, hot_sync=hot_sync)
     learner = MetaLearner(model, embedding, comm, cfg.meta_config(meta))
     comm.broadcast_variables(learner.dense_variables)
     return learner
+
+
+def fit_to_training_split(model, data: str) -> None:
+    """What a model learns from the training split's columns before the first step (a rating
+    target's scale, the item prior), read once, the same on every rank."""
+    from gmeta.io.plan import read_columns
+
+    label = "rating" if model.target == "rating" else model.target
+    columns = [label] + ([model.prior_feature] if model.prior_feature else [])
+    if model.target != "rating" and not model.prior_feature:
+        return
+    cols = read_columns(data, "train", columns)
+    model.fit_target(cols[label])
+    if model.prior_feature:
+        model.fit_item_prior(cols[model.prior_feature], cols[label])
 
 
 def load_plain_baseline(source: str, tracking_uri):

@@ -85,6 +85,9 @@ class Param:
 
 
 SHARED_SPACE = (
+    Param("inner_solver", "choice", choices=("ridge", "gradient")),
+    Param("ridge_lambda", "float", 0.03, 10.0, log=True),
+    Param("plain_loss_weight", "float", 0.0, 2.0),
     Param("inner_lr", "float", 0.01, 1.0, log=True),
     Param("inner_steps", "int", 1, 5),
     Param("outer_lr", "float", 1e-3, 3e-2, log=True),
@@ -365,7 +368,7 @@ def default_study_name(model: str, data: str) -> str:
 def add_arguments(p) -> None:
     from gmeta.models.registry import MODELS
     from gmeta.trainer.tracking import add_tracking_arguments
-    from gmeta.trainer.train import TrainConfig
+    from gmeta.trainer.train import TrainConfig, _size
 
     d = TrainConfig(model="", data="")
     p.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -375,7 +378,7 @@ def add_arguments(p) -> None:
         "extra.warmup_lr (--extra alpha=..).")
     p.add_argument("--model", required=True, choices=sorted(MODELS), help="zoo model")
     p.add_argument("--data", required=True, help="dataset directory (local or hdfs://) with schema.json")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="epochs of every trial")
+    p.add_argument("--epochs", type=_size, default=d.epochs, help="epochs of every trial (auto: as gmeta train)")
     p.add_argument("--validation-split", default=d.validation_split,
                    help="the split the objective is measured on; auto: 'val' when the dataset has one "
                         "(required: a dataset without it needs an explicit split, e.g. user_cold)")
@@ -409,12 +412,13 @@ def add_arguments(p) -> None:
 
 def config_from_args(args) -> TuneConfig:
     from gmeta.io.schema import Schema
-    from gmeta.trainer.train import validation_split
+    from gmeta.trainer.train import AUTO, validation_split
 
     if any(k in os.environ for k in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")):
         raise ValueError("run gmeta tune as one process (not under horovodrun); --workers N launches "
                          "each trial on N workers")
-    for ok, message in ((args.epochs >= 1, "--epochs must be >= 1 (the objective is measured after each epoch)"),
+    for ok, message in ((args.epochs == AUTO or args.epochs >= 1,
+                         "--epochs must be auto or >= 1 (the objective is measured after each epoch)"),
                         (args.n_trials >= 1, "--n-trials must be >= 1"),
                         (args.timeout is None or args.timeout > 0, "--timeout must be > 0"),
                         (args.workers >= 1, "--workers must be >= 1"),
@@ -584,10 +588,29 @@ def trial_config(cfg: TuneConfig, values: dict, number: int):
     return tcfg.validate()
 
 
-def _final_value(results: dict, split: str) -> float:
-    value = (results.get(split) or {}).get("gauc_adapted")
+#: fewer validation tasks than this cannot rank trials that differ by a few thousandths of GAUC
+MIN_VALIDATION_TASKS = 200
+BASELINES = ("unadapted", "item_mean", "item_knn")
+
+
+def _final_value(results: dict, split: str, trial=None) -> float:
+    """The objective from a trial's final report; its interval, task count and the validation
+    baselines' GAUC go to the trial's attributes (the summary reports and checks them)."""
+    report = results.get(split) or {}
+    value = report.get("gauc_adapted")
     if value is None or not math.isfinite(value):
         raise TrialFailed(f"the validation GAUC adapted on {split!r} is undefined (no task with both classes?)")
+    head = next((h for h, sec in report.items() if isinstance(sec, dict) and isinstance(sec.get("adapted"), dict)),
+                None)
+    if trial is not None and head is not None:
+        section = report[head]
+        gauc = section["adapted"]["gauc"]
+        trial.set_user_attr("objective_interval", [gauc.get("lo"), gauc.get("hi")])
+        trial.set_user_attr("validation_tasks", report.get("tasks"))
+        trial.set_user_attr("baselines", {b: section[b]["gauc"]["value"] for b in BASELINES if b in section})
+        trial.set_user_attr("baseline_differences", {
+            b: {k: d.get(k) for k in ("diff", "lo", "hi", "significant")}
+            for b, d in ((b, section.get("differences", {}).get(b, {}).get("gauc", {})) for b in BASELINES) if d})
     return float(value)
 
 
@@ -610,7 +633,7 @@ def run_in_process(tcfg, trial, split: str) -> float:
     # and the results are returned anyway
     with contextlib.redirect_stdout(io.StringIO()):
         results = train(tcfg, on_epoch=on_epoch)
-    return _final_value(results, split)
+    return _final_value(results, split, trial)
 
 
 def horovodrun_command(tcfg, workers: int) -> list:
@@ -637,7 +660,7 @@ def last_json(stdout: str) -> dict:
     raise TrialFailed("gmeta train printed no results JSON")
 
 
-def run_under_horovodrun(tcfg, workers: int, split: str, env: dict) -> float:
+def run_under_horovodrun(tcfg, workers: int, split: str, env: dict, trial=None) -> float:
     cmd = horovodrun_command(tcfg, workers)
     full_env = dict(os.environ, **env)
     full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full_env.get("PATH", "")
@@ -645,7 +668,7 @@ def run_under_horovodrun(tcfg, workers: int, split: str, env: dict) -> float:
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=full_env)  # stderr: ours, live
     if proc.returncode != 0:
         raise TrialFailed(f"horovodrun exited with {proc.returncode} (its workers' errors are above)")
-    return _final_value(last_json(proc.stdout), split)
+    return _final_value(last_json(proc.stdout), split, trial)
 
 
 def make_objective(cfg: TuneConfig, tracking: StudyTracking, failures: list):
@@ -665,7 +688,7 @@ def make_objective(cfg: TuneConfig, tracking: StudyTracking, failures: list):
                 with _environ(env):
                     value = run_in_process(tcfg, trial, cfg.validation)
             else:
-                value = run_under_horovodrun(tcfg, cfg.workers, cfg.validation, env)
+                value = run_under_horovodrun(tcfg, cfg.workers, cfg.validation, env, trial)
             state = "COMPLETE"
             return value
         except optuna.TrialPruned:
@@ -767,7 +790,7 @@ def tune(cfg: TuneConfig, pruner=None) -> int:
         + ", ".join(p.name for p in cfg.space))
     if cfg.in_process:
         log(f"trials run in this process; pruner: {describe_pruner(cfg) if pruner is None else type(pruner).__name__}")
-        if pruner is None and cfg.base.epochs <= cfg.prune_warmup_epochs and describe_pruner(cfg) != "none":
+        if pruner is None and cfg.base.epochs != "auto" and cfg.base.epochs <= cfg.prune_warmup_epochs and describe_pruner(cfg) != "none":
             log(f"--epochs {cfg.base.epochs} <= --prune-warmup-epochs {cfg.prune_warmup_epochs}: nothing can be pruned")
     else:
         log(f"--workers {cfg.workers}: each trial runs under horovodrun -np {cfg.workers}; pruning is not "
@@ -802,7 +825,12 @@ def tune(cfg: TuneConfig, pruner=None) -> int:
     if summary is None:
         raise RuntimeError(f"no trial of study {cfg.study_name!r} completed"
                            + (f"; last failure: {failures[-1]}" if failures else ""))
-    print(f"best trial {summary['best_trial']}: {OBJECTIVE} = {summary['best_value']:.5f}", file=sys.stderr)
+    lo, hi = summary.get("best_interval") or (None, None)
+    print(f"best trial {summary['best_trial']}: {OBJECTIVE} = {summary['best_value']:.5f}"
+          + (f" [95% interval over {summary.get('validation_tasks')} tasks: {lo:.4f}, {hi:.4f}]" if lo is not None else ""),
+          file=sys.stderr)
+    for warning in summary["warnings"]:
+        print(f"WARNING: {warning}", file=sys.stderr)
     print(f"rerun it: {summary['command']}", file=sys.stderr, flush=True)
     print(json.dumps(summary, sort_keys=True), flush=True)
     return 0
@@ -834,12 +862,73 @@ def summarize(cfg: TuneConfig, study) -> dict | None:
     params = best.user_attrs.get("params") or {}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
     states = [t.state for t in study.trials]
-    return {"best_value": best.value, "best_params": params, "best_trial": best.number,
+    facts = trial_facts(cfg, study, best)
+    return {"best_value": best.value, "best_params": params, "best_trial": best.number, **facts,
             "command": rerun_command(apply_values(cfg.base, values), tuple(values)),
             "n_trials": len(states), "n_pruned": states.count(TrialState.PRUNED),
             "n_complete": states.count(TrialState.COMPLETE), "n_failed": states.count(TrialState.FAIL),
             "study_name": cfg.study_name, "validation_split": cfg.validation, "objective": OBJECTIVE,
             "mlflow_run_id": best.user_attrs.get("mlflow_run_id")}
+
+
+def trial_facts(cfg: TuneConfig, study, best) -> dict:
+    """How far the best trial can be trusted: its objective's interval, the validation baselines
+    it must beat, and the runner-up's distance from it (paired over the validation tasks); the
+    warnings say when the validation set is too small to rank trials or the winner loses to a
+    baseline."""
+    from optuna.trial import TrialState
+
+    tasks = best.user_attrs.get("validation_tasks")
+    facts = {"best_interval": best.user_attrs.get("objective_interval"), "validation_tasks": tasks,
+             "baselines": best.user_attrs.get("baselines", {}),
+             "best_minus_baselines": best.user_attrs.get("baseline_differences", {}), "warnings": []}
+    warnings = facts["warnings"]
+    lo, hi = facts["best_interval"] or (None, None)
+    if tasks is not None and tasks < MIN_VALIDATION_TASKS:
+        width = f" (the objective's 95% interval is {hi - lo:.3f} wide)" if lo is not None and hi is not None else ""
+        warnings.append(f"the validation split {cfg.validation!r} has {tasks} tasks, fewer than "
+                        f"{MIN_VALIDATION_TASKS}: too few to rank trials that differ by less than its interval"
+                        f"{width}; write a larger validation split (gmeta convert --val-fraction, gmeta datagen "
+                        "--val-users)")
+    for name, d in facts["best_minus_baselines"].items():
+        if d.get("diff") is not None and d["diff"] <= 0:
+            warnings.append(f"the best trial does not beat {name} on {cfg.validation!r}: GAUC adapted minus "
+                            f"{name} = {d['diff']:+.4f}" + (f" [{d['lo']:+.4f}, {d['hi']:+.4f}]" if d.get("lo") is not None else ""))
+    complete = sorted((t for t in study.trials if t.state == TrialState.COMPLETE and t.number != best.number),
+                      key=lambda t: t.value, reverse=True)
+    if complete:
+        runner = complete[0]
+        facts["runner_up"] = {"trial": runner.number, "value": runner.value}
+        diff = _paired_trials(cfg, best.number, runner.number)
+        if diff is not None:
+            facts["runner_up"]["best_minus_runner_up"] = diff
+            if not diff["significant"]:
+                warnings.append(f"the best trial is not distinguishable from trial {runner.number} on "
+                                f"{cfg.validation!r}: {diff['diff']:+.4f} [{diff['lo']:+.4f}, {diff['hi']:+.4f}] "
+                                "paired over the validation tasks")
+    return facts
+
+
+def _paired_trials(cfg: TuneConfig, a: int, b: int):
+    """GAUC adapted of trial ``a`` minus trial ``b``, paired over the validation tasks, from the
+    per-task arrays their runs saved (None when either is not on this machine)."""
+    import glob
+
+    from gmeta.trainer.metrics import paired_difference
+    from gmeta.trainer.report import load_per_task
+
+    per_task = []
+    for number in (a, b):
+        found = sorted(glob.glob(os.path.join(cfg.study_dir, f"trial-{number}", "*", "per_task", f"{cfg.validation}.npz")))
+        if not found:
+            return None
+        pt = load_per_task(found[-1])
+        key = next((k for k in pt if k.endswith("/adapted")), None)
+        if key is None:
+            return None
+        per_task.append(pt[key])
+    d = paired_difference(per_task[0], per_task[1], "gauc")
+    return {k: d[k] for k in ("diff", "lo", "hi", "significant", "tasks")}
 
 
 def print_trials(study, out) -> None:
