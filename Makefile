@@ -38,6 +38,7 @@ bench: venv
 	$(BIN)/gmeta bench movielens --json
 	$(BIN)/gmeta bench breakdown --json
 	$(BIN)/gmeta bench hot --json
+	$(BIN)/gmeta bench coldstart --json
 
 clean:
 	rm -rf $(VENV) data mlflow.db mlruns .pytest_cache

@@ -260,9 +260,11 @@ class ZooModel(tf.Module):
             return
         ids = np.asarray(item_ids).ravel()
         labels = np.asarray(labels, np.float64).ravel()
-        keep = ids >= 0
-        rows = np.asarray(self.item_table.rows_of(ids[keep]))
         n = self.item_table.num_rows
+        rows = np.asarray(self.item_table.rows_of(np.maximum(ids, 0)))
+        # an id outside the table is the reader's to report (with its file and stripe)
+        keep = (ids >= 0) & (rows < n)
+        rows = rows[keep]
         total, count = np.bincount(rows, labels[keep], n), np.bincount(rows, minlength=n)
         global_mean = float(labels[keep].mean()) if keep.any() else 0.0
         mean = (total + ITEM_PRIOR_WEIGHT * global_mean) / (count + ITEM_PRIOR_WEIGHT)

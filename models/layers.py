@@ -32,11 +32,15 @@ def _stable_hash(text: str) -> int:
     return h
 
 
-def init_mlp(prefix: str, sizes, seed: int) -> dict:
-    """Variables ``{prefix}/w{i}``, ``{prefix}/b{i}`` for a stack of dense layers ``sizes``."""
+def init_mlp(prefix: str, sizes, seed: int, zero_output: bool = False) -> dict:
+    """Variables ``{prefix}/w{i}``, ``{prefix}/b{i}`` for a stack of dense layers ``sizes``;
+    ``zero_output``: the last layer starts at zero (the stack outputs 0 until it learns, so a
+    model that adds it to a prior starts exactly at the prior)."""
     params = {}
+    last = len(sizes) - 2
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        params[f"{prefix}/w{i}"] = glorot([n_in, n_out], seed, f"{prefix}/w{i}")
+        params[f"{prefix}/w{i}"] = (zeros([n_in, n_out], f"{prefix}/w{i}") if zero_output and i == last
+                                    else glorot([n_in, n_out], seed, f"{prefix}/w{i}"))
         params[f"{prefix}/b{i}"] = zeros([n_out], f"{prefix}/b{i}")
     return params
 

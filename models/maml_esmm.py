@@ -26,7 +26,7 @@ class MAMLESMM(ZooModel):
         super().__init__(schema, config)
         sizes = [self.input_width, *config.hidden, 1]
         self.n_layers = len(sizes) - 1
-        self.params = {**layers.init_mlp("ctr", sizes, config.seed),
+        self.params = {**layers.init_mlp("ctr", sizes, config.seed, zero_output=bool(self.prior_feature)),
                        **layers.init_mlp("cvr", sizes, config.seed + 1)}
         parts = set(self.adapt_parts())
         k = self.n_layers if "head" in parts else (1 if "last" in parts else 0)

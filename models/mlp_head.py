@@ -24,7 +24,8 @@ class MLPHeadModel(ZooModel):
         self.target = resolve_target(schema, config.target)
         sizes = [self.input_width, *config.hidden, 1]
         self.n_layers = len(sizes) - 1
-        self.params = layers.init_mlp("mlp", sizes, config.seed)
+        # with the item prior the network starts at it exactly (its output layer at zero)
+        self.params = layers.init_mlp("mlp", sizes, config.seed, zero_output=bool(self.prior_feature))
         # which layers adapt per task: every decision layer (head), only the output layer (last),
         # or as many last layers as --extra adapt_layers says (kept for older runs)
         parts = set(self.adapt_parts())

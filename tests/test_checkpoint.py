@@ -177,7 +177,7 @@ def test_kill_9_mid_epoch_then_resume_reaches_the_uninterrupted_metrics(referenc
 # --init-from starts a MAML run from
 ONE = ["train", "--model", "maml_dnn", "--meta", "none", "--epochs", "1", "--tasks-per-batch", "8", "--no-saved-model",
        "--log-every", "0", "--eval-splits", "user_cold", "--plain-baseline", "off", "--tracking-uri", "none",
-       "--checkpoint-every-steps", "10", "--support-curve", "none"]
+       "--checkpoint-every-steps", "10", "--support-curve", "none", "--early-stopping", "0"]
 
 
 @pytest.fixture(scope="module")

@@ -29,9 +29,15 @@ def test_compare_reports_intervals_and_paired_significance(tiny_synth, tmp_path)
     assert vs_b["tasks"] > 0 and vs_b["lo"] <= vs_b["diff"] <= vs_b["hi"]
     assert vs_self["diff"] == 0.0 and vs_self["significant"] is False   # a run equals itself
     assert "NOT significant" in proc.stderr
+    # every run shows its own adapted minus the item baselines, as its report has them
+    for base in ("item_mean", "item_knn"):
+        want = res_a["user_cold"]["auc"]["differences"][base]["gauc"]
+        assert first["adapted_minus_baselines"][base] == want
+    assert "adapted - item_knn" in proc.stderr
     # the baselines of a run compare the same way
-    item = last_json(run_gmeta("compare", run_a, run_b, "--scorer", "item_mean", cwd=tmp_path))
-    assert item["user_cold"]["vs_first"][0]["diff"] == 0.0  # same data, same item means
+    for base in ("item_mean", "item_knn"):
+        item = last_json(run_gmeta("compare", run_a, run_b, "--scorer", base, cwd=tmp_path))
+        assert item["user_cold"]["vs_first"][0]["diff"] == 0.0  # same data, same baseline scores
 
 
 def test_compare_errors_name_the_run(tmp_path):

@@ -383,3 +383,36 @@ def test_item_prior_is_the_smoothed_item_mean_added_to_the_output():
         build_model("maml_dnn", Schema(labels=("click",), sparse=SCHEMA.sparse, dense=SCHEMA.dense,
                                        tables=SCHEMA.tables).validate(),
                     ModelConfig(emb_dim=4, hidden=(8,), item_prior=True))
+
+
+def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience():
+    """The best epoch's weights (dense variables and table shards) come back exactly after later
+    epochs changed them; each learner is scored by its own GAUC; training stops once none
+    improved for ``patience`` epochs."""
+    from gmeta.trainer.early_stopping import EarlyStopping
+
+    learner, plain = make_learner("melu", inner_lr=0.1), make_learner("melu", meta="none")
+    step = tf.function(learner.train_step, autograph=False)
+    logs = []
+    stopper = EarlyStopping(learner, plain, patience=2, log=logs.append)
+
+    def report(adapted, plain_unadapted):
+        return {"auc": {"adapted": {"gauc": {"value": adapted}}, "plain": {"gauc": {"value": plain_unadapted}}}}
+
+    assert not stopper.offer(0, report(0.60, 0.55))
+    best_w = learner.model.params["mlp/w0"].numpy().copy()
+    best_table = learner.embedding.params[0].numpy().copy()
+    step(make_batch(seed=51))
+    assert not stopper.offer(1, report(0.58, 0.57))          # the plain network improved
+    plain_w = plain.model.params["mlp/w0"].numpy().copy()
+    step(make_batch(seed=52))
+    tf.function(plain.train_step, autograph=False)(make_batch(seed=53))
+    assert not np.allclose(plain.model.params["mlp/w0"].numpy(), plain_w)
+    assert not np.allclose(learner.model.params["mlp/w0"].numpy(), best_w)
+    assert not stopper.offer(2, report(0.59, 0.50))
+    assert stopper.offer(3, report(0.59, 0.56))              # two epochs without improvement
+    assert stopper.restore() == {"model": 0, "plain network": 1}
+    np.testing.assert_array_equal(learner.model.params["mlp/w0"].numpy(), best_w)
+    np.testing.assert_array_equal(learner.embedding.params[0].numpy(), best_table)
+    np.testing.assert_array_equal(plain.model.params["mlp/w0"].numpy(), plain_w)
+    assert any("early stopping after epoch 3" in m for m in logs)

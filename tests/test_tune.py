@@ -60,8 +60,9 @@ def parse_train_command(command: str):
 def test_study_runs_resumes_and_prints_a_rerun_command(tiny_synth, tmp_path):
     from optuna.trial import TrialState
 
-    # first-order MAML held fixed (--set leaves the search): second derivatives cost minutes here
-    fixed = ("--set", "first_order=true")
+    # first-order MAML held fixed (--set leaves the search): second derivatives cost minutes here;
+    # no early stopping, so a trial's value is its one epoch's
+    fixed = ("--set", "first_order=true", "--set", "early_stopping=0")
     first = last_json(tune(tiny_synth, tmp_path, "--epochs", "1", "--n-trials", "2", "--seed", "3", *fixed))
     assert first["n_trials"] == 2 and first["n_pruned"] == 0
     study = load_study(tmp_path)
@@ -83,6 +84,16 @@ def test_study_runs_resumes_and_prints_a_rerun_command(tiny_synth, tmp_path):
     assert out["best_value"] == pytest.approx(study.best_value)
     assert out["best_trial"] == study.best_trial.number
     assert "trial  state" in again.stderr and "rerun it: gmeta train" in again.stderr
+    # how far the winner can be trusted: its interval, the baselines, the runner-up, warnings
+    lo, hi = out["best_interval"]
+    assert lo <= out["best_value"] <= hi and out["validation_tasks"] > 0
+    assert set(out["baselines"]) == {"unadapted", "item_mean", "item_knn"}
+    assert set(out["best_minus_baselines"]) == {"unadapted", "item_mean", "item_knn"}
+    runner = out["runner_up"]
+    assert runner["trial"] != out["best_trial"] and runner["value"] <= out["best_value"]
+    assert runner["best_minus_runner_up"]["diff"] == pytest.approx(out["best_value"] - runner["value"], abs=1e-4)
+    assert any("fewer than 200" in w for w in out["warnings"])     # the tiny validation split
+    assert "WARNING: the validation split" in again.stderr
 
     # the command line: gmeta train's own parser rebuilds exactly the best trial's parameters
     best = study.best_trial.user_attrs["params"]

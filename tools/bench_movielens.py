@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -30,6 +31,7 @@ def add_arguments(p) -> None:
     p.add_argument("--epochs", type=int, default=4, help="epochs per order (the first is not counted)")
     p.add_argument("--tasks-per-batch", type=int, default=32)
     p.add_argument("--timeout", type=int, default=900, help="seconds per training run")
+    p.add_argument("--train-args", default="", help="extra gmeta train flags for both runs, one string")
     p.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")
 
 
@@ -66,14 +68,15 @@ def main(args) -> int:
                          "--tasks-per-batch", args.tasks_per_batch, "--log-every", "2", "--tracking-uri", "none",
                          "--no-saved-model", "--checkpoint-dir", "none", "--plain-baseline", "off",
                          "--validation-split", "none", "--support-curve", "none", "--eval-splits", split,
-                         "--output-dir", work / "runs", *flags], args.timeout, env)
+                         "--output-dir", work / "runs", *flags, *shlex.split(args.train_args)], args.timeout, env)
             rates = [float(r.replace(",", "")) for e, r in RATE.findall(proc.stderr) if int(e) >= 1]
             if not rates:
                 raise SystemExit("gmeta bench movielens: no throughput lines after the first epoch (too few steps?)")
             results[name] = {"tasks_per_s": round(statistics.median(rates), 1), "windows": len(rates)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    out = {"bench": "movielens", "source": source, "np": args.np, "epochs": args.epochs, **results,
+    out = {"bench": "movielens", "source": source, "np": args.np, "epochs": args.epochs,
+           "train_args": args.train_args, **results,
            "target_second_order_tasks_per_s": TARGET_TASKS_PER_S,
            "meets_target": results["second_order"]["tasks_per_s"] >= TARGET_TASKS_PER_S}
     print(f"MeLU, {source}, {args.np} workers, T={args.tasks_per_batch}", file=sys.stderr)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from gmeta.trainer.launch import run_guarded
 
+BASELINES = ("item_mean", "item_knn")   # shown next to every run: what it must beat
+
 
 @dataclass(frozen=True)
 class CompareConfig:
@@ -91,7 +93,11 @@ def compare(cfg: CompareConfig) -> dict:
         rows = []
         for run, res in zip(cfg.runs, results):
             m = res[split][head][cfg.scorer][cfg.metric]
-            rows.append({"run": run, "value": m["value"], "lo": m["lo"], "hi": m["hi"]})
+            # each run's own adapted-minus-baseline differences (paired over its tasks, from its report)
+            diffs = res[split][head].get("differences", {})
+            baselines = {b: diffs[b][cfg.metric] for b in BASELINES if cfg.metric in diffs.get(b, {})}
+            rows.append({"run": run, "value": m["value"], "lo": m["lo"], "hi": m["hi"],
+                         "adapted_minus_baselines": baselines})
         diffs = [dict(paired_difference(pt[key], per_task[0][key], cfg.metric, n_boot=cfg.n_boot), run=run)
                  for run, pt in zip(cfg.runs[1:], per_task[1:])]
         out[split] = {"metric": cfg.metric, "scorer": cfg.scorer, "runs": rows, "vs_first": diffs}
@@ -103,7 +109,11 @@ def compare(cfg: CompareConfig) -> dict:
 def _print_split(split: str, table: dict, out) -> None:
     print(f"\n{split}: {table['metric']} of the {table['scorer']} scores (95% intervals over tasks)", file=out)
     for row in table["runs"]:
-        print(f"  {row['run']:<40} {row['value']:.4f} [{row['lo']:.3f},{row['hi']:.3f}]", file=out)
+        versus = "; ".join(f"adapted - {b} {d['diff']:+.4f} [{d['lo']:+.3f},{d['hi']:+.3f}]"
+                           for b, d in row.get("adapted_minus_baselines", {}).items()
+                           if d.get("diff") is not None and d.get("lo") is not None)
+        print(f"  {row['run']:<40} {row['value']:.4f} [{row['lo']:.3f},{row['hi']:.3f}]"
+              + (f"   ({versus})" if versus else ""), file=out)
     for d in table["vs_first"]:
         verdict = "significant" if d["significant"] else "NOT significant"
         print(f"  {d['run']} - {table['runs'][0]['run']}: {d['diff']:+.4f} [{d['lo']:+.3f},{d['hi']:+.3f}] "

@@ -41,9 +41,10 @@ class TrainConfig:
     task_loop: bool = False
     clip_norm: float = 0.0             # outer loop: global norm of the dense meta-gradient; 0 = off
     inner_clip: float = 0.0            # inner loop: per-task gradient norm; 0 = off
-    inner_solver: str = "gradient"     # gradient | ridge (closed form for pref and bias)
+    inner_solver: str = "ridge"        # gradient | ridge (closed form for pref and bias)
     ridge_lambda: float = 1.0          # ridge: initial penalty (learned)
     plain_loss_weight: float = 1.0     # outer loss += this x the unadapted loss on all rows
+    early_stopping: int = 10           # patience in epochs on the validation GAUC; the best epoch is kept; 0: off
     loss_rise_tolerance: float = 0.5   # stop when an epoch's mean loss rises by more; inf = never
     plain_baseline: str = "alongside"  # alongside | off | an export dir, models:/ URI or run id
     parallel: str = "hybrid"           # hybrid | naive | sok | auto
@@ -54,7 +55,7 @@ class TrainConfig:
     emb_dim: int = 16
     hidden: tuple = (64, 64)
     adapt: tuple = ("auto",)           # what the inner loop adapts (gmeta.models.base.ADAPT_PARTS)
-    item_prior: bool = False           # the item's smoothed training mean added to the output
+    item_prior: bool = True            # the item's smoothed training mean added to the output
     target: str = "auto"
     emb_optimizer: str = "adagrad"
     emb_lr: float = 0.2
@@ -98,6 +99,7 @@ class TrainConfig:
             (self.generator_epochs >= 0, "--generator-epochs must be >= 0"),
             (self.clip_norm >= 0 and self.inner_clip >= 0, "--clip-norm and --inner-clip must be >= 0"),
             (self.loss_rise_tolerance >= 0, "--loss-rise-tolerance must be >= 0 (inf: never stop)"),
+            (self.early_stopping >= 0, "--early-stopping must be >= 0 (0: off)"),
             (self.checkpoint_every_steps >= 0 and self.checkpoint_every_secs >= 0 and self.keep_checkpoints >= 0,
              "--checkpoint-every-steps, --checkpoint-every-secs and --keep-checkpoints must be >= 0"),
             (not (self.resume and self.init_from), "--resume continues a run, --init-from starts a new one: give one"),
@@ -250,6 +252,10 @@ def add_arguments(p) -> None:
     p.add_argument("--plain-loss-weight", type=float, default=d.plain_loss_weight,
                    help="add this weight x the unadapted model's loss on support and query rows to the "
                         "meta-objective, so the shared parameters learn from every label as a plain model does")
+    p.add_argument("--early-stopping", type=int, default=d.early_stopping, metavar="PATIENCE",
+                   help="with a validation split: keep the weights of the epoch with the best validation GAUC "
+                        "(adapted for the model, unadapted for the plain network alongside) as the run's model, "
+                        "and stop once none improved for this many epochs; 0: off (the last epoch is the model)")
     p.add_argument("--loss-rise-tolerance", type=float, default=d.loss_rise_tolerance,
                    help="stop with an error when an epoch's mean training loss exceeds the previous "
                         "epoch's by more than this fraction (inf: never); a NaN loss always stops")
@@ -440,6 +446,7 @@ def _run(cfg, comm, log, schema, splits, learner, plain, reader, checkpoints, tr
          steps) -> dict:
     """The body of ``train`` once the run's MLflow record and signal handling are in place."""
     from gmeta.io.plan import distinct_values
+    from gmeta.trainer.early_stopping import EarlyStopping
     from gmeta.trainer.evaluation import evaluate_splits, item_baselines
     from gmeta.trainer.export import export_model
     from gmeta.trainer.phases import run_phases
@@ -455,24 +462,43 @@ def _run(cfg, comm, log, schema, splits, learner, plain, reader, checkpoints, tr
     checkpoints.start(tracker.run_id, learner, plain, reader)
     val_split = validation_split(cfg, schema)
     validation = []
+    stopper = EarlyStopping(learner, plain, cfg.early_stopping, log) if val_split and cfg.early_stopping else None
 
-    def after_epoch(epoch: int) -> None:
-        report = None
+    def validate() -> dict:
+        report, _ = evaluate_splits(learner, cfg.data, [val_split], comm, cfg.reader_kwargs(),
+                                    cfg.eval_steps, lambda m: None, plain=plain, n_boot=0)
+        return report[val_split]
+
+    if stopper is not None and checkpoints.resume_point is None:
+        # the untrained model is a candidate too: with the item prior it is the popularity score
+        report = validate()
+        stopper.offer(-1, report)
+        log(f"before training, validation ({val_split}): GAUC adapted {report['gauc_adapted']}, "
+            f"unadapted {report['gauc_unadapted']}")
+    elif stopper is not None:
+        log("WARNING: --early-stopping restarts at the resumed epoch: the best weights of the epochs before "
+            "the interruption are not in checkpoints (pass --early-stopping 0 to keep the last epoch instead)")
+
+    def after_epoch(epoch: int) -> bool:
+        report, stop = None, False
         if val_split:
-            report, _ = evaluate_splits(learner, cfg.data, [val_split], comm, cfg.reader_kwargs(),
-                                        cfg.eval_steps, lambda m: None, n_boot=0)
-            report = report[val_split]
+            report = validate()
             tracker.log_metrics({f"val_{k}": report[k] for k in ("gauc_adapted", "gauc_unadapted",
                                                                 "auc_adapted")}, step=epoch)
             validation.append({"epoch": epoch, "split": val_split,
                                **{k: report[k] for k in ("gauc_adapted", "gauc_unadapted")}})
             log(f"epoch {epoch} validation ({val_split}): GAUC adapted {report['gauc_adapted']}, "
                 f"unadapted {report['gauc_unadapted']}")
+            stop = stopper.offer(epoch, report) if stopper is not None else False
         if on_epoch is not None:
             on_epoch(epoch, report)
+        return stop
 
     history = fit(learner, reader, cfg, comm, log, tracker, plain=plain, after_epoch=after_epoch,
                   checkpoints=checkpoints, signals=signals)
+    if stopper is not None:
+        history["best_epoch"] = stopper.restore()
+        tracker.log_metrics({f"best_epoch_{k.split()[0]}": v for k, v in history["best_epoch"].items()})
     history.update(run_phases(learner, reader, epochs=cfg.generator_epochs, first_epoch=cfg.epochs,
                               learning_rate=cfg.outer_lr, log=log, tracker=tracker,
                               distinct_values=lambda column: distinct_values(cfg.data, "train", column)))

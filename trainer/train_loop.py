@@ -22,7 +22,8 @@ class TrainingDiverged(RuntimeError):
 def fit(learner, reader, cfg, comm, log, tracker, plain=None, after_epoch=None, checkpoints=None,
         signals=None) -> dict:
     """Train ``cfg.epochs`` epochs; ``after_epoch(epoch)`` runs on every rank after each epoch
-    (validation; it may raise to stop, e.g. a pruned tuning trial).
+    (validation; it may raise to stop, e.g. a pruned tuning trial, or return True to end training
+    after this epoch, early stopping: it decides from the same report on every rank).
 
     ``checkpoints`` (``gmeta.trainer.checkpoint.RunCheckpoints``): its ``resume_point`` (when the
     run resumes) gives the position, the loss history and the interrupted epoch's running sums,
@@ -123,12 +124,14 @@ def fit(learner, reader, cfg, comm, log, tracker, plain=None, after_epoch=None, 
             + f", {time.time() - t_epoch:.1f} s")
         _check_rise(history, mean, cfg.loss_rise_tolerance, epoch)
         history["loss"].append(mean)
-        if after_epoch is not None:
-            after_epoch(epoch)
+        stop_early = bool(after_epoch(epoch)) if after_epoch is not None else False
         if checkpoints is not None:
             checkpoints.epoch_done(snapshot)
         if stop_after is not None:
             _stop(checkpoints, snapshot, comm, *stop_after)
+        if stop_early:
+            history["stopped_early_after_epoch"] = epoch
+            break
     if signals is not None:
         signals.in_loop = False
     snap = comm.counters.snapshot()
