@@ -153,6 +153,8 @@ class ZooModel(tf.Module):
         groups = self.column_groups()
         self._user_cols = tf.constant(groups == "user", tf.float32)
         self._item_cols = tf.constant(groups == "item", tf.float32)
+        self._item_index = tf.constant(np.flatnonzero(groups == "item"), tf.int32)
+        self._n_item_cols = int((groups == "item").sum())
         if "user" in parts and not (groups == "user").any():
             raise ValueError(f"--adapt user: the schema has no user-group feature among {self.sparse_features}")
         if "pref" in parts and not (groups == "item").any():
@@ -188,24 +190,59 @@ class ZooModel(tf.Module):
         keep_shared = {"task/scale"} if "task/bias" in solved else set()
         return tuple(n for n in self.adapted if n not in solved and n not in keep_shared)
 
-    def linear_task_sizes(self) -> tuple:
-        """The number of coefficients of each ``linear_task_terms`` entry."""
-        return tuple(int(np.prod(self.params[n].shape)) or 1 for n in self.linear_task_terms())
+    def linear_task_width(self) -> int:
+        """K, the coefficients the closed-form solve works on: the preference's item-group
+        columns (the others never reach the output) and the bias."""
+        terms = self.linear_task_terms()
+        return (self._n_item_cols if "task/pref" in terms else 0) + (1 if "task/bias" in terms else 0)
+
+    def linear_task_values(self, params: dict, n_tasks):
+        """The linear task terms' current coefficients per task: ``[T, K]`` (shared values are
+        broadcast over the tasks)."""
+        cols = []
+        for name in self.linear_task_terms():
+            v = params[name]
+            if name == "task/pref":
+                v = tf.gather(v, self._item_index, axis=-1)
+            else:
+                v = v[..., None]
+            cols.append(tf.broadcast_to(v, tf.stack([n_tasks, tf.shape(v)[-1]])) if v.shape.rank == 1 else v)
+        return tf.concat(cols, axis=-1)
+
+    def with_linear_task_values(self, fast: dict, values) -> dict:
+        """The linear task terms with their coefficients set to ``values`` ``[T, K]`` (the
+        preference's other columns keep their values: they never reach the output)."""
+        out, start = {}, 0
+        for name in self.linear_task_terms():
+            if name == "task/pref":
+                k = self._n_item_cols
+                pref = tf.transpose(tf.tensor_scatter_nd_update(
+                    tf.transpose(fast[name]), self._item_index[:, None], tf.transpose(values[:, start:start + k])))
+                out[name], start = pref, start + k
+            else:
+                out[name], start = values[:, start], start + 1
+        return out
 
     def task_design(self, params: dict, x):
-        """d(task output) / d(linear task terms) for every row: ``[T, N, K]``, the terms'
-        coefficients side by side in ``linear_task_terms`` order (the output is exactly linear in
-        them, so a change ``delta`` of the terms changes the output by ``design @ delta``)."""
+        """d(task output) / d(linear task coefficients) for every row: ``[T, N, K]`` in
+        ``linear_task_values`` order (the output is exactly linear in them, so a change ``delta``
+        of the coefficients changes the output by ``design @ delta``)."""
         x = self.task_inputs(params, x)
         scale = params.get("task/scale", tf.constant(1.0))
         scale = scale[:, None, None] if scale.shape.rank == 1 else scale
         cols = []
         for name in self.linear_task_terms():
             if name == "task/pref":
-                cols.append(scale * x * self._item_cols)
+                cols.append(scale * tf.gather(x, self._item_index, axis=-1))
             else:
                 cols.append(tf.ones_like(x[..., :1]))
         return tf.concat(cols, axis=-1)
+
+    def output_derivatives(self, outputs: dict, part: dict):
+        """``(g, w)`` [T, N]: the first and second derivative of each task's summed support loss
+        (``task_loss`` x rows) in ``outputs[task_output]``, or None to have the learner take them
+        by automatic differentiation; a model with a known loss gives them in closed form."""
+        return None
 
     def task_logit(self, params: dict, x, logit):
         """``logit`` with the task's preference term and scale/bias applied (when they adapt)."""

@@ -69,6 +69,14 @@ class MLPHeadModel(ZooModel):
             per_row = layers.bce_with_logits(part[self.target], outputs["out"])
         return layers.masked_task_mean(per_row, part["mask"])
 
+    def output_derivatives(self, outputs, part):
+        out, mask = outputs["out"], part["mask"]
+        if self.target == "rating":
+            target = (part["rating"] - self.target_stats[0]) / self.target_stats[1]
+            return 2.0 * (out - target) * mask, 2.0 * mask
+        p = tf.sigmoid(out)
+        return (p - part[self.target]) * mask, p * (1.0 - p) * mask
+
     def scores(self, outputs, part):
         if self.target == "rating":
             # ranking quality of predicted ratings against "liked" (rating >= 4)

@@ -62,3 +62,19 @@ def test_bench_runs_end_to_end_on_a_latest_layout(tmp_path):
         assert setting["adapted"]["tasks"] > 0
         assert 0 < setting["item_knn"]["adapted_minus"]["gauc"]["tasks"] <= setting["adapted"]["tasks"]
     assert "adapted minus, paired" in proc.stderr
+
+
+def test_the_same_tasks_in_every_seed_are_averaged_not_counted_again():
+    """The time rule evaluates the same users in every seed: their per-task metrics are averaged
+    over the seeds, so the pooled table has one task per user and the interval is not narrowed
+    by counting a user three times."""
+    runs = {("explicit", "time", s, "melu"): _per_task(s, {"adapted": 1.0}) for s in (0, 1, 2)}
+    out = pooled(runs, list(runs), n_boot=200, same_tasks=True)
+    assert out["adapted"]["tasks"] == 30
+    auc = np.nanmean(np.stack([runs[r]["auc/adapted"]["auc"] for r in runs]), axis=0)
+    rows = runs[next(iter(runs))]["auc/adapted"]["rows"]
+    defined = np.isfinite(auc)
+    want = (auc[defined] * rows[defined]).sum() / rows[defined].sum()
+    assert out["adapted"]["gauc"]["value"] == pytest.approx(want)
+    distinct = pooled(runs, list(runs), n_boot=200)
+    assert distinct["adapted"]["tasks"] == 90

@@ -277,9 +277,12 @@ def test_ridge_step_on_ratings_is_the_exact_penalised_least_squares_solution():
         d, r = design[t][m], (target[t] - base[t])[m]
         # loss = sum (r - d delta)^2 (d/ddelta: -2 d'(r - d delta)), penalty lambda/2 |delta|^2
         want = np.linalg.solve(2 * d.T @ d + 0.7 * np.eye(width), 2 * d.T @ r)
-        got = np.concatenate([fast["task/pref"][t].numpy() - params["task/pref"].numpy(),
-                              [fast["task/bias"][t].numpy() - params["task/bias"].numpy()]])
+        got = (model.linear_task_values(fast, 4) - model.linear_task_values(params, 4)).numpy()[t]
         np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-4)
+    # the preference's columns outside the item group never move (they never reach the output)
+    outside = np.flatnonzero(model.column_groups() != "item")
+    np.testing.assert_array_equal(fast["task/pref"].numpy()[:, outside], 0.0)
+    assert design.shape[-1] == int((model.column_groups() == "item").sum()) + 1
     # a second step from the optimum stays there
     again = learner.adapt(params, x_s, batch["support"], steps=2, first_order=True)
     np.testing.assert_allclose(again["task/pref"].numpy(), fast["task/pref"].numpy(), rtol=1e-3, atol=1e-4)
@@ -288,7 +291,8 @@ def test_ridge_step_on_ratings_is_the_exact_penalised_least_squares_solution():
 @pytest.mark.parametrize("model", ["melu", "maml_dnn", "maml_esmm"])
 def test_ridge_step_lowers_every_task_penalised_support_loss(model):
     """Logistic losses: the Newton (IRLS) step lowers each real task's support loss; with a huge
-    penalty it changes nothing, and it never touches the stepped terms' shapes."""
+    penalty it changes nothing; the closed-form derivatives a model gives equal the nested-tape
+    ones the learner takes otherwise (maml_esmm's combined loss uses the tapes)."""
     learner = make_ridge_learner(model, ridge_lambda=0.5)
     batch = make_batch(seed=32)
     params = learner.params()
@@ -296,6 +300,15 @@ def test_ridge_step_lowers_every_task_penalised_support_loss(model):
     fast = learner.adapt(params, x_s, batch["support"], steps=1, first_order=True)
     before, after = support_losses(learner, batch, params), support_losses(learner, batch, fast)
     assert np.all(after[:3] < before[:3]), (before, after)
+    p = {**params, **fast}
+    out = learner.model.forward(p, x_s)
+    given = learner.model.output_derivatives(out, batch["support"])
+    taped = learner._output_derivatives(p, x_s, batch["support"])
+    if model == "maml_esmm":
+        assert given is None
+    else:
+        for a, b in zip(given, taped):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6)
     stiff = make_ridge_learner(model, ridge_lambda=1e9)
     still = stiff.adapt(stiff.params(), x_s, batch["support"], steps=1, first_order=True)
     np.testing.assert_allclose(support_losses(stiff, batch, still), support_losses(stiff, batch, stiff.params()),

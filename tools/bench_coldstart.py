@@ -8,10 +8,13 @@ one per support positive), for both cold-user rules (``time``: the latest users 
 trains with ``gmeta train``'s defaults over every seed (the seed also draws the random cold users,
 the validation users and the negatives), the plain network (``--meta none``, the same network)
 alongside on the same batches: the same budget. Per setting the table pools the seeds' per-task
-metrics of the evaluated split (tasks of different seeds are different tasks) and gives GAUC and
-nDCG@10 for the model adapted and unadapted, the plain network unadapted and fine-tuned, the
-item mean and item-kNN, then the adapted model minus each with a paired bootstrap interval over
-the pooled tasks. The table goes to stderr; the last stdout line is one JSON object.
+metrics of the evaluated split and gives GAUC and nDCG@10 for the model adapted and unadapted,
+the plain network unadapted and fine-tuned, the item mean and item-kNN, then the adapted model
+minus each with a paired bootstrap interval over the pooled tasks. Pooling: the random rule draws
+other users per seed, so its tasks are distinct; the time rule has the same cold users in every
+seed, so each user's per-task metrics are averaged over the seeds (one task each, not three). The
+table goes to stderr; the last stdout line is one JSON object. With ``--out DIR --reuse`` the runs
+a previous call finished there are read back instead of trained again.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ def add_arguments(p) -> None:
     p.add_argument("--train-args", default="", help="extra gmeta train flags for every run, one string")
     p.add_argument("--parallel-runs", type=int, default=2, help="training runs at once (one core each)")
     p.add_argument("--out", default="", help="keep the datasets and runs here (default: a removed temp dir)")
+    p.add_argument("--reuse", action="store_true",
+                   help="with --out: read back the runs a previous call finished there instead of training them")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per training run")
     p.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")
 
@@ -83,6 +88,8 @@ def main(args) -> int:
         seeds = [int(s) for s in _csv(args.seeds, None, "--seeds")]
     except ValueError:
         raise SystemExit(f"gmeta bench coldstart: --seeds {args.seeds!r}: integers, comma separated") from None
+    if args.reuse and not args.out:
+        raise SystemExit("gmeta bench coldstart: --reuse needs --out (the directory of the earlier call)")
     if not Path(args.src).is_dir():
         raise SystemExit(f"gmeta bench coldstart: --src {args.src}: not a directory (the raw MovieLens files; "
                          f"set --src or $GMETA_DEV_DATA)")
@@ -99,6 +106,8 @@ def main(args) -> int:
         for p, r in settings:
             for s in seeds:
                 data = work / f"{p}-{r}-s{s}"
+                if args.reuse and (data / "schema.json").is_file():
+                    continue
                 flags = ["--negatives", args.negatives] if p == "implicit" else []
                 _run([gmeta, "convert", "movielens", "--src", args.src, "--out", data, "--cold-users", r,
                       "--seed", s, "--overwrite", "--quiet", *flags], args.timeout, work / f"{data.name}.convert.log")
@@ -106,6 +115,9 @@ def main(args) -> int:
         def train(run):
             p, r, s, m = run
             out = work / "runs" / f"{p}-{r}-s{s}-{m}"
+            done = [d for d in out.iterdir() if (d / "per_task" / f"{args.split}.npz").is_file()] if out.is_dir() else []
+            if args.reuse and len(done) == 1:
+                return run, load_per_task(str(done[0] / "per_task" / f"{args.split}.npz"))
             shutil.rmtree(out, ignore_errors=True)
             _run([gmeta, "train", "--model", m, "--data", work / f"{p}-{r}-s{s}", "--seed", s,
                   "--tracking-uri", "none", "--no-saved-model", "--checkpoint-dir", "none", "--support-curve",
@@ -120,7 +132,8 @@ def main(args) -> int:
     finally:
         if not args.out:
             shutil.rmtree(work, ignore_errors=True)
-    table = {f"{p}/{r}/{m}": pooled(per_task, [(p, r, s, m) for s in seeds]) for p, r in settings for m in models}
+    table = {f"{p}/{r}/{m}": pooled(per_task, [(p, r, s, m) for s in seeds], same_tasks=r == "time")
+             for p, r in settings for m in models}
     print(format_table(table, args), file=sys.stderr, flush=True)
     print(json.dumps({"bench": "coldstart", "src": args.src, "split": args.split, "seeds": seeds,
                       "train_args": args.train_args, "results": table}, sort_keys=True), flush=True)
@@ -131,9 +144,11 @@ def _head(per_task: dict) -> str:
     return next(k.rpartition("/")[0] for k in per_task if k.endswith("/adapted"))
 
 
-def pooled(per_task: dict, runs: list, n_boot: int = 1000) -> dict:
-    """Per scorer the seeds' per-task metrics pooled (task ids made distinct per seed): GAUC and
-    nDCG@10 with intervals, and the adapted model minus each other scorer, paired."""
+def pooled(per_task: dict, runs: list, n_boot: int = 1000, same_tasks: bool = False) -> dict:
+    """Per scorer the seeds' per-task metrics pooled: GAUC and nDCG@10 with intervals, and the
+    adapted model minus each other scorer, paired. ``same_tasks``: every seed evaluated the same
+    tasks (the time rule), so a task's metrics are averaged over the seeds; otherwise task ids
+    are made distinct per seed."""
     merged = {}
     for run in runs:
         pt = per_task[run]
@@ -142,10 +157,11 @@ def pooled(per_task: dict, runs: list, n_boot: int = 1000) -> dict:
             part = pt.get(f"{head}/{scorer}")
             if part is None:
                 continue
-            part = dict(part, task_ids=run[2] * TASK_KEY + np.asarray(part["task_ids"], np.int64))
+            key = np.asarray(part["task_ids"], np.int64) + (0 if same_tasks else run[2] * TASK_KEY)
             into = merged.setdefault(scorer, {})
-            for k, v in part.items():
+            for k, v in dict(part, task_ids=key).items():
                 into[k] = np.concatenate([into[k], v]) if k in into else np.asarray(v)
+    merged = {scorer: _mean_by_task(pt) for scorer, pt in merged.items()}
     out = {}
     for scorer, pt in merged.items():
         summary = summarize(pt, n_boot=n_boot)
@@ -155,6 +171,24 @@ def pooled(per_task: dict, runs: list, n_boot: int = 1000) -> dict:
             out[scorer]["adapted_minus"] = {m: paired_difference(merged["adapted"], pt, m, n_boot=n_boot)
                                             for m in METRICS}
     out["targets"] = targets(out)
+    return out
+
+
+def _mean_by_task(pt: dict) -> dict:
+    """Per-task arrays with repeated task ids averaged (NaN-aware), one entry per task id."""
+    tasks, index = np.unique(pt["task_ids"], return_inverse=True)
+    if tasks.size == index.size:
+        return pt
+    out = {"task_ids": tasks}
+    for k, v in pt.items():
+        if k == "task_ids":
+            continue
+        v = np.asarray(v, np.float64)
+        defined = np.isfinite(v)
+        total = np.bincount(index, np.where(defined, v, 0.0), tasks.size)
+        count = np.bincount(index, defined.astype(np.float64), tasks.size)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[k] = np.where(count > 0, total / np.maximum(count, 1), np.nan)
     return out
 
 
@@ -176,17 +210,17 @@ def targets(result: dict) -> dict:
 def format_table(table: dict, args) -> str:
     lines = [f"\ncold start on {args.src}, split {args.split}, seeds {args.seeds} pooled (per-task metrics, "
              "95% bootstrap intervals over the pooled tasks)"]
-    head = f"  {'setting':<34}" + "".join(f"{s:>17}" for s in SCORERS)
     for metric in METRICS:
-        lines += [f"\n{metric}", head]
+        lines += [f"\n{metric}", f"  {'setting':<28}" + "".join(f"{s:>16}" for s in SCORERS)]
         for key, res in table.items():
-            cells = "".join(f"{res[s][metric]['value']:>17.4f}" if s in res else f"{'-':>17}" for s in SCORERS)
-            lines.append(f"  {key:<34}{cells}")
-        lines.append(f"  adapted minus, paired [95% interval]")
+            cells = "".join(f"{res[s][metric]['value']:>16.4f}" if s in res else f"{'-':>16}" for s in SCORERS)
+            lines.append(f"  {key:<28}{cells}")
+        lines.append(f"\n  adapted minus, paired [95% interval]\n  {'setting':<28}"
+                     + "".join(f"{s:>24}" for s in SCORERS[1:]))
         for key, res in table.items():
             cells = []
             for s in SCORERS[1:]:
                 d = res.get(s, {}).get("adapted_minus", {}).get(metric)
                 cells.append(f"{d['diff']:+.3f} [{d['lo']:+.3f},{d['hi']:+.3f}]" if d else "-")
-            lines.append(f"  {key:<34}{'':>17}" + "".join(f"{c:>17}" for c in cells))
+            lines.append(f"  {key:<28}" + "".join(f"{c:>24}" for c in cells))
     return "\n".join(lines)

@@ -106,7 +106,7 @@ class MetaLearner(tf.Module):
         self.solved = model.linear_task_terms() if config.inner_solver == "ridge" else ()
         self.ridge_log_lambda = {}
         if self.solved:
-            width = sum(model.linear_task_sizes())
+            width = model.linear_task_width()
             self.ridge_log_lambda = {"log_lambda": tf.Variable(tf.fill([width], float(np.log(config.ridge_lambda))),
                                                                name="ridge_log_lambda")}
         self.dense_variables = (list(model.params.values()) + list(self.inner_lrs.values())
@@ -148,19 +148,23 @@ class MetaLearner(tf.Module):
 
     def adapt(self, params: dict, x, part, steps: int, first_order: bool) -> dict:
         """Inner loop: returns params with the adapted entries replaced by fast weights [T, ...]:
-        per step a gradient step of the stepped terms, then the closed-form step of the solved ones."""
+        per step, from one forward pass at the current fast weights, a gradient step of the
+        stepped terms and the closed-form step of the solved ones (both from the same point)."""
         n_tasks = tf.shape(x)[0]
         fast = {n: tf.tile(params[n][None], tf.concat([[n_tasks], tf.ones_like(tf.shape(params[n]))], 0))
                 for n in self.model.adapted_names()}
         stepped = self.model.stepped_task_terms(self.solved)
         for _ in range(steps):
+            outputs, update = None, {}
             if stepped:
-                fast.update(self._gradient_step(params, fast, stepped, x, part, first_order))
+                outputs, update = self._gradient_step(params, fast, stepped, x, part, first_order)
             if self.solved:
-                fast.update(self._ridge_step(params, fast, x, part, first_order))
+                update.update(self._ridge_step(params, fast, x, part, first_order, outputs))
+            fast.update(update)
         return {**params, **fast}
 
-    def _gradient_step(self, params, fast, names, x, part, first_order) -> dict:
+    def _gradient_step(self, params, fast, names, x, part, first_order) -> tuple:
+        """``(outputs at the current fast weights, the stepped terms after one gradient step)``."""
         with tf.GradientTape() as tape:
             tape.watch([fast[n] for n in names])
             outputs = self.model.forward({**params, **fast}, x)
@@ -174,16 +178,38 @@ class MetaLearner(tf.Module):
         for n in names:
             g = tf.stop_gradient(grads[n]) if first_order else grads[n]
             out[n] = fast[n] - self.inner_lrs.get(n, self.config.inner_lr) * g
-        return out
+        return outputs, out
 
-    def _ridge_step(self, params, fast, x, part, first_order) -> dict:
+    def _ridge_step(self, params, fast, x, part, first_order, outputs=None) -> dict:
         """One Newton step on each task's summed support loss + (lambda / 2) ||theta - theta_0||^2
-        in the linear task terms theta (theta_0: their shared values):
+        in the linear task coefficients theta (theta_0: their shared values):
         ``theta -= (D'WD + diag(lambda))^-1 (D'g + lambda (theta - theta_0))``, with ``D`` the
         design (d output / d theta, exact: the output is linear in theta), ``g`` and ``W`` the
         loss's first and second derivative in each row's output (W clipped at 0). For a squared
         loss the first step lands on the penalised optimum and further steps stay there."""
+        model = self.model
         p = {**params, **fast}
+        out = model.forward(p, x) if outputs is None else outputs      # (the gradient step's, if any)
+        derivatives = model.output_derivatives(out, part)
+        if derivatives is None:
+            derivatives = self._output_derivatives(p, x, part)
+        g, w = derivatives
+        w = tf.maximum(w, 0.0)
+        design = model.task_design(p, x)                                 # [T, N, K]
+        n_tasks = tf.shape(design)[0]
+        theta = model.linear_task_values(fast, n_tasks)                  # [T, K]
+        theta0 = model.linear_task_values(params, n_tasks)
+        lam = tf.exp(self.ridge_log_lambda["log_lambda"])                # [K]
+        hessian = tf.einsum("tnk,tn,tnl->tkl", design, w, design) + tf.linalg.diag(lam)
+        grad = tf.einsum("tnk,tn->tk", design, g) + lam * (theta - theta0)
+        delta = -tf.linalg.cholesky_solve(tf.linalg.cholesky(hessian), grad[..., None])[..., 0]
+        if first_order:
+            delta = tf.stop_gradient(delta)
+        return model.with_linear_task_values(fast, theta + delta)
+
+    def _output_derivatives(self, p, x, part):
+        """``(g, w)`` of each task's summed support loss in the task output, by nested tapes (the
+        loss is separable over rows, so the second derivative is the diagonal one)."""
         rows = tf.reduce_sum(part["mask"], axis=1)                       # [T]: mean -> sum loss
         with tf.GradientTape() as outer:
             with tf.GradientTape() as inner:
@@ -193,21 +219,7 @@ class MetaLearner(tf.Module):
                 inner.watch(output)
                 total = tf.reduce_sum(self.model.task_loss(out, part) * rows)
             g = inner.gradient(total, output)                            # [T, N]
-        w = tf.maximum(outer.gradient(g, output), 0.0)                   # [T, N], separable loss
-        design = self.model.task_design(p, x)                            # [T, N, K]
-        lam = tf.exp(self.ridge_log_lambda["log_lambda"])                # [K]
-        n_tasks = tf.shape(design)[0]
-        offset = tf.concat([tf.reshape(fast[n] - params[n][None], [n_tasks, -1]) for n in self.solved], axis=1)
-        hessian = tf.einsum("tnk,tn,tnl->tkl", design, w, design) + tf.linalg.diag(lam)
-        grad = tf.einsum("tnk,tn->tk", design, g) + lam * offset
-        delta = -tf.linalg.cholesky_solve(tf.linalg.cholesky(hessian), grad[..., None])[..., 0]
-        if first_order:
-            delta = tf.stop_gradient(delta)
-        out, start = {}, 0
-        for name, size in zip(self.solved, self.model.linear_task_sizes()):
-            out[name] = fast[name] + tf.reshape(delta[:, start:start + size], tf.shape(fast[name]))
-            start += size
-        return out
+        return g, outer.gradient(g, output)
 
     def adapt_task_loop(self, params, x, part, steps, first_order):
         """DMAML-style baseline: the same inner loop, one task at a time (unrolled in the graph)."""

@@ -469,13 +469,7 @@ def _run(cfg, comm, log, schema, splits, learner, plain, reader, checkpoints, tr
                                     cfg.eval_steps, lambda m: None, plain=plain, n_boot=0)
         return report[val_split]
 
-    if stopper is not None and checkpoints.resume_point is None:
-        # the untrained model is a candidate too: with the item prior it is the popularity score
-        report = validate()
-        stopper.offer(-1, report)
-        log(f"before training, validation ({val_split}): GAUC adapted {report['gauc_adapted']}, "
-            f"unadapted {report['gauc_unadapted']}")
-    elif stopper is not None:
+    if stopper is not None and checkpoints.resume_point is not None:
         log("WARNING: --early-stopping restarts at the resumed epoch: the best weights of the epochs before "
             "the interruption are not in checkpoints (pass --early-stopping 0 to keep the last epoch instead)")
 
