@@ -1,0 +1,1 @@
+"""``gmeta datagen``: ``generate`` writes a synthetic cold-start dataset with planted structure."""
