@@ -15,7 +15,7 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS = {
     "env": ("gmeta.tools.env", "print versions of the stack and Horovod's build capabilities"),
-    "datagen": ("gmeta.tools.datagen", "write a synthetic cold-start dataset with planted structure"),
+    "datagen": ("gmeta.tools.datagen.generate", "write a synthetic cold-start dataset with planted structure"),
     "profile": ("gmeta.tools.profile", "how skewed a dataset's id access is; writes the profile --tiering reads"),
     "convert": ("gmeta.tools.convert", "convert a public dataset (movielens) into the Meta-IO format"),
     "train": ("gmeta.trainer.train", "meta-train a zoo model (run under horovodrun for many workers)"),
@@ -24,7 +24,7 @@ SUBCOMMANDS = {
     "compare": ("gmeta.trainer.compare", "compare runs in per-task metrics with intervals and paired tests"),
     "register": ("gmeta.trainer.register", "register a run's model in the MLflow registry, with an alias"),
     "predict": ("gmeta.trainer.predict", "adapt to each task's support rows and score its query rows (file in, file out)"),
-    "bench": ("gmeta.tools.bench", "benchmarks: io, step, meta, memory, projection, movielens, breakdown, hot, coldstart (see gmeta bench -h)"),
+    "bench": ("gmeta.tools.bench.cli", "benchmarks: io, step, meta, memory, projection, movielens, breakdown, hot, coldstart (see gmeta bench -h)"),
 }
 
 

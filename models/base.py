@@ -61,7 +61,7 @@ class ModelConfig:
 class TrainingPhase:
     """A training phase a model offers after meta-training (MetaEmb's generator is one).
 
-    The model says what to train and on what loss; the trainer (``gmeta.trainer.phases``) runs
+    The model says what to train and on what loss; the trainer (``gmeta.trainer.meta.phases``) runs
     it with the step's scaling rule, so models never import the trainer.
 
     ``loss_sum(vectors, params, batch) -> (sum of per-task losses, count)``: ``vectors`` are the

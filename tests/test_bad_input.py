@@ -154,7 +154,7 @@ class _Planted:
 def test_a_checkpoint_file_holding_pickled_code_is_refused_not_run(tmp_path):
     import hashlib
 
-    from gmeta.trainer.checkpoint import CheckpointError, _load_npz
+    from gmeta.trainer.checkpoint.store import CheckpointError, _load_npz
 
     evidence = tmp_path / "code-ran"
     path = tmp_path / "dense.npz"

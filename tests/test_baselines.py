@@ -4,8 +4,8 @@ rank them honestly."""
 import numpy as np
 import pytest
 
-from gmeta.trainer.baselines import ItemKNNBaseline, ItemMeanBaseline, constant_scores
-from gmeta.trainer.metrics import evaluate_scores, paired_difference, per_task_metrics
+from gmeta.trainer.evaluation.baselines import ItemKNNBaseline, ItemMeanBaseline, constant_scores
+from gmeta.trainer.evaluation.metrics import evaluate_scores, paired_difference, per_task_metrics
 
 
 def test_constant_scores_rank_every_task_at_chance():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from gmeta.tools.bench_projection import project
+from gmeta.tools.bench.projection import project
 
 
 def test_projection_follows_the_stated_model():
@@ -19,7 +19,7 @@ def test_projection_follows_the_stated_model():
 
 
 def test_breakdown_assigns_traced_ops_to_the_step_stages():
-    from gmeta.tools.bench_breakdown import stage_of
+    from gmeta.tools.bench.breakdown import stage_of
 
     assert stage_of("lookup/HorovodAlltoall_x:HorovodAlltoall") == "lookup"
     assert stage_of("inner_loop/gradient_tape/einsum/Einsum:Einsum") == "inner_loop"   # the inner tape

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import BIN, REPO, WORKERS, horovodrun, last_json, run_gmeta
 
-from gmeta.trainer.checkpoint import (COMMITTED, FINISHED, CheckpointError, committed_checkpoints,
+from gmeta.trainer.checkpoint.store import (COMMITTED, FINISHED, CheckpointError, committed_checkpoints,
                                       config_differences, latest_checkpoint)
 
 EVERY = 7
@@ -264,7 +264,7 @@ class _OneRank:
 
 
 def _open(tmp_path, **flags):
-    from gmeta.trainer.checkpoint import RunCheckpoints
+    from gmeta.trainer.checkpoint.store import RunCheckpoints
     from gmeta.trainer.train import TrainConfig
 
     cfg = TrainConfig(model="maml_dnn", data="unused", epochs=1, output_dir=str(tmp_path / "runs"), **flags)

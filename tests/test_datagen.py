@@ -16,7 +16,7 @@ import pytest
 from gmeta.cli import main as gmeta
 from gmeta.io.schema import Schema
 from gmeta.io.tables import arrow_table
-from gmeta.tools import datagen as dg
+from gmeta.tools.datagen import generate as dg
 
 SPLITS = ("train", "user_cold", "item_cold", "user_item_cold", "val")
 # `gmeta datagen --seed 0` before the val split existed: (rows, ctr, oracle AUC) per split; the
@@ -274,12 +274,12 @@ def test_streams_in_chunks(tmp_path):
 
 
 def test_summary_aucs_are_the_metrics_auc_on_bounded_memory():
-    """The summary's AUCs are gmeta.trainer.metrics (pooled ``auc``; GAUC from ``per_task_metrics``
+    """The summary's AUCs are gmeta.trainer.evaluation.metrics (pooled ``auc``; GAUC from ``per_task_metrics``
     + ``summarize``) over all query rows; past ``sample_rows`` over a uniform, seeded sample of
     whole tasks whose pool stays below 1.25 times that size. The posterior scorer sees whole tasks
     (support rows too) and only those that can still make the sample."""
-    from gmeta.trainer.metrics import auc as metrics_auc
-    from gmeta.trainer.metrics import per_task_metrics, summarize
+    from gmeta.trainer.evaluation.metrics import auc as metrics_auc
+    from gmeta.trainer.evaluation.metrics import per_task_metrics, summarize
 
     rng = np.random.default_rng(0)
     chunks = []

@@ -15,12 +15,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
 import emb_conformance  # noqa: E402
 import emb_reference as ref  # noqa: E402
 
-from gmeta.trainer.comm import LocalCommunicator, init_communicator  # noqa: E402
-from gmeta.trainer.embedding import RowOptimizerConfig, make_embedding, resolve_mode  # noqa: E402
-from gmeta.trainer.embedding_init import initial_rows  # noqa: E402
-from gmeta.trainer.sharding import ShardingPlan, TableConfig  # noqa: E402
-from gmeta.trainer.sok_backend import UNAVAILABLE_REASON, sok_available  # noqa: E402
-from gmeta.trainer.sparse_optim import RowOptimizer, slots_per_row  # noqa: E402
+from gmeta.trainer.parallel.comm import LocalCommunicator, init_communicator  # noqa: E402
+from gmeta.trainer.embedding.factory import RowOptimizerConfig, make_embedding, resolve_mode  # noqa: E402
+from gmeta.trainer.embedding.initial import initial_rows  # noqa: E402
+from gmeta.trainer.embedding.plan import ShardingPlan, TableConfig  # noqa: E402
+from gmeta.trainer.embedding.sok import UNAVAILABLE_REASON, sok_available  # noqa: E402
+from gmeta.trainer.embedding.row_optim import RowOptimizer, slots_per_row  # noqa: E402
 
 BACKENDS = ["hybrid", "naive", "sok", "tiered-sparse", "tiered-dense"]
 

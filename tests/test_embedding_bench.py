@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gmeta.tools import bench_step
+from gmeta.tools.bench import step as bench_step
 
 BIN = Path(sys.executable).parent
 

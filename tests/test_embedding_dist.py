@@ -15,7 +15,7 @@ sys.path.insert(0, str(WORKERS))
 import emb_reference as ref  # noqa: E402
 from emb_conformance import HOT_ROWS  # noqa: E402
 
-from gmeta.trainer.sok_backend import sok_available  # noqa: E402
+from gmeta.trainer.embedding.sok import sok_available  # noqa: E402
 
 BACKENDS = ["hybrid", "naive", "sok", "tiered-sparse", "tiered-dense"]
 

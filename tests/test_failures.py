@@ -12,7 +12,7 @@ import pytest
 
 from conftest import BIN, REPO
 
-from gmeta.trainer.checkpoint import committed_checkpoints, read_checkpoint_meta
+from gmeta.trainer.checkpoint.store import committed_checkpoints, read_checkpoint_meta
 
 # many short epochs: the job is still training when the test acts on it
 FLAGS = ["--model", "maml_dnn", "--epochs", "60", "--tasks-per-batch", "16", "--log-every", "0",

@@ -68,7 +68,7 @@ def test_gmeta_env_reports_tensorflow_and_gloo():
 def test_subpackages_import_under_gmeta():
     import gmeta.io.schema
     import gmeta.models.layers
-    import gmeta.trainer.comm
+    import gmeta.trainer.parallel.comm
 
     assert gmeta.io.schema.__name__ == "gmeta.io.schema"
     # the project's io package never shadows the standard library's io

@@ -72,7 +72,7 @@ def test_truncation_is_counted(data):
 def test_input_statistics_count_each_epoch_once(data):
     """The training loop reads epochs as one prefetched stream, so epoch 1 is being read while
     epoch 0's last batches train; each epoch's statistics must still count that epoch alone."""
-    from gmeta.trainer.train_loop import all_epochs
+    from gmeta.trainer.run.loop import all_epochs
 
     r = MetaReader(data, tasks_per_batch=4, support_size=3, query_size=1, seed=1)
     stream = iter(all_epochs(r, epochs=3))

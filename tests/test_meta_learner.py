@@ -7,9 +7,9 @@ import tensorflow as tf
 from gmeta.io.schema import DenseFeature, Schema, SparseFeature, TableSpec
 from gmeta.models.base import ModelConfig
 from gmeta.models.registry import build_model
-from gmeta.trainer.comm import LocalCommunicator
-from gmeta.trainer.meta_learner import MetaConfig, MetaLearner
-from gmeta.trainer.setup import build_embedding
+from gmeta.trainer.parallel.comm import LocalCommunicator
+from gmeta.trainer.meta.learner import MetaConfig, MetaLearner
+from gmeta.trainer.embedding.build import build_embedding
 
 SCHEMA = Schema(
     labels=("click", "conversion"),
@@ -402,7 +402,7 @@ def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience():
     """The best epoch's weights (dense variables and table shards) come back exactly after later
     epochs changed them; each learner is scored by its own GAUC; training stops once none
     improved for ``patience`` epochs."""
-    from gmeta.trainer.early_stopping import EarlyStopping
+    from gmeta.trainer.run.early_stopping import EarlyStopping
 
     learner, plain = make_learner("melu", inner_lr=0.1), make_learner("melu", meta="none")
     step = tf.function(learner.train_step, autograph=False)

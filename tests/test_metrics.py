@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from gmeta.trainer.metrics import (auc, evaluate_scores, paired_difference, per_task_metrics,
+from gmeta.trainer.evaluation.metrics import (auc, evaluate_scores, paired_difference, per_task_metrics,
                                    summarize)
 
 

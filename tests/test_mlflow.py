@@ -41,7 +41,7 @@ def test_two_worker_run_is_logged_registered_and_evaluated(tiny_synth, tmp_path)
     assert abs(run.data.metrics["user_cold.auc_adapted"] - trained["user_cold"]["auc_adapted"]) < 1e-6
     assert "train_loss" in run.data.metrics and "comm_per_step.allreduce.calls" in run.data.metrics
     # what ran: versions, world size, source commit; the dataset with its schema and digest
-    from gmeta.trainer.run_info import dataset_digest, source_commit
+    from gmeta.trainer.tracking.run_info import dataset_digest, source_commit
     tags = run.data.tags
     assert tags["gmeta.world_size"] == "2" and tags["tensorflow.version"] == "2.17.1"
     assert tags["horovod.version"] and tags["gmeta.version"]
@@ -77,7 +77,7 @@ def test_two_worker_run_is_logged_registered_and_evaluated(tiny_synth, tmp_path)
     import mlflow
     from mlflow.models import Model
 
-    from gmeta.trainer.savedmodel import horovod_ops
+    from gmeta.trainer.serving.savedmodel import horovod_ops
 
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)  # the registry follows the tracking URI
@@ -161,7 +161,7 @@ def test_run_logged_to_a_real_mlflow_server(tiny_synth, tmp_path, mlflow_server)
 def test_tracking_flags_default_to_mlflow_environment_variables(monkeypatch):
     import argparse
 
-    from gmeta.trainer.tracking import DEFAULT_TRACKING_URI, add_tracking_arguments
+    from gmeta.trainer.tracking.mlflow_run import DEFAULT_TRACKING_URI, add_tracking_arguments
 
     def parsed(*argv):
         p = argparse.ArgumentParser()
@@ -182,7 +182,7 @@ def test_unreachable_tracking_server_warns_once_and_logs_to_a_local_fallback(tmp
     warning, and the run goes to a sqlite store in the output directory."""
     from mlflow import MlflowClient
 
-    from gmeta.trainer.tracking import FALLBACK_DB, Tracker
+    from gmeta.trainer.tracking.mlflow_run import FALLBACK_DB, Tracker
 
     dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
     tracker = Tracker(dead, "gmeta", "r", enabled=True, fallback_dir=str(tmp_path))
@@ -198,7 +198,7 @@ def test_unreachable_tracking_server_warns_once_and_logs_to_a_local_fallback(tmp
 
 
 def test_a_local_store_that_cannot_be_opened_is_a_clear_error(tmp_path):
-    from gmeta.trainer.tracking import Tracker
+    from gmeta.trainer.tracking.mlflow_run import Tracker
 
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -209,7 +209,7 @@ def test_a_local_store_that_cannot_be_opened_is_a_clear_error(tmp_path):
 def test_credentials_in_uris_never_reach_the_logged_parameters(tmp_path):
     from mlflow import MlflowClient
 
-    from gmeta.trainer.tracking import Tracker, redact
+    from gmeta.trainer.tracking.mlflow_run import Tracker, redact
 
     assert redact("https://alice:s3cret@mlflow.example.com/x") == "https://***@mlflow.example.com/x"
     assert redact("hdfs://nn:8020/data") == "hdfs://nn:8020/data" and redact("runs/abc") == "runs/abc"

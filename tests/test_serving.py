@@ -102,8 +102,8 @@ FRESH = textwrap.dedent("""
 def test_saved_model_adapts_in_a_tensorflow_only_process_like_eval_step(trained, tiny_synth, tmp_path):
     """adapt_and_predict (loaded with TensorFlow alone) == learner.eval_step on the same tasks."""
     from gmeta.io.reader import MetaReader
-    from gmeta.trainer.export import load_model
-    from gmeta.trainer.savedmodel import horovod_ops, trained_steps
+    from gmeta.trainer.serving.export import load_model
+    from gmeta.trainer.serving.savedmodel import horovod_ops, trained_steps
 
     jobs, refs = {}, {}
     for model, export in trained["exports"].items():

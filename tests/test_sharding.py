@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from gmeta.trainer.sharding import ShardingPlan, TableConfig
+from gmeta.trainer.embedding.plan import ShardingPlan, TableConfig
 
 
 def _plan(world_size=3):

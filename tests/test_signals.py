@@ -8,8 +8,8 @@ import textwrap
 
 PRELUDE = textwrap.dedent("""
     import os, signal, sys, time
-    from gmeta.trainer.comm import StopRequest
-    from gmeta.trainer.signals import Stopped, StopSignals
+    from gmeta.trainer.parallel.comm import StopRequest
+    from gmeta.trainer.run.signals import Stopped, StopSignals
     request = StopRequest()
 """)
 

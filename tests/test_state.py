@@ -1,4 +1,4 @@
-"""The run's state by name (gmeta.trainer.state), the export built on it, and the scaling rule's
+"""The run's state by name (gmeta.trainer.meta.state), the export built on it, and the scaling rule's
 count: every variable that defines a run is listed once, export and load go through that list
 only, and tasks without query rows do not count."""
 
@@ -9,8 +9,8 @@ import tensorflow as tf
 from conftest import REPO, last_json, run_gmeta
 from test_meta_learner import SCHEMA, make_batch, make_learner
 
-from gmeta.trainer.export import export_model, load_model
-from gmeta.trainer.state import run_state
+from gmeta.trainer.serving.export import export_model, load_model
+from gmeta.trainer.meta.state import run_state
 
 MODELS = ["melu", "maml_dnn", "maml_esmm", "metaemb"]
 

@@ -102,7 +102,7 @@ def worker_main(prog: str, worker, make_config=lambda settings: settings) -> Non
     import argparse
     import json
 
-    from gmeta.trainer.launch import run_guarded
+    from gmeta.trainer.parallel.launch import run_guarded
 
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--worker", required=True, help="(internal) output folder of a worker run")

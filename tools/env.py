@@ -20,7 +20,7 @@ def _version(module_name: str):
 
 def collect() -> dict:
     from gmeta import __version__
-    from gmeta.trainer.comm import horovod_build_info
+    from gmeta.trainer.parallel.comm import horovod_build_info
 
     info = {
         "gmeta": __version__,

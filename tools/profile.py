@@ -59,7 +59,7 @@ def main(args) -> int:
     import json
 
     from gmeta.io.errors import DataError
-    from gmeta.trainer.tiering import PROFILE_DIR, profile_split, save_profile
+    from gmeta.trainer.embedding.tiering import PROFILE_DIR, profile_split, save_profile
 
     out = args.out or os.path.join(args.data, PROFILE_DIR)
     start = time.time()

@@ -11,7 +11,7 @@ import json
 import sys
 from dataclasses import dataclass
 
-from gmeta.trainer.launch import run_guarded
+from gmeta.trainer.parallel.launch import run_guarded
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class EvaluateConfig:
 
 
 def add_arguments(p) -> None:
-    from gmeta.trainer.tracking import add_tracking_arguments
+    from gmeta.trainer.tracking.mlflow_run import add_tracking_arguments
 
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", default="", help="MLflow run id of a gmeta train run")
@@ -58,10 +58,10 @@ def main(args) -> int:
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
-    from gmeta.trainer.evaluation import evaluate_splits, evaluation_splits, item_baselines
-    from gmeta.trainer.export import load_model
-    from gmeta.trainer.report import print_report
-    from gmeta.trainer.tracking import resolve_export_dir
+    from gmeta.trainer.evaluation.splits import evaluate_splits, evaluation_splits, item_baselines
+    from gmeta.trainer.serving.export import load_model
+    from gmeta.trainer.evaluation.report import print_report
+    from gmeta.trainer.tracking.mlflow_run import resolve_export_dir
     from gmeta.trainer.train import load_plain_baseline
 
     source = cfg.export or cfg.model_uri or cfg.run

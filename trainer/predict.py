@@ -10,8 +10,8 @@ ids joined by ``|``). The output holds the same rows in the same order with ``sc
 and ``score_unadapted`` (and ``score_<head>_...`` per extra head) filled on query rows and empty
 on support rows, written as Parquet, ORC or CSV by the extension of ``--out``.
 
-Scoring runs through the export's SavedModel (``gmeta.trainer.savedmodel``; built on the fly
-into a temporary directory when the export has none) with ``gmeta.trainer.serving``'s runtime:
+Scoring runs through the export's SavedModel (``gmeta.trainer.serving.savedmodel``; built on the fly
+into a temporary directory when the export has none) with ``gmeta.trainer.serving.runtime``'s runtime:
 rows are grouped into tasks with numpy (no Python loop over rows) and ``--tasks-per-call``
 tasks go through the SavedModel per call.
 
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gmeta.trainer.launch import run_guarded
-from gmeta.trainer.savedmodel import DEFAULT_MAX_TABLE_BYTES
+from gmeta.trainer.parallel.launch import run_guarded
+from gmeta.trainer.serving.savedmodel import DEFAULT_MAX_TABLE_BYTES
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".orc": "orc", ".csv": "csv"}
 LIST_SEPARATOR = "|"
@@ -50,7 +50,7 @@ class PredictConfig:
 
 
 def add_arguments(p) -> None:
-    from gmeta.trainer.tracking import add_tracking_arguments
+    from gmeta.trainer.tracking.mlflow_run import add_tracking_arguments
 
     p.add_argument("--model", required=True,
                    help="a gmeta export directory, a models:/ or runs:/ URI, or an MLflow run id")
@@ -77,9 +77,9 @@ def main(args) -> int:
 def predict(cfg: PredictConfig) -> dict:
     import pyarrow as pa
 
-    from gmeta.trainer.savedmodel import saved_model_of, write_saved_model
-    from gmeta.trainer.serving import ServingRuntime
-    from gmeta.trainer.tracking import resolve_export_dir
+    from gmeta.trainer.serving.savedmodel import saved_model_of, write_saved_model
+    from gmeta.trainer.serving.runtime import ServingRuntime
+    from gmeta.trainer.tracking.mlflow_run import resolve_export_dir
 
     if cfg.tasks_per_call < 1:
         raise ValueError("--tasks-per-call must be >= 1")
@@ -218,7 +218,7 @@ def write_eval_predictions(rows_by_split: dict, path: str, log=None) -> int:
     rows the evaluation already gathered (``evaluate_splits(..., rows_out=)``)."""
     import pyarrow as pa
 
-    from gmeta.trainer.savedmodel import output_name
+    from gmeta.trainer.serving.savedmodel import output_name
 
     columns = {}
     for split, out in rows_by_split.items():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gmeta.trainer.launch import run_guarded
+from gmeta.trainer.parallel.launch import run_guarded
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,7 @@ class RegisterConfig:
 
 
 def add_arguments(p) -> None:
-    from gmeta.trainer.tracking import add_tracking_arguments
+    from gmeta.trainer.tracking.mlflow_run import add_tracking_arguments
 
     p.add_argument("--run", required=True, help="MLflow run id of a gmeta train run")
     p.add_argument("--name", required=True, help="registered model name")
@@ -36,7 +36,7 @@ def register(cfg: RegisterConfig) -> dict:
     import mlflow
     from mlflow import MlflowClient
 
-    from gmeta.trainer.tracking import model_uri_of_run
+    from gmeta.trainer.tracking.mlflow_run import model_uri_of_run
 
     uri = model_uri_of_run(cfg.run, cfg.tracking_uri)
     version = mlflow.register_model(uri, cfg.name)

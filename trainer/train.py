@@ -14,7 +14,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from gmeta.trainer.launch import collective_aborted, run_guarded
+from gmeta.trainer.parallel.launch import collective_aborted, run_guarded
 
 
 AUTO = "auto"
@@ -50,7 +50,7 @@ class TrainConfig:
     parallel: str = "hybrid"           # hybrid | naive | sok | auto
     input_sharding: str = "units"      # units | replicated (see TrainInput)
     tiering: str = "off"               # off | auto | BUDGET bytes per worker of replicated hot rows
-    hot_sync: str = "auto"             # auto | sparse | dense (gmeta.trainer.embedding_tiered)
+    hot_sync: str = "auto"             # auto | sparse | dense (gmeta.trainer.embedding.tiered)
     profile_dir: str = ""              # "": DATA/_profile (gmeta profile)
     emb_dim: int = 16
     hidden: tuple = (64, 64)
@@ -73,7 +73,7 @@ class TrainConfig:
     checkpoint_every_steps: int = 0    # also every N global steps (0: only at epoch ends)
     checkpoint_every_secs: float = 0.0 # also when S seconds passed since the last one (0: off)
     keep_checkpoints: int = 3          # newest committed checkpoints kept (0: all)
-    resume: bool = False               # continue from the newest checkpoint (gmeta.trainer.checkpoint)
+    resume: bool = False               # continue from the newest checkpoint (gmeta.trainer.checkpoint.store)
     init_from: str = ""                # a new run starting from trained weights (export, models:/, run id, checkpoint)
     register_as: str = ""              # NAME[@ALIAS]: register the logged model at the end (gmeta register)
     saved_model: bool = True           # export the serving SavedModel (and log the MLflow model)
@@ -125,18 +125,18 @@ class TrainConfig:
     @property
     def tiering_budget(self):
         """None (off), -1 (auto) or bytes per worker."""
-        from gmeta.trainer.tiering import parse_budget
+        from gmeta.trainer.embedding.tiering import parse_budget
 
         return parse_budget(self.tiering)
 
     @property
     def support_points(self) -> tuple:
-        from gmeta.trainer.support_curve import parse_points
+        from gmeta.trainer.evaluation.support_curve import parse_points
 
         return parse_points(self.support_curve)
 
     def meta_config(self, meta: str | None = None):
-        from gmeta.trainer.meta_learner import MetaConfig
+        from gmeta.trainer.meta.learner import MetaConfig
 
         return MetaConfig(meta=meta or self.meta, inner_steps=self.inner_steps, inner_lr=self.inner_lr,
                           first_order=self.first_order, meta_sgd=self.meta_sgd and (meta or self.meta) == "maml",
@@ -214,7 +214,7 @@ def _size(text: str):
 
 def add_arguments(p) -> None:
     from gmeta.models.registry import MODELS
-    from gmeta.trainer.tracking import add_tracking_arguments
+    from gmeta.trainer.tracking.mlflow_run import add_tracking_arguments
 
     d = TrainConfig(model="", data="")
     p.add_argument("--model", required=True, choices=sorted(MODELS), help="zoo model")
@@ -372,18 +372,18 @@ def train(cfg: TrainConfig, on_epoch=None) -> dict:
     """Meta-train, run the model's extra phases, evaluate against the baselines, export, log.
 
     ``on_epoch(epoch, report)`` is called on every rank after each epoch with the validation
-    split's report (``gmeta.trainer.evaluation``; None without a validation split); it may raise
+    split's report (``gmeta.trainer.evaluation.splits``; None without a validation split); it may raise
     to stop the run (e.g. a pruned tuning trial).
     """
     import tensorflow as tf
 
     from gmeta.io.schema import Schema
-    from gmeta.trainer.checkpoint import RunCheckpoints
-    from gmeta.trainer.comm import init_communicator
-    from gmeta.trainer.evaluation import evaluation_splits
-    from gmeta.trainer.run_info import run_tags
-    from gmeta.trainer.signals import Stopped, StopSignals
-    from gmeta.trainer.tracking import Tracker, mark_if_running
+    from gmeta.trainer.checkpoint.store import RunCheckpoints
+    from gmeta.trainer.parallel.comm import init_communicator
+    from gmeta.trainer.evaluation.splits import evaluation_splits
+    from gmeta.trainer.tracking.run_info import run_tags
+    from gmeta.trainer.run.signals import Stopped, StopSignals
+    from gmeta.trainer.tracking.mlflow_run import Tracker, mark_if_running
 
     tf.random.set_seed(cfg.seed)
     comm = init_communicator(cfg.comm)
@@ -446,13 +446,13 @@ def _run(cfg, comm, log, schema, splits, learner, plain, reader, checkpoints, tr
          steps) -> dict:
     """The body of ``train`` once the run's MLflow record and signal handling are in place."""
     from gmeta.io.plan import distinct_values
-    from gmeta.trainer.early_stopping import EarlyStopping
-    from gmeta.trainer.evaluation import evaluate_splits, item_baselines
-    from gmeta.trainer.export import export_model
-    from gmeta.trainer.phases import run_phases
-    from gmeta.trainer.report import curve_metrics, print_report, save_per_task
-    from gmeta.trainer.run_info import mlflow_dataset
-    from gmeta.trainer.train_loop import fit
+    from gmeta.trainer.run.early_stopping import EarlyStopping
+    from gmeta.trainer.evaluation.splits import evaluate_splits, item_baselines
+    from gmeta.trainer.serving.export import export_model
+    from gmeta.trainer.meta.phases import run_phases
+    from gmeta.trainer.evaluation.report import curve_metrics, print_report, save_per_task
+    from gmeta.trainer.tracking.run_info import mlflow_dataset
+    from gmeta.trainer.run.loop import fit
 
     is_chief = comm.rank == 0
     if not checkpoints.mlflow_run_id:
@@ -504,7 +504,7 @@ def _run(cfg, comm, log, schema, splits, learner, plain, reader, checkpoints, tr
                                         log, plain=plain, baselines=baselines, rows_out=rows)
     curve = {}
     if cfg.support_points and splits:
-        from gmeta.trainer.support_curve import support_curve
+        from gmeta.trainer.evaluation.support_curve import support_curve
 
         curve = support_curve(learner, plain, cfg.data, splits, comm, cfg.reader_kwargs(), cfg.eval_steps,
                               cfg.support_points, log)
@@ -540,8 +540,8 @@ def _run(cfg, comm, log, schema, splits, learner, plain, reader, checkpoints, tr
 
 
 def _plots(history, validation, curve, rows, model, directory: str, log) -> str:
-    """The run's PNG plots (gmeta.trainer.plots); a plot that fails is reported, not fatal."""
-    from gmeta.trainer import plots
+    """The run's PNG plots (gmeta.trainer.evaluation.plots); a plot that fails is reported, not fatal."""
+    from gmeta.trainer.evaluation import plots
 
     heads = [k[:-len("/label")] for r in rows.values() if r for k in r if k.endswith("/label")]
     jobs = [("learning_curve.png", lambda p: plots.learning_curve(history, validation, p))]
@@ -609,8 +609,8 @@ def plan_run_tiering(cfg: TrainConfig, schema, comm, log):
     if cfg.tiering_budget is None:
         return None
     from gmeta.models.registry import build_model
-    from gmeta.trainer.sparse_optim import slots_per_row
-    from gmeta.trainer.tiering import plan_tiering
+    from gmeta.trainer.embedding.row_optim import slots_per_row
+    from gmeta.trainer.embedding.tiering import plan_tiering
 
     model = build_model(cfg.model, schema, cfg.model_config())
     rows = cfg.tasks_per_batch * (int(cfg.support_size) + int(cfg.query_size))
@@ -622,8 +622,8 @@ def build_learner(cfg: TrainConfig, schema, comm, meta: str, tiering=None):
     """A zoo model with its embedding tables and meta-learner, identical on every rank;
     ``tiering``: ``(hot rows per table, sync)`` from ``plan_run_tiering``."""
     from gmeta.models.registry import build_model
-    from gmeta.trainer.meta_learner import MetaLearner
-    from gmeta.trainer.setup import build_embedding
+    from gmeta.trainer.meta.learner import MetaLearner
+    from gmeta.trainer.embedding.build import build_embedding
 
     model = build_model(cfg.model, schema, cfg.model_config())
     fit_to_training_split(model, cfg.data)
@@ -653,8 +653,8 @@ def fit_to_training_split(model, data: str) -> None:
 def load_plain_baseline(source: str, tracking_uri):
     """A trained ``--meta none`` model from an export directory, a models:/ or runs:/ URI or an
     MLflow run id, loaded in this process."""
-    from gmeta.trainer.export import load_model
-    from gmeta.trainer.tracking import resolve_export_dir
+    from gmeta.trainer.serving.export import load_model
+    from gmeta.trainer.tracking.mlflow_run import resolve_export_dir
 
     learner, meta = load_model(resolve_export_dir(source, tracking_uri))
     if learner.config.meta != "none":

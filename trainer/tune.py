@@ -46,8 +46,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from gmeta.trainer.launch import run_guarded
-from gmeta.trainer.signals import Stopped
+from gmeta.trainer.parallel.launch import run_guarded
+from gmeta.trainer.run.signals import Stopped
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 OBJECTIVE = "validation GAUC adapted (final model, validation split)"
@@ -247,7 +247,7 @@ def _field_argv(action, name: str, value) -> list:
     return [flag, _text(value)]
 
 
-_ENV_DEFAULTS = ("tracking_uri", "experiment")  # gmeta.trainer.tracking.add_tracking_arguments
+_ENV_DEFAULTS = ("tracking_uri", "experiment")  # gmeta.trainer.tracking.mlflow_run.add_tracking_arguments
 
 
 def config_argv(cfg, parser=None, force=()) -> list:
@@ -367,7 +367,7 @@ def default_study_name(model: str, data: str) -> str:
 
 def add_arguments(p) -> None:
     from gmeta.models.registry import MODELS
-    from gmeta.trainer.tracking import add_tracking_arguments
+    from gmeta.trainer.tracking.mlflow_run import add_tracking_arguments
     from gmeta.trainer.train import TrainConfig, _size
 
     d = TrainConfig(model="", data="")
@@ -674,7 +674,7 @@ def run_under_horovodrun(tcfg, workers: int, split: str, env: dict, trial=None) 
 def make_objective(cfg: TuneConfig, tracking: StudyTracking, failures: list):
     import optuna
 
-    from gmeta.trainer.train_loop import TrainingDiverged
+    from gmeta.trainer.run.loop import TrainingDiverged
 
     def objective(trial) -> float:
         values = suggest(trial, cfg.space)
@@ -914,8 +914,8 @@ def _paired_trials(cfg: TuneConfig, a: int, b: int):
     per-task arrays their runs saved (None when either is not on this machine)."""
     import glob
 
-    from gmeta.trainer.metrics import paired_difference
-    from gmeta.trainer.report import load_per_task
+    from gmeta.trainer.evaluation.metrics import paired_difference
+    from gmeta.trainer.evaluation.report import load_per_task
 
     per_task = []
     for number in (a, b):

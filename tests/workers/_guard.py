@@ -3,12 +3,12 @@
 A worker that raises on one rank while the others wait in a collective must end the whole
 horovodrun job at once (with the rank's message), exactly as ``gmeta train`` does, instead of
 hanging until the pytest timeout. ``guard(main, *args)`` runs ``main`` under
-``gmeta.trainer.launch.run_guarded`` and exits with its status. Every multi-worker test worker
+``gmeta.trainer.parallel.launch.run_guarded`` and exits with its status. Every multi-worker test worker
 calls it as its last top-level statement (tests/test_foundation.py checks that).
 """
 import sys
 
-from gmeta.trainer.launch import run_guarded
+from gmeta.trainer.parallel.launch import run_guarded
 
 
 def guard(main, *args) -> None:

@@ -19,9 +19,9 @@ import numpy as np
 
 from _guard import guard
 from gmeta.io.schema import Schema
-from gmeta.trainer.checkpoint import init_from, latest_checkpoint, restore_checkpoint, save_checkpoint
-from gmeta.trainer.comm import init_communicator
-from gmeta.trainer.state import run_state
+from gmeta.trainer.checkpoint.store import init_from, latest_checkpoint, restore_checkpoint, save_checkpoint
+from gmeta.trainer.parallel.comm import init_communicator
+from gmeta.trainer.meta.state import run_state
 from gmeta.trainer.train import TrainConfig, build_learner
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from _guard import guard
-from gmeta.trainer.comm import init_communicator
+from gmeta.trainer.parallel.comm import init_communicator
 
 
 def main(out_dir):

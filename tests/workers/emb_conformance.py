@@ -15,10 +15,10 @@ import numpy as np
 import tensorflow as tf
 
 import emb_reference as ref
-from gmeta.trainer.comm import init_communicator
-from gmeta.trainer.embedding import RowOptimizerConfig, make_embedding
-from gmeta.trainer.embedding_init import initial_rows
-from gmeta.trainer.launch import run_guarded
+from gmeta.trainer.parallel.comm import init_communicator
+from gmeta.trainer.embedding.factory import RowOptimizerConfig, make_embedding
+from gmeta.trainer.embedding.initial import initial_rows
+from gmeta.trainer.parallel.launch import run_guarded
 
 SPEC = {"item_id": tf.TensorSpec([None], tf.int64),
         "hist_items": tf.TensorSpec([None, ref.HIST], tf.int64),

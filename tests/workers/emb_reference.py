@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from gmeta.trainer.sharding import ShardingPlan, TableConfig
+from gmeta.trainer.embedding.plan import ShardingPlan, TableConfig
 
 TABLES = [TableConfig("item", 50, 4), TableConfig("user", 7, 3, hashed=True),
           TableConfig("tiny", 2, 2)]
@@ -114,7 +114,7 @@ def reference_grads(full: dict, batches: list) -> tuple:
 
 
 class ReferenceOptimizer:
-    """numpy sgd / adagrad / lazy adam on full tables (formulas of gmeta.trainer.sparse_optim)."""
+    """numpy sgd / adagrad / lazy adam on full tables (formulas of gmeta.trainer.embedding.row_optim)."""
 
     def __init__(self, config, tables: dict):
         self.c = config

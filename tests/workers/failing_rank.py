@@ -7,7 +7,7 @@ allreduce; the guard must end the whole job with rank 1's message instead of han
 import tensorflow as tf
 
 from _guard import guard
-from gmeta.trainer.comm import init_communicator
+from gmeta.trainer.parallel.comm import init_communicator
 
 MESSAGE = "rank 1 found a corrupt input file: bad.orc"
 

@@ -11,7 +11,7 @@ import numpy as np
 import tensorflow as tf
 
 from gmeta.io.reader import MetaReader
-from gmeta.trainer.comm import init_communicator
+from gmeta.trainer.parallel.comm import init_communicator
 
 data_dir, out_dir = sys.argv[1], sys.argv[2]
 comm = init_communicator("horovod")

@@ -16,9 +16,9 @@ from test_meta_learner import SCHEMA, make_batch  # noqa: E402
 
 from gmeta.models.base import ModelConfig  # noqa: E402
 from gmeta.models.registry import build_model  # noqa: E402
-from gmeta.trainer.comm import LocalCommunicator, init_communicator  # noqa: E402
-from gmeta.trainer.meta_learner import MetaConfig, MetaLearner  # noqa: E402
-from gmeta.trainer.setup import build_embedding  # noqa: E402
+from gmeta.trainer.parallel.comm import LocalCommunicator, init_communicator  # noqa: E402
+from gmeta.trainer.meta.learner import MetaConfig, MetaLearner  # noqa: E402
+from gmeta.trainer.embedding.build import build_embedding  # noqa: E402
 
 T_LOCAL = 3
 OUTER_LR = 0.01

@@ -76,7 +76,7 @@ def summarize_trace(xplane_path: str, steps: int) -> dict:
 
 
 def main(args) -> int:
-    from gmeta.tools.bench_step import BenchStepConfig
+    from gmeta.tools.bench.step import BenchStepConfig
 
     cfg = BenchStepConfig(np=2, rows=args.rows, dim=32, batch_ids=32 * 74 * 4, steps=args.steps, warmup=2,
                           optimizer="adagrad", zipf=1.2, seed=0, timeout=args.timeout, json_only=True,
@@ -84,7 +84,7 @@ def main(args) -> int:
     out_dir = tempfile.mkdtemp(prefix="gmeta_bench_breakdown_")
     bin_dir = Path(sys.executable).parent
     cmd = [str(bin_dir / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "-m",
-           "gmeta.tools.bench_breakdown", "--worker", out_dir, "--config", json.dumps(asdict(cfg))]
+           "gmeta.tools.bench.breakdown", "--worker", out_dir, "--config", json.dumps(asdict(cfg))]
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", TF_CPP_MIN_LOG_LEVEL="2")
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
@@ -112,9 +112,9 @@ def main(args) -> int:
 def _worker(out_dir: str, config: dict) -> int:
     import tensorflow as tf
 
-    from gmeta.tools.bench_step import BenchStepConfig, full_batch, full_learner
-    from gmeta.trainer.comm import init_communicator
-    from gmeta.trainer.meta_learner import batch_spec
+    from gmeta.tools.bench.step import BenchStepConfig, full_batch, full_learner
+    from gmeta.trainer.parallel.comm import init_communicator
+    from gmeta.trainer.meta.learner import batch_spec
 
     cfg = BenchStepConfig(**config)
     comm = init_communicator("horovod")
@@ -145,4 +145,4 @@ def _worker(out_dir: str, config: dict) -> int:
 if __name__ == "__main__":
     from gmeta.tools.common import worker_main
 
-    worker_main("gmeta.tools.bench_breakdown", _worker)
+    worker_main("gmeta.tools.bench.breakdown", _worker)

@@ -7,15 +7,15 @@ from __future__ import annotations
 import importlib
 
 BENCHES = {
-    "io": "gmeta.tools.bench_io",      # reader rows/s vs raw pyarrow decode
-    "step": "gmeta.tools.bench_step",  # hybrid vs naive embedding step: bytes and memory per worker
-    "meta": "gmeta.tools.bench_meta",  # meta-step speed: vectorized inner loop vs task-by-task loop
-    "memory": "gmeta.tools.bench_memory",  # peak resident memory per worker, 1 vs 2 workers
-    "projection": "gmeta.tools.bench_projection",  # a model: throughput at 8-64 workers
-    "movielens": "gmeta.tools.bench_movielens",  # MeLU tasks/s on MovieLens-100K-shaped tasks
-    "breakdown": "gmeta.tools.bench_breakdown",  # where a meta-step's time goes (profiler trace)
-    "hot": "gmeta.tools.bench_hot",  # tiered embeddings (hot rows replicated) vs plain sharding
-    "coldstart": "gmeta.tools.bench_coldstart",  # quality on real data: models vs popularity, item-kNN, plain
+    "io": "gmeta.tools.bench.reader",      # reader rows/s vs raw pyarrow decode
+    "step": "gmeta.tools.bench.step",  # hybrid vs naive embedding step: bytes and memory per worker
+    "meta": "gmeta.tools.bench.meta",  # meta-step speed: vectorized inner loop vs task-by-task loop
+    "memory": "gmeta.tools.bench.memory",  # peak resident memory per worker, 1 vs 2 workers
+    "projection": "gmeta.tools.bench.projection",  # a model: throughput at 8-64 workers
+    "movielens": "gmeta.tools.bench.movielens",  # MeLU tasks/s on MovieLens-100K-shaped tasks
+    "breakdown": "gmeta.tools.bench.breakdown",  # where a meta-step's time goes (profiler trace)
+    "hot": "gmeta.tools.bench.hot",  # tiered embeddings (hot rows replicated) vs plain sharding
+    "coldstart": "gmeta.tools.bench.coldstart",  # quality on real data: models vs popularity, item-kNN, plain
 }
 
 

@@ -31,14 +31,14 @@ from pathlib import Path
 
 import numpy as np
 
-from gmeta.trainer.metrics import paired_difference, summarize
-from gmeta.trainer.report import load_per_task
+from gmeta.trainer.evaluation.metrics import paired_difference, summarize
+from gmeta.trainer.evaluation.report import load_per_task
 
 SCORERS = ("adapted", "unadapted", "plain", "plain_finetuned", "item_mean", "item_knn")
 METRICS = ("gauc", "ndcg@10")
 PROTOCOLS = ("explicit", "implicit")
 COLD_RULES = ("time", "random")
-DEV_SET = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
+DEV_SET = Path(__file__).resolve().parents[3] / "shared" / "data" / "ml-latest-small"
 TASK_KEY = 1 << 40      # pooled task id = seed * TASK_KEY + task id
 
 

@@ -3,7 +3,7 @@
 For each worker count (``--nps``, one horovodrun launch each), Zipf exponent (``--zipfs``) and
 batch size (``--batches``, ids looked up per worker per step), workers draw Zipf-skewed ids over
 one ``--rows`` x ``--dim`` table (hot ids scattered over owners by a multiplicative hash), pick
-the hot rows from a profile of separate draws (``gmeta.trainer.tiering.choose_hot``, the top
+the hot rows from a profile of separate draws (``gmeta.trainer.embedding.tiering.choose_hot``, the top
 ``--shares`` of rows) and time a traced embedding step (lookup, loss, backward, row-wise
 update; the median of ``--steps`` steps) for no tiering and for tiering with the sparse and the
 dense sync.
@@ -102,7 +102,7 @@ def main(args) -> int:
               file=sys.stderr, flush=True)
         out_dir = tempfile.mkdtemp(prefix="gmeta_bench_hot_")
         try:
-            per_rank = launch_bench("hot", "gmeta.tools.bench_hot", n, out_dir, asdict(cfg), cfg.timeout)
+            per_rank = launch_bench("hot", "gmeta.tools.bench.hot", n, out_dir, asdict(cfg), cfg.timeout)
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
         rows += combine(per_rank)
@@ -185,10 +185,10 @@ def _worker(out_dir: str, cfg: BenchHotConfig) -> int:
 
     import tensorflow as tf
 
-    from gmeta.trainer.comm import init_communicator
-    from gmeta.trainer.embedding import RowOptimizerConfig, make_embedding
-    from gmeta.trainer.sharding import ShardingPlan, TableConfig
-    from gmeta.trainer.tiering import TableProfile, choose_hot
+    from gmeta.trainer.parallel.comm import init_communicator
+    from gmeta.trainer.embedding.factory import RowOptimizerConfig, make_embedding
+    from gmeta.trainer.embedding.plan import ShardingPlan, TableConfig
+    from gmeta.trainer.embedding.tiering import TableProfile, choose_hot
 
     comm = init_communicator("horovod")
     n, rank = comm.size, comm.rank
@@ -248,5 +248,5 @@ def _worker(out_dir: str, cfg: BenchHotConfig) -> int:
 if __name__ == "__main__":
     from gmeta.tools.common import worker_main
 
-    worker_main("gmeta.tools.bench_hot", _worker,
+    worker_main("gmeta.tools.bench.hot", _worker,
                 lambda d: BenchHotConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}))

@@ -77,7 +77,7 @@ def _launch(n: int, config: dict, timeout: int) -> list:
         raise SystemExit("gmeta bench memory: horovodrun not found next to this Python")
     out_dir = tempfile.mkdtemp(prefix="gmeta_bench_memory_")
     cmd = [str(horovodrun), "-np", str(n), "-H", f"localhost:{n}", "--gloo", sys.executable, "-m",
-           "gmeta.tools.bench_memory", "--worker", out_dir, "--config", json.dumps(config)]
+           "gmeta.tools.bench.memory", "--worker", out_dir, "--config", json.dumps(config)]
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
@@ -95,9 +95,9 @@ def _launch(n: int, config: dict, timeout: int) -> list:
 def _worker(out_dir: str, config: dict) -> int:
     import tensorflow as tf
 
-    from gmeta.trainer.comm import init_communicator
-    from gmeta.trainer.embedding import RowOptimizerConfig, make_embedding
-    from gmeta.trainer.sharding import ShardingPlan, TableConfig
+    from gmeta.trainer.parallel.comm import init_communicator
+    from gmeta.trainer.embedding.factory import RowOptimizerConfig, make_embedding
+    from gmeta.trainer.embedding.plan import ShardingPlan, TableConfig
 
     comm = init_communicator("horovod")
     comm.barrier()
@@ -127,4 +127,4 @@ def _worker(out_dir: str, config: dict) -> int:
 if __name__ == "__main__":
     from gmeta.tools.common import worker_main
 
-    worker_main("gmeta.tools.bench_memory", _worker)
+    worker_main("gmeta.tools.bench.memory", _worker)

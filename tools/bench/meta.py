@@ -57,9 +57,9 @@ def _time(schema, batch, args, task_loop: bool) -> float:
 
     from gmeta.models.base import ModelConfig
     from gmeta.models.registry import build_model
-    from gmeta.trainer.comm import LocalCommunicator
-    from gmeta.trainer.meta_learner import MetaConfig, MetaLearner
-    from gmeta.trainer.setup import build_embedding
+    from gmeta.trainer.parallel.comm import LocalCommunicator
+    from gmeta.trainer.meta.learner import MetaConfig, MetaLearner
+    from gmeta.trainer.embedding.build import build_embedding
 
     hidden = tuple(int(h) for h in args.hidden.split(","))
     model = build_model("maml_dnn", schema, ModelConfig(emb_dim=args.dim, hidden=hidden))

@@ -104,7 +104,7 @@ def main(args) -> int:
 
     out_dir = tempfile.mkdtemp(prefix="gmeta_bench_step_")
     try:
-        per_rank = launch_bench("step", "gmeta.tools.bench_step", cfg.np, out_dir, asdict(cfg), cfg.timeout)
+        per_rank = launch_bench("step", "gmeta.tools.bench.step", cfg.np, out_dir, asdict(cfg), cfg.timeout)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
     result = summarize(cfg, per_rank)
@@ -216,8 +216,8 @@ def full_learner(cfg: BenchStepConfig, comm, mode: str):
     from gmeta.io.schema import Schema, SparseFeature, TableSpec
     from gmeta.models.base import ModelConfig
     from gmeta.models.registry import build_model
-    from gmeta.trainer.meta_learner import MetaConfig, MetaLearner
-    from gmeta.trainer.setup import build_embedding
+    from gmeta.trainer.meta.learner import MetaConfig, MetaLearner
+    from gmeta.trainer.embedding.build import build_embedding
 
     schema = Schema(labels=("click",),
                     sparse=(SparseFeature("item_id", "item_id", group="item"),
@@ -237,7 +237,7 @@ def _full_worker(cfg: BenchStepConfig, comm) -> dict:
 
     import tensorflow as tf
 
-    from gmeta.trainer.meta_learner import batch_spec
+    from gmeta.trainer.meta.learner import batch_spec
 
     batches = [tf.nest.map_structure(tf.constant, full_batch(cfg, comm.rank, s))
                for s in range(cfg.warmup + cfg.steps)]
@@ -272,9 +272,9 @@ def _worker(out_dir: str, cfg: BenchStepConfig) -> int:
 
     import tensorflow as tf
 
-    from gmeta.trainer.comm import init_communicator
-    from gmeta.trainer.embedding import RowOptimizerConfig, make_embedding
-    from gmeta.trainer.sharding import ShardingPlan, TableConfig
+    from gmeta.trainer.parallel.comm import init_communicator
+    from gmeta.trainer.embedding.factory import RowOptimizerConfig, make_embedding
+    from gmeta.trainer.embedding.plan import ShardingPlan, TableConfig
 
     comm = init_communicator("horovod")
     if cfg.full:
@@ -328,4 +328,4 @@ def _worker(out_dir: str, cfg: BenchStepConfig) -> int:
 if __name__ == "__main__":
     from gmeta.tools.common import worker_main
 
-    worker_main("gmeta.tools.bench_step", _worker, lambda d: BenchStepConfig(**d))
+    worker_main("gmeta.tools.bench.step", _worker, lambda d: BenchStepConfig(**d))

@@ -75,7 +75,7 @@ and, on query rows, for three click scores both the pooled AUC (``*_auc_click``)
   side_only         the same score with the deviation and the bias zeroed (what side features and
                     item knowledge give without any support row).
 The gap oracle - side_only is the headroom of per-user adaptation; posterior_oracle - side_only is
-the part of it the support sets make reachable. The AUCs are ``gmeta.trainer.metrics`` (``auc``;
+the part of it the support sets make reachable. The AUCs are ``gmeta.trainer.evaluation.metrics`` (``auc``;
 ``per_task_metrics`` + ``summarize`` for GAUC) over all query rows of a split, or over a fixed-seed
 uniform sample of whole tasks holding at most ``SUMMARY_SAMPLE_ROWS`` query rows on larger splits
 (the posterior is computed only for tasks that can still make the sample), so memory and time
@@ -99,7 +99,7 @@ import numpy as np
 from gmeta.io.tables import arrow_table
 from gmeta.tools.common import (OutputConfig, add_output_arguments, check_flags, group_arange, prepare_out,
                                 run_command)
-from gmeta.trainer.metrics import auc, per_task_metrics, summarize
+from gmeta.trainer.evaluation.metrics import auc, per_task_metrics, summarize
 
 # ---- fixed "physics" of the world; flags scale the world, these shape it ----
 N_AGE, N_GENDER, N_OCCUPATION = 7, 2, 21
@@ -717,7 +717,7 @@ SCORES = {"oracle": ("p_click", True), "posterior_oracle": ("posterior_p_click",
 
 
 class SplitStats:
-    """Per-split counts, accumulated chunk by chunk, and query-row AUCs (``gmeta.trainer.metrics``:
+    """Per-split counts, accumulated chunk by chunk, and query-row AUCs (``gmeta.trainer.evaluation.metrics``:
     pooled ``auc`` and GAUC from ``per_task_metrics`` / ``summarize``, exact with mid-rank ties) over
     all query rows, or over a uniform sample of whole tasks holding at most ``sample_rows`` of them.
 

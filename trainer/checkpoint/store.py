@@ -1,6 +1,6 @@
 """Checkpoints: the whole run's state on disk, written atomically, loadable on any worker count.
 
-What a checkpoint holds comes from ONE place, ``gmeta.trainer.state.run_state(learner)``, for the
+What a checkpoint holds comes from ONE place, ``gmeta.trainer.meta.state.run_state(learner)``, for the
 model and (when it trains alongside) the plain baseline: every replicated variable by name
 (model parameters, Meta-SGD rates, outer Adam slots and step), every rank's table shards with
 their row-wise optimizer slots and the row optimizer's iteration counter, and the model's plain
@@ -272,7 +272,7 @@ def _row_entries(embedding, state: dict) -> dict:
 
 def _split_state(learner):
     """(all state variables by name, {table: row-wise names}, the other names)."""
-    from gmeta.trainer.state import run_state
+    from gmeta.trainer.meta.state import run_state
 
     state = run_state(learner)
     variables = {**state.replicated, **state.sharded}
@@ -423,8 +423,8 @@ def _prune(directory: str, keep: int, step: int, session: str) -> None:
 
 def restore_checkpoint(path: str, learners: dict, comm=None) -> dict:
     """Load a committed checkpoint into ``learners`` (re-sharded for this world size) and return
-    its meta. Every name must match both ways (``gmeta.trainer.state.assign_by_name``)."""
-    from gmeta.trainer.state import assign_by_name
+    its meta. Every name must match both ways (``gmeta.trainer.meta.state.assign_by_name``)."""
+    from gmeta.trainer.meta.state import assign_by_name
 
     manifest, meta = read_checkpoint_meta(path)
     missing = sorted(set(learners) - set(meta.get("learners", [])))
@@ -590,8 +590,8 @@ class _WeightSource:
             self.values = {k[len("model/"):]: v for k, v in dense.items() if k.startswith("model/")}
             self.tables = {name: tuple(shape) for name, shape in self.meta.get("tables", {}).items()}
             return
-        from gmeta.trainer.export import EXPORT_FILE
-        from gmeta.trainer.tracking import resolve_export_dir
+        from gmeta.trainer.serving.export import EXPORT_FILE
+        from gmeta.trainer.tracking.mlflow_run import resolve_export_dir
 
         self.kind, self.where = "export", resolve_export_dir(source, tracking_uri)
         with np.load(os.path.join(self.where, "dense.npz"), allow_pickle=False) as z:
@@ -617,7 +617,7 @@ def init_from(source: str, learners: dict, tracking_uri, log) -> dict:
     """Copy every model variable and table whose name (and shape) exists in both ``source`` and
     each learner; optimizer state stays fresh. Returns ``{learner: {"loaded": [...], "left":
     [...]}}`` and logs which names were loaded and which kept their initial values."""
-    from gmeta.trainer.state import OPTIMIZER_PREFIXES, run_state
+    from gmeta.trainer.meta.state import OPTIMIZER_PREFIXES, run_state
 
     src = _WeightSource(source, tracking_uri)
     report = {}

@@ -15,9 +15,9 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from gmeta.trainer.embedding_init import initial_rows
-from gmeta.trainer.sharding import ShardingPlan, TableConfig
-from gmeta.trainer.sparse_optim import RowOptimizer, RowOptimizerConfig
+from gmeta.trainer.embedding.initial import initial_rows
+from gmeta.trainer.embedding.plan import ShardingPlan, TableConfig
+from gmeta.trainer.embedding.row_optim import RowOptimizer, RowOptimizerConfig
 
 
 def gather_or_zero(vectors: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
@@ -105,7 +105,7 @@ class EmbeddingBase(tf.Module):
     def state_rows(self, name: str) -> np.ndarray:
         """Global row ids of this rank's ``table/<name>`` variable and its slots, in their row
         order (int64): what a checkpoint stores next to the values, so that a checkpoint written
-        by N workers re-shards onto M (``gmeta.trainer.checkpoint``)."""
+        by N workers re-shards onto M (``gmeta.trainer.checkpoint.store``)."""
         return self._plan.global_rows(name, self._comm.rank)
 
     def memory_bytes(self) -> int:
@@ -178,7 +178,7 @@ class EmbeddingBase(tf.Module):
         """
         raise NotImplementedError
 
-    # ---- backward (the scaling rule is gmeta.trainer.comm's) ----
+    # ---- backward (the scaling rule is gmeta.trainer.parallel.comm's) ----
     def reduction_inputs(self, grads) -> list:
         """Tensors of this rank that must be summed over ranks before ``apply_reduced``.
 

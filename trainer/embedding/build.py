@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gmeta.trainer.sharding import ShardingPlan
+from gmeta.trainer.embedding.plan import ShardingPlan
 
 
 def build_plan(model, world_size: int) -> ShardingPlan:
@@ -13,8 +13,8 @@ def build_plan(model, world_size: int) -> ShardingPlan:
 
 def build_embedding(model, comm, mode: str, optimizer: str, learning_rate: float, seed: int,
                     init_stddev: float = 0.05, hot_rows=None, hot_sync: str = "sparse"):
-    from gmeta.trainer.embedding import make_embedding
-    from gmeta.trainer.sparse_optim import RowOptimizerConfig
+    from gmeta.trainer.embedding.factory import make_embedding
+    from gmeta.trainer.embedding.row_optim import RowOptimizerConfig
 
     plan = build_plan(model, comm.size)
     return make_embedding(mode=mode, plan=plan, comm=comm,

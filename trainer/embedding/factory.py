@@ -1,15 +1,15 @@
 """Embedding tables for gmeta: one factory over three interchangeable backends.
 
-* ``hybrid``: rows sharded over ranks (r % N), lookups through AlltoAll (gmeta.trainer.embedding_hybrid)
-* ``naive``:  full tables replicated, dense all-reduce of gradients (gmeta.trainer.embedding_naive)
-* ``sok``:    the hybrid placement with SparseOperationKit's GPU kernels (gmeta.trainer.sok_backend)
+* ``hybrid``: rows sharded over ranks (r % N), lookups through AlltoAll (gmeta.trainer.embedding.hybrid)
+* ``naive``:  full tables replicated, dense all-reduce of gradients (gmeta.trainer.embedding.naive)
+* ``sok``:    the hybrid placement with SparseOperationKit's GPU kernels (gmeta.trainer.embedding.sok)
 * ``auto``:   ``sok`` when it imports and a GPU is visible, else ``hybrid``
 
-``hot_rows`` (``{table: global rows}``, from ``gmeta.trainer.tiering.choose_hot``) turns the
-hybrid backend into the tiered one (gmeta.trainer.embedding_tiered): those rows replicated on
+``hot_rows`` (``{table: global rows}``, from ``gmeta.trainer.embedding.tiering.choose_hot``) turns the
+hybrid backend into the tiered one (gmeta.trainer.embedding.tiered): those rows replicated on
 every rank, the rest sharded; ``hot_sync`` says how replicas are kept equal (sparse | dense).
 
-All backends start from the same global table for a given seed (gmeta.trainer.embedding_init),
+All backends start from the same global table for a given seed (gmeta.trainer.embedding.initial),
 so they and any world size are comparable number for number. Usage::
 
     emb = make_embedding(mode="hybrid", plan=plan, comm=comm,
@@ -22,11 +22,11 @@ so they and any world size are comparable number for number. Usage::
 
 from __future__ import annotations
 
-from gmeta.trainer.embedding_base import EmbeddingBase
-from gmeta.trainer.embedding_hybrid import HybridEmbedding
-from gmeta.trainer.embedding_naive import NaiveEmbedding
-from gmeta.trainer.sharding import ShardingPlan, TableConfig
-from gmeta.trainer.sparse_optim import RowOptimizerConfig
+from gmeta.trainer.embedding.base import EmbeddingBase
+from gmeta.trainer.embedding.hybrid import HybridEmbedding
+from gmeta.trainer.embedding.naive import NaiveEmbedding
+from gmeta.trainer.embedding.plan import ShardingPlan, TableConfig
+from gmeta.trainer.embedding.row_optim import RowOptimizerConfig
 
 MODES = ("hybrid", "naive", "sok", "auto")
 
@@ -40,7 +40,7 @@ def resolve_mode(mode: str) -> str:
         raise ValueError(f"embedding mode must be one of {MODES}, got {mode!r}")
     if mode != "auto":
         return mode
-    from gmeta.trainer.sok_backend import sok_available
+    from gmeta.trainer.embedding.sok import sok_available
 
     return "sok" if sok_available()[0] else "hybrid"
 
@@ -56,7 +56,7 @@ def make_embedding(mode: str = "hybrid", *, plan: ShardingPlan, comm,
         if concrete != "hybrid":
             raise ValueError(f"--tiering replicates hot rows on top of the hybrid placement; it does not "
                              f"combine with --parallel {concrete} (use --parallel hybrid or --tiering off)")
-        from gmeta.trainer.embedding_tiered import TieredEmbedding
+        from gmeta.trainer.embedding.tiered import TieredEmbedding
 
         return TieredEmbedding(plan, comm, optimizer, hot_rows, hot_sync, seed=seed, init_stddev=init_stddev)
     if concrete == "hybrid":
@@ -64,6 +64,6 @@ def make_embedding(mode: str = "hybrid", *, plan: ShardingPlan, comm,
     elif concrete == "naive":
         cls = NaiveEmbedding
     else:
-        from gmeta.trainer.sok_backend import SokEmbedding
+        from gmeta.trainer.embedding.sok import SokEmbedding
         cls = SokEmbedding
     return cls(plan, comm, optimizer, seed=seed, init_stddev=init_stddev)

@@ -10,7 +10,7 @@ rank needs, R = pairs it serves to anyone):
   4. AlltoAll of the vectors back (``kind="alltoall_vectors"``), unpacked per table, expanded
 Backward: the vector gradient travels the reverse AlltoAll (``alltoall_grads``) and reaches
 the shards as IndexedSlices of local rows; for a row it holds the *sum* over ranks, which
-``apply_reduced`` multiplies by the step's scale (gmeta.trainer.comm's rule) before the row-wise
+``apply_reduced`` multiplies by the step's scale (gmeta.trainer.parallel.comm's rule) before the row-wise
 optimizer touches only those rows. Owners and local rows come from the plan's placement rule.
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from gmeta.trainer.embedding_base import EmbeddingBase, dedupe_rows
+from gmeta.trainer.embedding.base import EmbeddingBase, dedupe_rows
 
 
 class HybridEmbedding(EmbeddingBase):

@@ -5,7 +5,7 @@ Lookup is a local gather. ``reduction_inputs`` turns each table's gradient into 
 over ranks in its ONE fused all-reduce, together with the dense meta-gradients (counted as
 ``allreduce`` bytes: the full tables, which is the traffic the hybrid design avoids), so the
 baseline is the strongest version of itself. The summed gradient equals what the hybrid path's
-rows receive through AlltoAll, and both are scaled by the same rule (gmeta.trainer.comm); the
+rows receive through AlltoAll, and both are scaled by the same rule (gmeta.trainer.parallel.comm); the
 touched mask makes the lazy optimizers update exactly the rows some rank looked up, so both
 modes give the same numbers.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from gmeta.trainer.embedding_base import EmbeddingBase
+from gmeta.trainer.embedding.base import EmbeddingBase
 
 
 class NaiveEmbedding(EmbeddingBase):

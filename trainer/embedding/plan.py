@@ -148,7 +148,7 @@ class ShardingPlan:
         """Parameter plus optimizer-slot bytes held by ``rank`` when sharded.
 
         ``slots_per_row``: float vectors of size ``dim`` the optimizer keeps per row
-        (sgd 0, adagrad 1, adam 2; see ``gmeta.trainer.sparse_optim.slots_per_row``).
+        (sgd 0, adagrad 1, adam 2; see ``gmeta.trainer.embedding.row_optim.slots_per_row``).
         """
         return sum(self.rows_on_rank(t.name, rank) * t.dim * BYTES_PER_FLOAT * (1 + slots_per_row)
                    for t in self.tables)

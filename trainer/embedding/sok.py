@@ -9,7 +9,7 @@ bag of length one with combiner "sum", so the result is a plain row lookup.
 
 Gradients: SOK's backward returns IndexedSlices of *local* rows holding the sum over ranks (the
 same as the hybrid path), so ``apply_reduced`` is the hybrid one (x the step's scale, then
-row-wise; see gmeta.trainer.comm).
+row-wise; see gmeta.trainer.parallel.comm).
 Counters: SOK's traffic bypasses ``comm``; we record the bytes this rank hands to SOK (unique
 keys as ``alltoall_ids``, returned vectors as ``alltoall_vectors``) so reports stay comparable;
 the backward exchange is not visible to us and is not counted.
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from gmeta.trainer.embedding_hybrid import HybridEmbedding
+from gmeta.trainer.embedding.hybrid import HybridEmbedding
 
 UNAVAILABLE_REASON = "merlin-sok not importable (GPU hosts only)"
 _initialised = False
@@ -73,7 +73,7 @@ class SokEmbedding(HybridEmbedding):
         if not ok:
             raise RuntimeError(f"embedding mode 'sok' is unavailable: {reason}; "
                                f"use mode='hybrid' (same placement, CPU/GPU TF ops)")
-        from gmeta.trainer.comm import HorovodCommunicator
+        from gmeta.trainer.parallel.comm import HorovodCommunicator
 
         if not isinstance(comm, HorovodCommunicator):
             raise RuntimeError("embedding mode 'sok' needs the Horovod communicator "

@@ -3,7 +3,7 @@
 A table keeps its full row-sharded storage (the plan's one placement rule, so checkpoints and
 exports see the same table as without tiering) and, in addition, a replica of its hot rows on
 every rank (``hot_rows``: sorted global rows, identical on every rank, chosen by
-``gmeta.trainer.tiering.choose_hot``). One lookup:
+``gmeta.trainer.embedding.tiering.choose_hot``). One lookup:
   1. per table, unique rows split into hot (found in the sorted hot rows) and cold;
   2. cold rows take the hybrid AlltoAll round trip, hot rows are gathered from the local replica;
   3. both are stitched back in unique-row order, so the model sees exactly the hybrid values.
@@ -23,8 +23,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from gmeta.trainer.embedding_base import dedupe_rows
-from gmeta.trainer.embedding_hybrid import HybridEmbedding
+from gmeta.trainer.embedding.base import dedupe_rows
+from gmeta.trainer.embedding.hybrid import HybridEmbedding
 
 SYNCS = ("sparse", "dense")
 

@@ -1,7 +1,7 @@
 """Non-learned baselines that score the same query rows as a model, so the same metrics apply.
 
 A learned cold-start model is only worth its cost if it beats these under the per-task metrics
-of gmeta.trainer.metrics: a constant (chance by the tie rule), the smoothed item mean (item
+of gmeta.trainer.evaluation.metrics: a constant (chance by the tie rule), the smoothed item mean (item
 popularity for clicks, mean rating for ratings) and item-kNN on the task's support set (what
 co-occurrence in the training split knows about the user's items).
 """

@@ -3,7 +3,7 @@ task's support set, next to honest baselines, with 95% bootstrap intervals over 
 
 Every rank evaluates its shard of each split; the per-row outputs are gathered once per split
 (the same collective on every rank) and every rank computes the same report with
-``gmeta.trainer.metrics`` (the one implementation of the metrics). Per split and for the
+``gmeta.trainer.evaluation.metrics`` (the one implementation of the metrics). Per split and for the
 headline score of the model (and each extra head, e.g. MAML-ESMM's pCTCVR), the report holds:
 
 * ``adapted`` / ``unadapted``: the model after / before the inner loop on the support set;
@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from gmeta.trainer import metrics
+from gmeta.trainer.evaluation import metrics
 
 ORACLE_FOR = {"auc": "p_click", "auc_ctcvr": "p_ctcvr"}
 COMPARED = ("gauc", "ndcg@5", "ndcg@10")
@@ -47,7 +47,7 @@ def item_baselines(dataset_dir: str, model) -> dict:
     """The item baselines fitted on every training row: ``{"item_mean": ItemMeanBaseline,
     "item_knn": ItemKNNBaseline}``, empty when the schema names no single-valued item feature."""
     from gmeta.io.plan import read_columns
-    from gmeta.trainer.baselines import ItemKNNBaseline, ItemMeanBaseline
+    from gmeta.trainer.evaluation.baselines import ItemKNNBaseline, ItemMeanBaseline
 
     schema = model.schema
     item = schema.item_id_feature

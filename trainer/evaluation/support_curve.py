@@ -50,7 +50,7 @@ def support_curve(learner, plain, dataset_dir: str, splits, comm, reader_kwargs:
     """``{split: {"k": [...], "adapted": [gauc...], "unadapted": [...], "plain_finetuned": [...],
     "plain": [...]}}`` for the model's headline score; every rank returns the same."""
     from gmeta.io.reader import MetaReader
-    from gmeta.trainer import metrics
+    from gmeta.trainer.evaluation import metrics
 
     model = learner.model
     out = {}

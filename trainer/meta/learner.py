@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from gmeta.trainer.dense_optim import Adam
+from gmeta.trainer.meta.dense_optim import Adam
 
 INNER_SOLVERS = ("gradient", "ridge")
 

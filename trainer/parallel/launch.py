@@ -13,7 +13,7 @@ import sys
 import time
 import traceback
 
-from gmeta.trainer.signals import Stopped
+from gmeta.trainer.run.signals import Stopped
 
 
 ABORTED_EXIT_DELAY_S = 1.0

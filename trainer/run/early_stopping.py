@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from gmeta.trainer.state import run_state
+from gmeta.trainer.meta.state import run_state
 
 
 class BestEpoch:

@@ -4,7 +4,7 @@ The plain network (``--plain-baseline alongside``) steps on the same batches rig
 model, so both see identical data; its collectives are counted on a communicator of its own so
 the reported communication per step is the model's alone. Every rank sees the same (global)
 loss, so the guards stop every rank at the same step, with the same message. Checkpoints
-(``gmeta.trainer.checkpoint``) are taken between steps and at every epoch end, on every rank at
+(``gmeta.trainer.checkpoint.store``) are taken between steps and at every epoch end, on every rank at
 the same step; a resumed run starts at the first batch the interrupted one had not trained.
 """
 
@@ -25,12 +25,12 @@ def fit(learner, reader, cfg, comm, log, tracker, plain=None, after_epoch=None, 
     (validation; it may raise to stop, e.g. a pruned tuning trial, or return True to end training
     after this epoch, early stopping: it decides from the same report on every rank).
 
-    ``checkpoints`` (``gmeta.trainer.checkpoint.RunCheckpoints``): its ``resume_point`` (when the
+    ``checkpoints`` (``gmeta.trainer.checkpoint.store.RunCheckpoints``): its ``resume_point`` (when the
     run resumes) gives the position, the loss history and the interrupted epoch's running sums,
     so the run continues with the first batch not yet trained and the guards see the same
     history; ``step_done`` / ``epoch_done`` save checkpoints of that same state.
     """
-    from gmeta.trainer.meta_learner import batch_spec
+    from gmeta.trainer.meta.learner import batch_spec
 
     comm.counters.reset()
     step_fn = plain_fn = None
@@ -245,7 +245,7 @@ def _next_batch(batches, reader):
 
 def _stop(checkpoints, snapshot, comm, global_step: int, epoch: int, n: int, steps: int):
     """Every rank, after the same step: checkpoint, then raise ``Stopped``."""
-    from gmeta.trainer.signals import Stopped, signal_name
+    from gmeta.trainer.run.signals import Stopped, signal_name
 
     path = checkpoints.save(snapshot()) if checkpoints is not None and checkpoints.enabled else None
     signum = comm.stop.signal

@@ -3,7 +3,7 @@
 Layout of an export directory::
 
     gmeta_model.json   model name, model/meta config, schema, embedding layout, model switches
-    dense.npz          every replicated model variable by its state name (gmeta.trainer.state)
+    dense.npz          every replicated model variable by its state name (gmeta.trainer.meta.state)
     embeddings.npz     every embedding table, full (gathered from all shards)
 
 Gathering the tables is a collective: every rank calls ``export_model``; rank 0 writes.
@@ -24,7 +24,7 @@ def export_model(learner, run_config: dict, directory: str, is_writer: bool,
                  saved_model: bool = True) -> str | None:
     """Write the export; every rank must call (tables are gathered collectively).
     ``saved_model=False`` skips the serving SavedModel (tuning trials, tests)."""
-    from gmeta.trainer.state import run_state
+    from gmeta.trainer.meta.state import run_state
 
     tables = {name: learner.embedding.gather_full_table(name)
               for name in sorted(t.name for t in learner.embedding.plan.tables)}
@@ -49,7 +49,7 @@ def export_model(learner, run_config: dict, directory: str, is_writer: bool,
     np.savez(os.path.join(directory, "dense.npz"),
              **{n: v.numpy() for n, v in state.model_variables().items()})
     np.savez(os.path.join(directory, "embeddings.npz"), **tables)
-    from gmeta.trainer.savedmodel import export_serving
+    from gmeta.trainer.serving.savedmodel import export_serving
 
     if saved_model:
         export_serving(directory)  # <directory>/saved_model: serving, loads with TensorFlow alone
@@ -61,10 +61,10 @@ def load_model(directory: str, comm=None):
     from gmeta.io.schema import Schema
     from gmeta.models.base import ModelConfig
     from gmeta.models.registry import build_model
-    from gmeta.trainer.comm import LocalCommunicator
-    from gmeta.trainer.meta_learner import MetaConfig, MetaLearner
-    from gmeta.trainer.setup import build_embedding
-    from gmeta.trainer.state import assign_by_name, run_state
+    from gmeta.trainer.parallel.comm import LocalCommunicator
+    from gmeta.trainer.meta.learner import MetaConfig, MetaLearner
+    from gmeta.trainer.embedding.build import build_embedding
+    from gmeta.trainer.meta.state import assign_by_name, run_state
 
     path = os.path.join(directory, EXPORT_FILE)
     if not os.path.exists(path):

@@ -2,7 +2,7 @@
 
 It imports no gmeta: ``mlflow models serve`` runs it in a plain environment (TensorFlow, numpy,
 pandas). Its artifacts are the gmeta export (``gmeta_model``, which holds ``saved_model/``) and
-the serving runtime (``runtime``, a copy of ``gmeta/trainer/serving.py`` loaded by path).
+the serving runtime (``runtime``, a copy of ``gmeta/trainer/serving/runtime.py`` loaded by path).
 
 ``predict`` takes a DataFrame of rows: the task column, ``is_query`` (0 support, 1 query), the
 labels of the support rows and the model's features; each task adapts on its support rows inside

@@ -40,7 +40,7 @@ import sys
 import numpy as np
 
 SAVED_MODEL_DIR = "saved_model"
-SERVING_META = "gmeta_serving.json"  # the name gmeta.trainer.serving reads
+SERVING_META = "gmeta_serving.json"  # the name gmeta.trainer.serving.runtime reads
 DEFAULT_MAX_TABLE_BYTES = 2 * 1024 ** 3
 MAX_TABLE_BYTES_ENV = "GMETA_MAX_SERVING_TABLE_BYTES"
 FORMAT = 1
@@ -285,7 +285,7 @@ def write_saved_model(export_dir: str, out_dir: str | None = None,
     ``ServingTooLargeError`` before loading anything when the tables exceed ``max_table_bytes``."""
     import tensorflow as tf
 
-    from gmeta.trainer.export import EXPORT_FILE, load_model
+    from gmeta.trainer.serving.export import EXPORT_FILE, load_model
 
     with open(os.path.join(export_dir, EXPORT_FILE)) as f:
         meta = json.load(f)
@@ -385,12 +385,12 @@ def log_pyfunc_model(mlflow, export_dir: str, pip_requirements):
 
 def pyfunc_log_kwargs(export_dir: str) -> dict:
     """Arguments of ``mlflow.pyfunc.log_model`` for an export: the models-from-code file
-    (``gmeta/trainer/pyfunc.py``), its artifacts (the export, with its SavedModel, and the serving
+    (``gmeta/trainer/serving/pyfunc.py``), its artifacts (the export, with its SavedModel, and the serving
     runtime), and, when the SavedModel exists, the signature (input rows, output rows, the
     ``steps`` param) and an input example."""
     here = os.path.dirname(os.path.abspath(__file__))
     kwargs = {"python_model": os.path.join(here, "pyfunc.py"),
-              "artifacts": {"gmeta_model": export_dir, "runtime": os.path.join(here, "serving.py")}}
+              "artifacts": {"gmeta_model": export_dir, "runtime": os.path.join(here, "runtime.py")}}
     saved = saved_model_of(export_dir)
     if saved is None:
         return kwargs

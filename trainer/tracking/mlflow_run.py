@@ -14,7 +14,7 @@ import re
 import sys
 
 MODEL_URI_TAG = "gmeta.model_uri"
-# what the served model (gmeta/trainer/pyfunc.py + serving.py) imports; not gmeta itself
+# what the served model (gmeta/trainer/serving/pyfunc.py + runtime.py) imports; not gmeta itself
 PIP_REQUIREMENTS = ["tensorflow-cpu==2.17.1", "numpy<2", "pandas"]
 
 
@@ -148,7 +148,7 @@ class Tracker:
     def log_model(self, export_dir: str) -> str | None:
         if not self.enabled or self.failure:
             return None
-        from gmeta.trainer.savedmodel import log_pyfunc_model, saved_model_of
+        from gmeta.trainer.serving.savedmodel import log_pyfunc_model, saved_model_of
 
         if saved_model_of(export_dir) is None:
             print(f"[gmeta] no MLflow model logged: {export_dir} has no SavedModel (--no-saved-model, or "
