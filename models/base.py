@@ -41,12 +41,15 @@ AUTO_ADAPT = ("user", "pref", "bias")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    emb_dim: int = 16
-    hidden: tuple = (64, 64)
-    target: str = "auto"          # melu: click | rating; auto = click when present
-    seed: int = 0
-    adapt: tuple = ("head",)      # see ADAPT_PARTS
-    item_prior: bool = False      # add the item's smoothed training mean (fit_item_prior) to the output
+    """A zoo model's settings. No defaults: the trainer builds it from the run's config
+    (``gmeta.trainer.config.model_config``)."""
+
+    emb_dim: int
+    hidden: tuple
+    target: str                   # melu: click | rating; auto = click when present
+    seed: int
+    adapt: tuple                  # see ADAPT_PARTS
+    item_prior: bool              # add the item's smoothed training mean (fit_item_prior) to the output
     extra: dict = field(default_factory=dict, hash=False, compare=False)
 
     def __post_init__(self):

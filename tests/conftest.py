@@ -125,3 +125,7 @@ def pytest_xdist_make_scheduler(config, log):
             super()._assign_work_unit(node)
 
     return HeavyFilesFirst(config, log)
+
+
+# the sub-configs of the loop tests (also imported by the horovodrun workers)
+from workers._configs import LOOP_TEST_SETTINGS, part_configs  # noqa: E402,F401

@@ -39,7 +39,8 @@ def _column(table, name, values, type_=None):
 
 def _train(data, tmp_path):
     from gmeta.cli import build_parser_for
-    from gmeta.trainer.train import config_from_args, train
+    from gmeta.trainer.config import config_from_args
+    from gmeta.trainer.run.training import train
 
     argv = ["train", "--data", str(data), "--output-dir", str(tmp_path / "runs"), *ARGS]
     return train(config_from_args(build_parser_for(argv).parse_args(argv)))
@@ -131,7 +132,8 @@ def test_what_a_user_sees_for_bad_data_found_while_training(tiny_synth, tmp_path
 @pytest.mark.parametrize("flag", ["--output-dir", "--checkpoint-dir", "--results-json"])
 def test_an_unwritable_path_is_refused_before_any_work(flag, tiny_synth, tmp_path):
     from gmeta.cli import build_parser_for
-    from gmeta.trainer.train import config_from_args, train
+    from gmeta.trainer.config import config_from_args
+    from gmeta.trainer.run.training import train
 
     blocker = tmp_path / "a-file"
     blocker.write_text("")

@@ -265,7 +265,7 @@ class _OneRank:
 
 def _open(tmp_path, **flags):
     from gmeta.trainer.checkpoint.store import RunCheckpoints
-    from gmeta.trainer.train import TrainConfig
+    from gmeta.trainer.config import TrainConfig
 
     cfg = TrainConfig(model="maml_dnn", data="unused", epochs=1, output_dir=str(tmp_path / "runs"), **flags)
     return RunCheckpoints.open(cfg, _OneRank(), lambda m: None, schema=None)

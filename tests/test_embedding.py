@@ -229,7 +229,7 @@ def test_bad_inputs_have_clear_errors():
     with pytest.raises(ValueError, match="embedding mode must be one of"):
         make_embedding("sharded", plan=ref.plan_for(1), comm=comm)
     with pytest.raises(ValueError, match="row optimizer kind"):
-        RowOptimizerConfig("rmsprop")
+        RowOptimizerConfig("rmsprop", 0.1)
 
 
 def test_auto_mode_and_sok_availability():

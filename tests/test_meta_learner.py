@@ -5,11 +5,12 @@ import pytest
 import tensorflow as tf
 
 from gmeta.io.schema import DenseFeature, Schema, SparseFeature, TableSpec
-from gmeta.models.base import ModelConfig
 from gmeta.models.registry import build_model
 from gmeta.trainer.parallel.comm import LocalCommunicator
-from gmeta.trainer.meta.learner import MetaConfig, MetaLearner
+from gmeta.trainer.meta.learner import MetaLearner
 from gmeta.trainer.embedding.build import build_embedding
+
+from conftest import LOOP_TEST_SETTINGS, part_configs
 
 SCHEMA = Schema(
     labels=("click", "conversion"),
@@ -51,11 +52,20 @@ def make_batch(T=4, S=6, Q=5, seed=0, schema=SCHEMA):
             "task_mask": tf.constant(task_mask)}
 
 
+def _settings(**meta):
+    """The loop tests' settings with ``meta`` (MetaConfig names) changed."""
+    settings = dict(LOOP_TEST_SETTINGS, emb_optimizer="sgd", emb_lr=0.1)
+    if "plain_weight" in meta:
+        meta["plain_loss_weight"] = meta.pop("plain_weight")
+    return {**settings, **meta}
+
+
 def make_learner(model="maml_dnn", hidden=(8,), **meta):
-    m = build_model(model, SCHEMA, ModelConfig(emb_dim=4, hidden=hidden, seed=1))
+    model_cfg, meta_cfg, row_cfg = part_configs(model, **_settings(hidden=hidden, **meta))
+    m = build_model(model, SCHEMA, model_cfg)
     comm = LocalCommunicator()
-    emb = build_embedding(m, comm, mode="hybrid", optimizer="sgd", learning_rate=0.1, seed=3)
-    return MetaLearner(m, emb, comm, MetaConfig(**meta))
+    emb = build_embedding(m, comm, mode="hybrid", optimizer=row_cfg, seed=3)
+    return MetaLearner(m, emb, comm, meta_cfg)
 
 
 def support_losses(learner, batch, params):
@@ -172,10 +182,7 @@ def test_meta_sgd_learns_inner_rates_and_train_step_lowers_loss():
 
 
 def make_adapt_learner(model, adapt, **meta):
-    m = build_model(model, SCHEMA, ModelConfig(emb_dim=4, hidden=(8,), seed=1, adapt=adapt))
-    comm = LocalCommunicator()
-    emb = build_embedding(m, comm, mode="hybrid", optimizer="sgd", learning_rate=0.1, seed=3)
-    return MetaLearner(m, emb, comm, MetaConfig(**meta))
+    return make_learner(model, adapt=adapt, **meta)
 
 
 @pytest.mark.parametrize("model", ["maml_dnn", "maml_esmm"])
@@ -227,9 +234,9 @@ def test_bad_adapt_choices_are_clear_errors():
     with pytest.raises(ValueError, match="--adapt user: the schema has no user-group feature"):
         make_adapt_learner("melu", ("user",))  # MeLU embeds no user id, and the schema has no other
     with pytest.raises(ValueError, match="choose one or more of head, last, user, pref, bias"):
-        ModelConfig(adapt=("everything",))
+        part_configs("melu", adapt=("everything",))
     with pytest.raises(ValueError, match="head already includes last"):
-        ModelConfig(adapt=("head", "last"))
+        part_configs("melu", adapt=("head", "last"))
 
 
 RATING_SCHEMA = Schema(
@@ -242,9 +249,11 @@ RATING_SCHEMA = Schema(
 
 
 def make_ridge_learner(model="maml_dnn", adapt=("pref", "bias"), schema=SCHEMA, target="auto", **meta):
-    m = build_model(model, schema, ModelConfig(emb_dim=4, hidden=(8,), seed=1, adapt=adapt, target=target))
-    emb = build_embedding(m, LocalCommunicator(), mode="hybrid", optimizer="sgd", learning_rate=0.1, seed=3)
-    return MetaLearner(m, emb, LocalCommunicator(), MetaConfig(inner_solver="ridge", **meta))
+    model_cfg, meta_cfg, row_cfg = part_configs(model, **_settings(adapt=adapt, target=target, inner_solver="ridge",
+                                                                   **meta))
+    m = build_model(model, schema, model_cfg)
+    emb = build_embedding(m, LocalCommunicator(), mode="hybrid", optimizer=row_cfg, seed=3)
+    return MetaLearner(m, emb, LocalCommunicator(), meta_cfg)
 
 
 def _rating_batch(seed=31):
@@ -359,17 +368,16 @@ def test_ridge_penalty_is_learned_and_saved():
         step(make_batch(seed=35))
     assert not np.allclose(np.exp(learner.ridge_log_lambda["log_lambda"].numpy()), 2.0)
     with pytest.raises(ValueError, match="--inner-solver"):
-        MetaConfig(inner_solver="exact").validate()
+        part_configs("melu", inner_solver="exact")
     with pytest.raises(ValueError, match="--ridge-lambda"):
-        MetaConfig(ridge_lambda=0.0).validate()
+        part_configs("melu", ridge_lambda=0.0)
 
 
 def test_item_prior_is_the_smoothed_item_mean_added_to_the_output():
     """--item-prior: per item row (mean label with 10 pseudo-rows of the global mean) as log-odds
     from the global mean's, zero for items never seen; the model's output moves by exactly it."""
-    m = build_model("maml_dnn", SCHEMA, ModelConfig(emb_dim=4, hidden=(8,), seed=1, adapt=("pref", "bias"),
-                                                    item_prior=True))
-    plain = build_model("maml_dnn", SCHEMA, ModelConfig(emb_dim=4, hidden=(8,), seed=1, adapt=("pref", "bias")))
+    m = build_model("maml_dnn", SCHEMA, part_configs("maml_dnn", **_settings(adapt=("pref", "bias"), item_prior=True))[0])
+    plain = build_model("maml_dnn", SCHEMA, part_configs("maml_dnn", **_settings(adapt=("pref", "bias")))[0])
     m.fit_item_prior(np.array([3, 3, 3, 7, -1]), np.array([1.0, 1.0, 0.0, 0.0, 1.0]))
     g = 2 / 4
     logit = lambda p: np.log(p / (1 - p))
@@ -378,8 +386,9 @@ def test_item_prior_is_the_smoothed_item_mean_added_to_the_output():
     want[7] = logit((0 + 10 * g) / (1 + 10)) - logit(g)
     np.testing.assert_allclose(m.item_prior.numpy(), want, rtol=1e-5, atol=1e-7)
     assert "item_prior" in m.state_variables() and m.input_width == plain.input_width + 1
-    emb = build_embedding(m, LocalCommunicator(), mode="hybrid", optimizer="sgd", learning_rate=0.1, seed=3)
-    learner = MetaLearner(m, emb, LocalCommunicator(), MetaConfig())
+    _, meta_cfg, row_cfg = part_configs("maml_dnn", **_settings(adapt=("pref", "bias"), item_prior=True))
+    emb = build_embedding(m, LocalCommunicator(), mode="hybrid", optimizer=row_cfg, seed=3)
+    learner = MetaLearner(m, emb, LocalCommunicator(), meta_cfg)
     w0 = m.params["mlp/w0"]
     w0.assign(tf.concat([w0[:-1], tf.zeros_like(w0[-1:])], 0))   # the MLP does not read the prior column
     batch = make_batch(seed=41)
@@ -395,7 +404,7 @@ def test_item_prior_is_the_smoothed_item_mean_added_to_the_output():
     with pytest.raises(ValueError, match="--item-prior needs"):
         build_model("maml_dnn", Schema(labels=("click",), sparse=SCHEMA.sparse, dense=SCHEMA.dense,
                                        tables=SCHEMA.tables).validate(),
-                    ModelConfig(emb_dim=4, hidden=(8,), item_prior=True))
+                    part_configs("maml_dnn", **_settings(item_prior=True))[0])
 
 
 def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience():

@@ -122,7 +122,7 @@ def test_gmeta_profile_writes_the_profile_and_bad_tiering_flags_are_named(tiny, 
     proc = run_gmeta("profile", "--data", tmp_path / "nothing", cwd=REPO, check=False)
     assert proc.returncode == 2 and "schema" in proc.stderr
     from gmeta.cli import build_parser_for
-    from gmeta.trainer.train import config_from_args
+    from gmeta.trainer.config import config_from_args
 
     for flags, message in ((["--tiering", "lots"], "--tiering must be off, auto or a byte budget"),
                            (["--tiering", "auto", "--parallel", "naive"], "does not combine with --parallel naive")):

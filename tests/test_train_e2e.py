@@ -64,7 +64,8 @@ def test_bad_flags_and_data_give_clear_errors(tmp_path, synth, capsys):
     """Through the real command (two cases) and, for the rest, through the same parser and config
     code in process (each `gmeta train` process costs a TensorFlow start-up)."""
     from gmeta.cli import build_parser_for
-    from gmeta.trainer.train import config_from_args, train
+    from gmeta.trainer.config import config_from_args
+    from gmeta.trainer.run.training import train
 
     proc = gmeta("train", "--model", "nosuch", "--data", synth, cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "--model: invalid choice: 'nosuch'" in proc.stderr

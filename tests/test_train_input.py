@@ -17,7 +17,8 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO, run_gmeta
-from gmeta.trainer.train import TrainConfig, TrainInput
+from gmeta.trainer.config import TrainConfig
+from gmeta.trainer.run.input import TrainInput
 
 T = 7  # tasks per worker per batch; no N below divides the tasks evenly, so the last batch pads
 

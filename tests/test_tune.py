@@ -47,7 +47,7 @@ def mlflow_runs(tmp_path):
 
 
 def parse_train_command(command: str):
-    from gmeta.trainer.train import add_arguments, config_from_args
+    from gmeta.trainer.config import add_arguments, config_from_args
 
     argv = shlex.split(command)
     assert argv[:2] == ["gmeta", "train"], command
@@ -155,7 +155,7 @@ def test_every_sampled_point_is_a_valid_config_with_a_round_trip_command(model):
     import optuna
 
     from gmeta.trainer import tune as t
-    from gmeta.trainer.train import TrainConfig
+    from gmeta.trainer.config import TrainConfig
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = t.search_space(model)
@@ -177,7 +177,7 @@ def test_the_rerun_command_does_not_depend_on_the_shell(monkeypatch):
     """With MLFLOW_TRACKING_URI set elsewhere (MLflow itself sets it in process), a trial logged
     to the default store still gets a command that says so."""
     from gmeta.trainer import tune as t
-    from gmeta.trainer.train import TrainConfig
+    from gmeta.trainer.config import TrainConfig
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
     cfg = TrainConfig(model="melu", data="d", epochs=2, validation_split=VAL, log_every=0).validate()

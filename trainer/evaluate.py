@@ -62,7 +62,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     from gmeta.trainer.serving.export import load_model
     from gmeta.trainer.evaluation.report import print_report
     from gmeta.trainer.tracking.mlflow_run import resolve_export_dir
-    from gmeta.trainer.train import load_plain_baseline
+    from gmeta.trainer.run.build import load_plain_baseline
 
     source = cfg.export or cfg.model_uri or cfg.run
     learner, meta = load_model(resolve_export_dir(source, cfg.tracking_uri))

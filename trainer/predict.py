@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gmeta.trainer.evaluation.rows import SCORES, heads_of, label_key, score_key
 from gmeta.trainer.parallel.launch import run_guarded
 from gmeta.trainer.serving.savedmodel import DEFAULT_MAX_TABLE_BYTES
 
@@ -228,12 +229,12 @@ def write_eval_predictions(rows_by_split: dict, path: str, log=None) -> int:
                 "query_position": out["query_position"]}
         if "item" in out:
             rows["item"] = out["item"]
-        heads = [k[:-len("/label")] for k in out if k.endswith("/label") and ":" not in k]
+        heads = heads_of(out)
         for i, head in enumerate(heads):
             name = output_name(head, i == 0)
-            rows["label" if i == 0 else f"label{name[len('score'):]}"] = out[f"{head}/label"]
-            rows[f"{name}_adapted"] = out[f"{head}/adapted"]
-            rows[f"{name}_unadapted"] = out[f"{head}/unadapted"]
+            rows["label" if i == 0 else f"label{name[len('score'):]}"] = out[label_key(head)]
+            for scorer in SCORES:
+                rows[f"{name}_{scorer}"] = out[score_key(head, scorer)]
         for k, v in rows.items():
             columns.setdefault(k, []).append(v)
     table = pa.table({k: pa.array(np.concatenate(v)) for k, v in columns.items()}) if columns else pa.table({})

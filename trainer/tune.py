@@ -119,7 +119,7 @@ MODEL_SPACES = {
 def search_space(model: str, names=None, fixed=()) -> tuple:
     """The model's searched parameters: entries whose field exists, restricted to ``names`` when
     given, minus the ``fixed`` ones (held by ``--set``)."""
-    from gmeta.trainer.train import TrainConfig
+    from gmeta.trainer.config import TrainConfig
 
     if model not in MODEL_SPACES:
         raise ValueError(f"gmeta tune has no search space for --model {model!r}; known: {sorted(MODEL_SPACES)}")
@@ -167,7 +167,7 @@ def suggest(trial, space) -> dict:
 
 
 def _choice_value(name: str, choice):
-    from gmeta.trainer.train import TrainConfig
+    from gmeta.trainer.config import TrainConfig
 
     default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}.get(name)
     if isinstance(default, tuple) and isinstance(choice, str):
@@ -199,10 +199,10 @@ class _TrainParser(argparse.ArgumentParser):
 
 
 def train_parser() -> argparse.ArgumentParser:
-    from gmeta.trainer import train
+    from gmeta.trainer import config
 
     p = _TrainParser(prog="gmeta train", add_help=False)
-    train.add_arguments(p)
+    config.add_arguments(p)
     return p
 
 
@@ -253,7 +253,7 @@ _ENV_DEFAULTS = ("tracking_uri", "experiment")  # gmeta.trainer.tracking.mlflow_
 def config_argv(cfg, parser=None, force=()) -> list:
     """``gmeta train`` arguments that rebuild ``cfg``: model, data, every field that differs from
     its default, and the ``force``d fields (tuned ones) even when they equal it."""
-    from gmeta.trainer.train import TrainConfig
+    from gmeta.trainer.config import TrainConfig
 
     parser = parser or train_parser()
     actions = _actions(parser)
@@ -275,7 +275,7 @@ def config_argv(cfg, parser=None, force=()) -> list:
 
 
 def config_from_argv(argv, parser=None):
-    from gmeta.trainer.train import config_from_args
+    from gmeta.trainer.config import config_from_args
 
     return config_from_args((parser or train_parser()).parse_args(argv))
 
@@ -299,7 +299,7 @@ _MANAGED = ("run_name", "output_dir", "eval_splits", "plain_baseline", "comm", "
 
 def set_argv(items, parser) -> tuple:
     """``--set KEY=VALUE`` items -> (gmeta train arguments, the field names they fix)."""
-    from gmeta.trainer.train import TrainConfig
+    from gmeta.trainer.config import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     actions = _actions(parser)
@@ -368,7 +368,7 @@ def default_study_name(model: str, data: str) -> str:
 def add_arguments(p) -> None:
     from gmeta.models.registry import MODELS
     from gmeta.trainer.tracking.mlflow_run import add_tracking_arguments
-    from gmeta.trainer.train import TrainConfig, _size
+    from gmeta.trainer.config import TrainConfig, parse_auto_int as _size
 
     d = TrainConfig(model="", data="")
     p.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -412,7 +412,7 @@ def add_arguments(p) -> None:
 
 def config_from_args(args) -> TuneConfig:
     from gmeta.io.schema import Schema
-    from gmeta.trainer.train import AUTO, validation_split
+    from gmeta.trainer.config import AUTO, validation_split
 
     if any(k in os.environ for k in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")):
         raise ValueError("run gmeta tune as one process (not under horovodrun); --workers N launches "
@@ -549,7 +549,7 @@ class StudyTracking:
 
 
 def _config_json(cfg) -> dict:
-    from gmeta.trainer.train import config_dict
+    from gmeta.trainer.config import config_dict
 
     return json.loads(json.dumps(config_dict(cfg), default=str))
 
@@ -618,7 +618,7 @@ def run_in_process(tcfg, trial, split: str) -> float:
     """``train`` in this process; every epoch's validation GAUC goes to the trial, which may prune."""
     import optuna
 
-    from gmeta.trainer.train import train
+    from gmeta.trainer.run.training import train
 
     def on_epoch(epoch: int, report) -> None:
         value = None if report is None else report.get("gauc_adapted")

@@ -14,10 +14,10 @@ sys.path.insert(0, sys.argv[2])  # tests/ for the batch builder
 from _guard import guard  # noqa: E402
 from test_meta_learner import SCHEMA, make_batch  # noqa: E402
 
-from gmeta.models.base import ModelConfig  # noqa: E402
 from gmeta.models.registry import build_model  # noqa: E402
 from gmeta.trainer.parallel.comm import LocalCommunicator, init_communicator  # noqa: E402
-from gmeta.trainer.meta.learner import MetaConfig, MetaLearner  # noqa: E402
+from _configs import LOOP_TEST_SETTINGS, part_configs  # noqa: E402
+from gmeta.trainer.meta.learner import MetaLearner  # noqa: E402
 from gmeta.trainer.embedding.build import build_embedding  # noqa: E402
 
 T_LOCAL = 3
@@ -34,13 +34,15 @@ def run_mode(comm, mode, model_name):
     n, r = comm.size, comm.rank
 
     def learner_for(c, emb_mode):
-        model = build_model(model_name, SCHEMA, ModelConfig(emb_dim=4, hidden=(8,), seed=1))
+        model_cfg, meta_cfg, row_cfg = part_configs(model_name, **{**LOOP_TEST_SETTINGS, "inner_steps": 2,
+                                                                   "inner_lr": 0.3, "outer_lr": OUTER_LR,
+                                                                   "emb_optimizer": "adagrad", "emb_lr": 0.1})
+        model = build_model(model_name, SCHEMA, model_cfg)
         tiered = emb_mode.startswith("tiered-")
         hot = {t.name: list(range(min(5, t.num_rows))) for t in SCHEMA.tables} if tiered else None
-        emb = build_embedding(model, c, mode="hybrid" if tiered else emb_mode, optimizer="adagrad",
-                              learning_rate=0.1, seed=3, hot_rows=hot,
-                              hot_sync=emb_mode.split("-", 1)[1] if tiered else "sparse")
-        return MetaLearner(model, emb, c, MetaConfig(inner_steps=2, inner_lr=0.3, outer_lr=OUTER_LR))
+        emb = build_embedding(model, c, mode="hybrid" if tiered else emb_mode, optimizer=row_cfg, seed=3,
+                              hot_rows=hot, hot_sync=emb_mode.split("-", 1)[1] if tiered else "sparse")
+        return MetaLearner(model, emb, c, meta_cfg)
 
     def global_batch(step):
         # the last task is padding, so the last rank holds fewer real tasks than the others

@@ -14,10 +14,10 @@ sys.path.insert(0, sys.argv[2])  # tests/ for the batch builder
 from _guard import guard  # noqa: E402
 from test_meta_learner import SCHEMA, make_batch  # noqa: E402
 
-from gmeta.models.base import ModelConfig  # noqa: E402
 from gmeta.models.registry import build_model  # noqa: E402
 from gmeta.trainer.parallel.comm import init_communicator  # noqa: E402
-from gmeta.trainer.meta.learner import MetaConfig, MetaLearner  # noqa: E402
+from _configs import LOOP_TEST_SETTINGS, part_configs  # noqa: E402
+from gmeta.trainer.meta.learner import MetaLearner  # noqa: E402
 from gmeta.trainer.embedding.build import build_embedding  # noqa: E402
 
 EMB_DIM = 4
@@ -27,9 +27,12 @@ def main(out_dir, mode):
     comm = init_communicator("horovod")
     result = {"mode": mode}
     for inner_steps in (1, 3):
-        model = build_model("maml_dnn", SCHEMA, ModelConfig(emb_dim=EMB_DIM, hidden=(8,), seed=1))
-        emb = build_embedding(model, comm, mode=mode, optimizer="adagrad", learning_rate=0.1, seed=3)
-        learner = MetaLearner(model, emb, comm, MetaConfig(inner_steps=inner_steps))
+        model_cfg, meta_cfg, row_cfg = part_configs("maml_dnn", **{**LOOP_TEST_SETTINGS, "emb_dim": EMB_DIM,
+                                                                   "inner_steps": inner_steps,
+                                                                   "emb_optimizer": "adagrad", "emb_lr": 0.1})
+        model = build_model("maml_dnn", SCHEMA, model_cfg)
+        emb = build_embedding(model, comm, mode=mode, optimizer=row_cfg, seed=3)
+        learner = MetaLearner(model, emb, comm, meta_cfg)
         step = tf.function(learner.train_step, autograph=False)
         batch = make_batch(seed=comm.rank)
         step(batch)  # trace

@@ -14,10 +14,10 @@ sys.path.insert(0, sys.argv[2])  # tests/ for the batch builder
 from _guard import guard  # noqa: E402
 from test_meta_learner import SCHEMA, make_batch  # noqa: E402
 
-from gmeta.models.base import ModelConfig  # noqa: E402
 from gmeta.models.registry import build_model  # noqa: E402
 from gmeta.trainer.parallel.comm import LocalCommunicator, init_communicator  # noqa: E402
-from gmeta.trainer.meta.learner import MetaConfig, MetaLearner  # noqa: E402
+from _configs import LOOP_TEST_SETTINGS, part_configs  # noqa: E402
+from gmeta.trainer.meta.learner import MetaLearner  # noqa: E402
 from gmeta.trainer.meta.phases import PhaseStep  # noqa: E402
 from gmeta.trainer.embedding.build import build_embedding  # noqa: E402
 
@@ -29,9 +29,11 @@ def main(out_dir):
     n, r = comm.size, comm.rank
 
     def phase_step(c):
-        model = build_model("metaemb", SCHEMA, ModelConfig(emb_dim=4, hidden=(8,), seed=1))
-        emb = build_embedding(model, c, mode="hybrid", optimizer="adagrad", learning_rate=0.1, seed=3)
-        learner = MetaLearner(model, emb, c, MetaConfig(inner_steps=1, inner_lr=0.3))
+        model_cfg, meta_cfg, row_cfg = part_configs("metaemb", **{**LOOP_TEST_SETTINGS, "inner_lr": 0.3,
+                                                                  "emb_optimizer": "adagrad", "emb_lr": 0.1})
+        model = build_model("metaemb", SCHEMA, model_cfg)
+        emb = build_embedding(model, c, mode="hybrid", optimizer=row_cfg, seed=3)
+        learner = MetaLearner(model, emb, c, meta_cfg)
         return PhaseStep(model.training_phases()[0], learner, learning_rate=0.01)
 
     dist, ref = phase_step(comm), phase_step(LocalCommunicator())

@@ -33,6 +33,7 @@ import numpy as np
 
 from gmeta.trainer.evaluation.metrics import paired_difference, summarize
 from gmeta.trainer.evaluation.report import load_per_task
+from gmeta.trainer.evaluation.rows import headline_of, score_key
 
 SCORERS = ("adapted", "unadapted", "plain", "plain_finetuned", "item_mean", "item_knn")
 METRICS = ("gauc", "ndcg@10")
@@ -141,7 +142,7 @@ def main(args) -> int:
 
 
 def _head(per_task: dict) -> str:
-    return next(k.rpartition("/")[0] for k in per_task if k.endswith("/adapted"))
+    return headline_of(per_task)
 
 
 def pooled(per_task: dict, runs: list, n_boot: int = 1000, same_tasks: bool = False) -> dict:
@@ -154,7 +155,7 @@ def pooled(per_task: dict, runs: list, n_boot: int = 1000, same_tasks: bool = Fa
         pt = per_task[run]
         head = _head(pt)
         for scorer in SCORERS:
-            part = pt.get(f"{head}/{scorer}")
+            part = pt.get(score_key(head, scorer))
             if part is None:
                 continue
             key = np.asarray(part["task_ids"], np.int64) + (0 if same_tasks else run[2] * TASK_KEY)

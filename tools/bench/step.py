@@ -214,9 +214,10 @@ FULL_USER_FEATURES = ("user_id", "age", "occupation")
 def full_learner(cfg: BenchStepConfig, comm, mode: str):
     """The --full problem's learner: maml_dnn (hidden 64,64), second order, ``mode`` tables."""
     from gmeta.io.schema import Schema, SparseFeature, TableSpec
-    from gmeta.models.base import ModelConfig
     from gmeta.models.registry import build_model
-    from gmeta.trainer.meta.learner import MetaConfig, MetaLearner
+    from gmeta.tools.bench.meta import FIXED_STEP
+    from gmeta.trainer.config import defaults, part_configs
+    from gmeta.trainer.meta.learner import MetaLearner
     from gmeta.trainer.embedding.build import build_embedding
 
     schema = Schema(labels=("click",),
@@ -224,9 +225,11 @@ def full_learner(cfg: BenchStepConfig, comm, mode: str):
                             *(SparseFeature(f, f, group="user") for f in FULL_USER_FEATURES)),
                     tables=(TableSpec("item_id", cfg.rows), *(TableSpec(f, 1000) for f in FULL_USER_FEATURES)),
                     item_id_feature="item_id").validate()
-    model = build_model("maml_dnn", schema, ModelConfig(emb_dim=cfg.dim, hidden=(64, 64), seed=cfg.seed))
-    emb = build_embedding(model, comm, mode=mode, optimizer=cfg.optimizer, learning_rate=0.05, seed=cfg.seed)
-    learner = MetaLearner(model, emb, comm, MetaConfig())
+    model_cfg, meta_cfg, row_cfg = part_configs(defaults("maml_dnn", emb_dim=cfg.dim, hidden=(64, 64), seed=cfg.seed,
+                                                         emb_optimizer=cfg.optimizer, emb_lr=0.05, **FIXED_STEP))
+    model = build_model("maml_dnn", schema, model_cfg)
+    emb = build_embedding(model, comm, mode=mode, optimizer=row_cfg, seed=cfg.seed)
+    learner = MetaLearner(model, emb, comm, meta_cfg)
     comm.broadcast_variables(learner.dense_variables)
     return learner
 

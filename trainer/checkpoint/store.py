@@ -515,7 +515,7 @@ def config_differences(saved: dict, current: dict, defaults: dict) -> list:
 
 def check_compatible(path: str, meta: dict, cfg, schema_json: dict) -> None:
     """Raise a CheckpointError naming every difference that makes ``meta`` another run."""
-    from gmeta.trainer.train import TrainConfig, config_dict
+    from gmeta.trainer.config import TrainConfig, config_dict
 
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} has format {meta.get('format')}, this gmeta reads {FORMAT}")
@@ -751,7 +751,7 @@ class RunCheckpoints:
             init_from(cfg.init_from, self.learners, cfg.tracking_uri, self.log)
 
     def _config(self) -> dict:
-        from gmeta.trainer.train import config_dict
+        from gmeta.trainer.config import config_dict
 
         return _normal(config_dict(self.cfg))
 

@@ -1,8 +1,13 @@
-"""Building the parallel pieces of a run from a model and a communicator."""
+"""Building a model's embedding tables: the plan for the tables it looks up, then the backend."""
 
 from __future__ import annotations
 
+from gmeta.trainer.embedding.factory import make_embedding
 from gmeta.trainer.embedding.plan import ShardingPlan
+from gmeta.trainer.embedding.row_optim import RowOptimizerConfig
+
+#: initial rows: normal with this standard deviation (gmeta.trainer.embedding.initial)
+INIT_STDDEV = 0.05
 
 
 def build_plan(model, world_size: int) -> ShardingPlan:
@@ -11,12 +16,9 @@ def build_plan(model, world_size: int) -> ShardingPlan:
                                     world_size)
 
 
-def build_embedding(model, comm, mode: str, optimizer: str, learning_rate: float, seed: int,
-                    init_stddev: float = 0.05, hot_rows=None, hot_sync: str = "sparse"):
-    from gmeta.trainer.embedding.factory import make_embedding
-    from gmeta.trainer.embedding.row_optim import RowOptimizerConfig
-
-    plan = build_plan(model, comm.size)
-    return make_embedding(mode=mode, plan=plan, comm=comm,
-                          optimizer=RowOptimizerConfig(kind=optimizer, learning_rate=learning_rate),
-                          seed=seed, init_stddev=init_stddev, hot_rows=hot_rows, hot_sync=hot_sync)
+def build_embedding(model, comm, mode: str, optimizer: RowOptimizerConfig, seed: int, hot_rows=None,
+                    hot_sync: str = "sparse"):
+    """This rank's tables of ``model`` over ``comm`` (``mode``: hybrid, naive, sok or auto;
+    ``hot_rows``: the tiered backend's replicated rows)."""
+    return make_embedding(mode=mode, plan=build_plan(model, comm.size), comm=comm, optimizer=optimizer,
+                          seed=seed, init_stddev=INIT_STDDEV, hot_rows=hot_rows, hot_sync=hot_sync)

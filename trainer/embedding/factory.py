@@ -46,11 +46,10 @@ def resolve_mode(mode: str) -> str:
 
 
 def make_embedding(mode: str = "hybrid", *, plan: ShardingPlan, comm,
-                   optimizer: RowOptimizerConfig | None = None, seed: int = 0,
+                   optimizer: RowOptimizerConfig, seed: int = 0,
                    init_stddev: float = 0.05, hot_rows: dict | None = None,
                    hot_sync: str = "sparse") -> EmbeddingBase:
     """Build the embedding tables of ``plan`` for this rank (see module docstring)."""
-    optimizer = optimizer or RowOptimizerConfig()
     concrete = resolve_mode(mode)
     if hot_rows is not None:
         if concrete != "hybrid":

@@ -29,8 +29,9 @@ KINDS = ("sgd", "adagrad", "adam")
 class RowOptimizerConfig:
     """Which row-wise optimizer and its hyper-parameters (see module docstring)."""
 
-    kind: str = "adagrad"
-    learning_rate: float = 0.01
+    kind: str                       # the run's --emb-optimizer
+    learning_rate: float            # the run's --emb-lr
+    # the optimizers' own constants (no flags; TF's values)
     initial_accumulator: float = 0.1
     epsilon: float = 1e-7
     beta1: float = 0.9

@@ -8,6 +8,8 @@ import os
 
 import numpy as np
 
+from gmeta.trainer.evaluation.rows import label_key, score_key
+
 
 def _pyplot():
     import matplotlib
@@ -85,15 +87,15 @@ def calibration_bins(scores: np.ndarray, labels: np.ndarray, bins: int = 10) -> 
 def calibration(rows_by_split: dict, head: str, path: str, probabilities: bool = True) -> str:
     """Mean label against mean score in equal-count bins, adapted and unadapted, per split."""
     plt = _pyplot()
-    splits = [s for s, rows in rows_by_split.items() if rows and f"{head}/label" in rows]
+    splits = [s for s, rows in rows_by_split.items() if rows and label_key(head) in rows]
     fig, axes = plt.subplots(1, max(1, len(splits)), figsize=(5 * max(1, len(splits)), 4), squeeze=False)
     for ax, split in zip(axes[0], splits):
         rows = rows_by_split[split]
-        label = rows[f"{head}/label"]
+        label = rows[label_key(head)]
         lo, hi = (0.0, 1.0) if probabilities else (float(label.min()), float(label.max()))
         ax.plot([lo, hi], [lo, hi], color="grey", lw=1, label="perfect")
         for scorer in ("adapted", "unadapted"):
-            b = calibration_bins(rows[f"{head}/{scorer}"], label)
+            b = calibration_bins(rows[score_key(head, scorer)], label)
             ax.plot(b["mean_score"], b["mean_label"], "o-", label=scorer)
         ax.set_xlabel("mean predicted " + ("probability" if probabilities else "score"))
         ax.set_ylabel("mean observed label")

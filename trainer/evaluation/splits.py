@@ -27,7 +27,12 @@ import time
 
 import numpy as np
 
+from gmeta.io.plan import read_columns
+from gmeta.io.reader import MetaReader
 from gmeta.trainer.evaluation import metrics
+from gmeta.trainer.evaluation.baselines import ItemKNNBaseline, ItemMeanBaseline
+from gmeta.trainer.evaluation.rows import (SCORES, heads_of, is_score_key, label_key, oracle_key, plain_key,
+                                           plain_of, score_key)
 
 ORACLE_FOR = {"auc": "p_click", "auc_ctcvr": "p_ctcvr"}
 COMPARED = ("gauc", "ndcg@5", "ndcg@10")
@@ -46,9 +51,6 @@ def evaluation_splits(schema, requested=None) -> list:
 def item_baselines(dataset_dir: str, model) -> dict:
     """The item baselines fitted on every training row: ``{"item_mean": ItemMeanBaseline,
     "item_knn": ItemKNNBaseline}``, empty when the schema names no single-valued item feature."""
-    from gmeta.io.plan import read_columns
-    from gmeta.trainer.evaluation.baselines import ItemKNNBaseline, ItemMeanBaseline
-
     schema = model.schema
     item = schema.item_id_feature
     if item is None or schema.feature(item).is_list:
@@ -72,8 +74,6 @@ def evaluate_splits(learner, dataset_dir: str, splits, comm, reader_kwargs: dict
     ``rows_out``: a dict that receives, per split, the gathered per-query-row arrays (for
     ``gmeta evaluate --predictions-out``, so the rows are not computed twice).
     """
-    from gmeta.io.reader import MetaReader
-
     report, per_task = {}, {}
     for split in splits:
         t0 = time.time()
@@ -121,16 +121,16 @@ def _collect(learner, plain, reader, inner_steps: int, oracle_columns) -> tuple:
         if plain_fn is not None:
             p = plain_fn(batch)
             for k, v in p.items():
-                if k.endswith(("/adapted", "/unadapted")):
-                    row[f"plain:{k}"] = v.numpy()[keep]
+                if is_score_key(k):
+                    row[plain_of(k)] = v.numpy()[keep]
         for oracle in oracle_columns:
-            row[f"oracle/{oracle}"] = batch["query"][oracle].numpy()[keep]
+            row[oracle_key(oracle)] = batch["query"][oracle].numpy()[keep]
         chunks.append(row)
     return _concat(chunks), _concat(supports)
 
 
 def _split_report(merged: dict, support: dict, model, baselines: dict, n_boot: int) -> tuple:
-    heads = [k[:-len("/label")] for k in merged if k.endswith("/label")]
+    heads = heads_of(merged)
     report = {"rows": int(merged["task"].size) if merged else 0}
     per_task = {}
     if not merged:
@@ -138,13 +138,13 @@ def _split_report(merged: dict, support: dict, model, baselines: dict, n_boot: i
     task = merged["task"]
     is_rating = model.target == "rating"
     for h, head in enumerate(heads):
-        label = merged[f"{head}/label"]
+        label = merged[label_key(head)]
         ratings = merged.get("rating") if is_rating and h == 0 else None
         probabilities = not (is_rating and h == 0)
-        scorers = {"adapted": merged[f"{head}/adapted"], "unadapted": merged[f"{head}/unadapted"]}
+        scorers = {s: merged[score_key(head, s)] for s in SCORES}
         oracle = ORACLE_FOR.get(head)
-        if oracle and f"oracle/{oracle}" in merged:
-            scorers["oracle"] = merged[f"oracle/{oracle}"]
+        if oracle and oracle_key(oracle) in merged:
+            scorers["oracle"] = merged[oracle_key(oracle)]
         if h == 0:
             scorers["constant"] = np.full(label.shape, 0.5)
             if "item_mean" in baselines and "item" in merged:
@@ -152,22 +152,22 @@ def _split_report(merged: dict, support: dict, model, baselines: dict, n_boot: i
             if "item_knn" in baselines and "item" in merged:
                 s_task, s_item = (support.get(k, np.zeros(0, np.int64)) for k in ("task", "item"))
                 scorers["item_knn"] = baselines["item_knn"].scores(task, merged["item"], s_task, s_item)
-            if f"plain:{head}/adapted" in merged:
-                scorers["plain"] = merged[f"plain:{head}/unadapted"]
-                scorers["plain_finetuned"] = merged[f"plain:{head}/adapted"]
+            if plain_key(head, "adapted") in merged:
+                scorers["plain"] = merged[plain_key(head, "unadapted")]
+                scorers["plain_finetuned"] = merged[plain_key(head, "adapted")]
         section = {}
         for name, scores in scorers.items():
             # the oracle and the constant are probabilities even for a rating model's labels;
             # item-kNN scores are neither probabilities nor ratings (ranking metrics only)
             probs = (probabilities or name in ("oracle", "constant")) and name != "item_knn"
             rates = ratings if name not in ("oracle", "constant", "item_knn") else None
-            summary, per_task[f"{head}/{name}"] = metrics.evaluate_scores(
+            summary, per_task[score_key(head, name)] = metrics.evaluate_scores(
                 task, scores, label, ratings=rates, probabilities=probs and rates is None,
                 n_boot=n_boot, return_per_task=True)
             section[name] = _clean(summary)
         section["differences"] = {
-            other: {m: _clean(metrics.paired_difference(per_task[f"{head}/adapted"],
-                                                        per_task[f"{head}/{other}"], m, n_boot=n_boot))
+            other: {m: _clean(metrics.paired_difference(per_task[score_key(head, "adapted")],
+                                                        per_task[score_key(head, other)], m, n_boot=n_boot))
                     for m in COMPARED}
             for other in section if other not in ("adapted",)}
         report[head] = section

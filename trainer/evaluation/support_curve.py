@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from gmeta.trainer.evaluation.rows import heads_of, label_key, score_key
+
 DEFAULT_POINTS = "0,1,2,5,10,20,all"
 
 
@@ -69,19 +71,19 @@ def support_curve(learner, plain, dataset_dir: str, splits, comm, reader_kwargs:
                 scored = fn(limited)
                 plain_scored = plain_fn(limited) if plain_fn is not None else None
                 if head is None:
-                    head = next(name[:-len("/label")] for name in scored if name.endswith("/label"))
+                    head = heads_of(scored)[0]
                 keep = scored["mask"].numpy() > 0
-                rows[k]["adapted"].append(scored[f"{head}/adapted"].numpy()[keep])
+                rows[k]["adapted"].append(scored[score_key(head, "adapted")].numpy()[keep])
                 if plain_scored is not None:
-                    rows[k]["plain_finetuned"].append(plain_scored[f"{head}/adapted"].numpy()[keep])
+                    rows[k]["plain_finetuned"].append(plain_scored[score_key(head, "adapted")].numpy()[keep])
                 if i == 0:  # what does not depend on k
                     common["task"].append(scored["task"].numpy()[keep])
-                    common["label"].append(scored[f"{head}/label"].numpy()[keep])
-                    common["unadapted"].append(scored[f"{head}/unadapted"].numpy()[keep])
+                    common["label"].append(scored[label_key(head)].numpy()[keep])
+                    common["unadapted"].append(scored[score_key(head, "unadapted")].numpy()[keep])
                     if "rating" in scored:
                         common["rating"].append(scored["rating"].numpy()[keep])
                     if plain_scored is not None:
-                        common["plain"].append(plain_scored[f"{head}/unadapted"].numpy()[keep])
+                        common["plain"].append(plain_scored[score_key(head, "unadapted")].numpy()[keep])
         mine = {"common": _cat(common), "by_k": {k: _cat(v) for k, v in rows.items()}}
         gathered = [g for g in comm.allgather_object(mine) if g["common"].get("task", np.zeros(0)).size]
         if not gathered:

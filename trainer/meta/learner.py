@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
+from gmeta.trainer.evaluation.rows import label_key, score_key
 from gmeta.trainer.meta.dense_optim import Adam
 
 INNER_SOLVERS = ("gradient", "ridge")
@@ -36,18 +37,21 @@ INNER_SOLVERS = ("gradient", "ridge")
 
 @dataclass(frozen=True)
 class MetaConfig:
-    meta: str = "maml"          # maml | none
-    inner_steps: int = 1
-    inner_lr: float = 0.5
-    first_order: bool = False
-    meta_sgd: bool = False      # learn the inner learning rate per parameter entry
-    task_loop: bool = False     # adapt tasks one by one (baseline for the vectorized loop)
-    outer_lr: float = 1e-3
-    clip_norm: float = 0.0      # outer loop: clip the dense meta-gradient's global norm (0 = off)
-    plain_weight: float = 0.0   # outer loss += this x the unadapted loss on support and query rows
-    inner_clip: float = 0.0     # inner loop: clip each task's gradient norm (0 = off)
-    inner_solver: str = "gradient"  # gradient | ridge (closed form for the linear task terms)
-    ridge_lambda: float = 1.0   # ridge: the penalty's initial value (learned in the outer loop)
+    """The meta-learner's settings. No defaults: built from the run's config only
+    (``gmeta.trainer.config.meta_config``), so every learner trains what the command line says."""
+
+    meta: str                   # maml | none
+    inner_steps: int
+    inner_lr: float
+    first_order: bool
+    meta_sgd: bool              # learn the inner learning rate per parameter entry
+    task_loop: bool             # adapt tasks one by one (baseline for the vectorized loop)
+    outer_lr: float
+    clip_norm: float            # outer loop: clip the dense meta-gradient's global norm (0 = off)
+    plain_weight: float         # outer loss += this x the unadapted loss on support and query rows
+    inner_clip: float           # inner loop: clip each task's gradient norm (0 = off)
+    inner_solver: str           # gradient | ridge (closed form for the linear task terms)
+    ridge_lambda: float         # ridge: the penalty's initial value (learned in the outer loop)
 
     def validate(self) -> "MetaConfig":
         if self.meta not in ("maml", "none"):
@@ -321,9 +325,9 @@ class MetaLearner(tf.Module):
         if "rating" in query:
             out["rating"] = query["rating"]
         for name, (score, label) in before.items():
-            out[f"{name}/unadapted"] = score
-            out[f"{name}/adapted"] = after[name][0]
-            out[f"{name}/label"] = label
+            out[score_key(name, "unadapted")] = score
+            out[score_key(name, "adapted")] = after[name][0]
+            out[label_key(name)] = label
         return out
 
     def compiled_train_step(self, element_spec):

@@ -18,6 +18,9 @@ import os
 import numpy as np
 
 EXPORT_FILE = "gmeta_model.json"
+# what exports written before a setting existed were trained with (they do not record it)
+LEGACY_MODEL_CONFIG = {"adapt": ("head",), "item_prior": False, "target": "auto", "seed": 0}
+LEGACY_META_CONFIG = {"inner_solver": "gradient", "ridge_lambda": 1.0}
 
 
 def export_model(learner, run_config: dict, directory: str, is_writer: bool,
@@ -64,6 +67,7 @@ def load_model(directory: str, comm=None):
     from gmeta.trainer.parallel.comm import LocalCommunicator
     from gmeta.trainer.meta.learner import MetaConfig, MetaLearner
     from gmeta.trainer.embedding.build import build_embedding
+    from gmeta.trainer.embedding.row_optim import RowOptimizerConfig
     from gmeta.trainer.meta.state import assign_by_name, run_state
 
     path = os.path.join(directory, EXPORT_FILE)
@@ -72,15 +76,16 @@ def load_model(directory: str, comm=None):
     with open(path) as f:
         meta = json.load(f)
     schema = Schema.from_json(meta["schema"], source=path)
-    mc = dict(meta["model_config"])
+    mc = {**LEGACY_MODEL_CONFIG, **meta["model_config"]}
     mc["hidden"] = tuple(mc["hidden"])
-    mc["adapt"] = tuple(mc.get("adapt", ("head",)))
+    mc["adapt"] = tuple(mc["adapt"])
     model = build_model(meta["model"], schema, ModelConfig(**mc))
     comm = comm or LocalCommunicator()
     run = meta.get("run_config", {})
-    embedding = build_embedding(model, comm, mode="hybrid", optimizer=run.get("emb_optimizer", "adagrad"),
-                                learning_rate=run.get("emb_lr", 0.05), seed=mc.get("seed", 0))
-    learner = MetaLearner(model, embedding, comm, MetaConfig(**meta["meta_config"]))
+    # the row optimizer is not used after loading; its settings only size the (unused) slots
+    optimizer = RowOptimizerConfig(kind=run.get("emb_optimizer", "adagrad"), learning_rate=run.get("emb_lr", 0.05))
+    embedding = build_embedding(model, comm, mode="hybrid", optimizer=optimizer, seed=mc["seed"])
+    learner = MetaLearner(model, embedding, comm, MetaConfig(**{**LEGACY_META_CONFIG, **meta["meta_config"]}))
     with np.load(os.path.join(directory, "embeddings.npz"), allow_pickle=False) as tables:
         for name in tables.files:
             embedding.set_full_table(name, tables[name])
