@@ -16,6 +16,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+from gmeta.io.fs import join, read_text, write_text
+
 SCHEMA_FILE = "schema.json"
 SCHEMA_VERSION = 1
 LABEL_NAMES = ("click", "conversion", "rating")
@@ -192,16 +194,12 @@ class Schema:
 
     def save(self, directory: str) -> str:
         """Write ``schema.json`` into a local or remote dataset directory."""
-        from gmeta.io.fs import join, write_text
-
         path = join(directory, SCHEMA_FILE)
         write_text(path, json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
         return path
 
     @classmethod
     def load(cls, directory: str) -> "Schema":
-        from gmeta.io.fs import join, read_text
-
         path = join(directory, SCHEMA_FILE)
         try:
             text = read_text(path)

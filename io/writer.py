@@ -28,8 +28,16 @@ from gmeta.io import fs
 from gmeta.io.errors import DataError
 from gmeta.io.index import INDEX_FILE, INDEX_FORMAT, INDEX_VERSION, index_text, scan_file
 from gmeta.io.schema import SCHEMA_FILE, Schema, SchemaError
-from gmeta.io.validate import (arrow_schema, check_finite, check_id_values, check_ids, check_no_nulls,
-                               check_query_flags, check_tasks_disjoint, task_runs)
+from gmeta.io.validate import (
+    arrow_schema,
+    check_finite,
+    check_id_values,
+    check_ids,
+    check_no_nulls,
+    check_query_flags,
+    check_tasks_disjoint,
+    task_runs,
+)
 
 COMPRESSIONS = ("uncompressed", "snappy", "zlib", "lz4", "zstd")
 

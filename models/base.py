@@ -18,7 +18,6 @@ import tensorflow as tf
 
 from gmeta.models import layers
 
-
 #: what the inner loop may adapt per task (``--adapt``, any combination):
 #:   head  every layer of the decision MLP (towers, for MAML-ESMM)
 #:   last  only the output layer of the MLP (towers)

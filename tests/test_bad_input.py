@@ -11,7 +11,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.orc as orc
 import pytest
-
 from conftest import BIN, horovodrun
 
 ARGS = ["--model", "maml_dnn", "--epochs", "1", "--tasks-per-batch", "16", "--tracking-uri", "none",

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import last_json, run_gmeta
+from test_convert_movielens import _fixture, write_raw
 
 from gmeta.tools.bench.coldstart import SCORERS, pooled
 from gmeta.trainer.evaluation.metrics import paired_difference, per_task_metrics, summarize
-
-from conftest import last_json, run_gmeta
-from test_convert_movielens import _fixture, write_raw
 
 
 def _per_task(seed: int, shift: dict) -> dict:

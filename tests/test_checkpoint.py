@@ -15,11 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import BIN, REPO, WORKERS, horovodrun, last_json, run_gmeta
 
-from gmeta.trainer.checkpoint.store import (COMMITTED, FINISHED, CheckpointError, committed_checkpoints,
-                                      config_differences, latest_checkpoint)
+from gmeta.trainer.checkpoint.store import (
+    COMMITTED,
+    FINISHED,
+    CheckpointError,
+    committed_checkpoints,
+    config_differences,
+    latest_checkpoint,
+)
 
 EVERY = 7
 TRAIN = ["train", "--model", "maml_dnn", "--epochs", "2", "--tasks-per-batch", "8", "--log-every", "0", "--no-saved-model",

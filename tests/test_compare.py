@@ -1,6 +1,5 @@
 """`gmeta compare`: runs side by side in per-task metrics, and which differences are significant."""
 
-import json
 from pathlib import Path
 
 from conftest import last_json, run_gmeta

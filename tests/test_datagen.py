@@ -278,8 +278,7 @@ def test_summary_aucs_are_the_metrics_auc_on_bounded_memory():
     + ``summarize``) over all query rows; past ``sample_rows`` over a uniform, seeded sample of
     whole tasks whose pool stays below 1.25 times that size. The posterior scorer sees whole tasks
     (support rows too) and only those that can still make the sample."""
-    from gmeta.trainer.evaluation.metrics import auc as metrics_auc
-    from gmeta.trainer.evaluation.metrics import per_task_metrics, summarize
+    from gmeta.trainer.evaluation.metrics import auc as metrics_auc, per_task_metrics, summarize
 
     rng = np.random.default_rng(0)
     chunks = []

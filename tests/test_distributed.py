@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from conftest import REPO, horovodrun, read_rank_results
 from test_meta_learner import SCHEMA, make_batch
 

@@ -15,12 +15,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
 import emb_conformance  # noqa: E402
 import emb_reference as ref  # noqa: E402
 
-from gmeta.trainer.parallel.comm import LocalCommunicator, init_communicator  # noqa: E402
 from gmeta.trainer.embedding.factory import RowOptimizerConfig, make_embedding, resolve_mode  # noqa: E402
 from gmeta.trainer.embedding.initial import initial_rows  # noqa: E402
 from gmeta.trainer.embedding.plan import ShardingPlan, TableConfig  # noqa: E402
-from gmeta.trainer.embedding.sok import UNAVAILABLE_REASON, sok_available  # noqa: E402
 from gmeta.trainer.embedding.row_optim import RowOptimizer, slots_per_row  # noqa: E402
+from gmeta.trainer.embedding.sok import UNAVAILABLE_REASON, sok_available  # noqa: E402
+from gmeta.trainer.parallel.comm import LocalCommunicator, init_communicator  # noqa: E402
+
+#: the row optimizer of the tests that do not sweep optimizers (any kind would do)
+OPT = RowOptimizerConfig("adagrad", 0.01)
 
 BACKENDS = ["hybrid", "naive", "sok", "tiered-sparse", "tiered-dense"]
 
@@ -219,15 +222,15 @@ def test_set_full_table_round_trip_and_errors(backend):
 def test_bad_inputs_have_clear_errors():
     """Unknown features, float ids, wrong plan size and unknown modes fail with named errors."""
     comm = LocalCommunicator()
-    emb = make_embedding("hybrid", plan=ref.plan_for(1), comm=comm)
+    emb = make_embedding("hybrid", plan=ref.plan_for(1), comm=comm, optimizer=OPT)
     with pytest.raises(KeyError, match="features \\['price'\\] have no embedding table"):
         emb.lookup({"price": np.array([1])})
     with pytest.raises(TypeError, match="feature 'item_id': ids must be integers"):
         emb.lookup({"item_id": np.array([1.0])})
     with pytest.raises(ValueError, match="world_size=2 but the communicator has size 1"):
-        make_embedding("hybrid", plan=ref.plan_for(2), comm=comm)
+        make_embedding("hybrid", plan=ref.plan_for(2), comm=comm, optimizer=OPT)
     with pytest.raises(ValueError, match="embedding mode must be one of"):
-        make_embedding("sharded", plan=ref.plan_for(1), comm=comm)
+        make_embedding("sharded", plan=ref.plan_for(1), comm=comm, optimizer=OPT)
     with pytest.raises(ValueError, match="row optimizer kind"):
         RowOptimizerConfig("rmsprop", 0.1)
 
@@ -239,9 +242,9 @@ def test_auto_mode_and_sok_availability():
     if not ok:
         assert reason in (UNAVAILABLE_REASON, "merlin-sok imports but no GPU is visible")
         with pytest.raises(RuntimeError, match="embedding mode 'sok' is unavailable"):
-            make_embedding("sok", plan=ref.plan_for(1), comm=LocalCommunicator())
+            make_embedding("sok", plan=ref.plan_for(1), comm=LocalCommunicator(), optimizer=OPT)
     emb = make_embedding("auto", plan=ref.plan_for(1),
-                         comm=LocalCommunicator() if not ok else init_communicator("horovod"))
+                         comm=LocalCommunicator() if not ok else init_communicator("horovod"), optimizer=OPT)
     assert emb.mode == resolve_mode("auto")
 
 
@@ -249,7 +252,7 @@ def test_counter_delta_helper():
     """CommCounters.delta reports only what happened since a snapshot."""
     comm = LocalCommunicator()
     emb = make_embedding("naive", plan=ShardingPlan.build([TableConfig("t", 10, 3)], {"f": "t"}, 1),
-                         comm=comm)
+                         comm=comm, optimizer=OPT)
     comm.allreduce_mean([tf.zeros([5])])
     before = comm.counters.snapshot()
     with tf.GradientTape() as tape:

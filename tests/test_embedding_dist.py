@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import WORKERS, horovodrun, read_rank_results
 
 sys.path.insert(0, str(WORKERS))

@@ -9,7 +9,6 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import BIN, REPO
 
 from gmeta.trainer.checkpoint.store import committed_checkpoints, read_checkpoint_meta

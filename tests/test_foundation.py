@@ -8,7 +8,6 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import BIN, REPO, WORKERS, horovodrun, read_rank_results
 
 # multi-worker test workers that must run under the trainer's failure guard (tests/workers/_guard.py)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
+from conftest import horovodrun, read_rank_results  # noqa: E402
 from io_data import write_tiny  # noqa: E402
 
-from conftest import horovodrun, read_rank_results  # noqa: E402
 from gmeta.io.plan import Unit, shard_tasks  # noqa: E402
 from gmeta.io.reader import MetaReader  # noqa: E402
 
@@ -117,9 +117,9 @@ def uneven(tmp_path_factory):
     """Stripes with very different task counts: runs of small tasks, one huge task (120 rows, a
     stripe of its own) and small leftovers at file ends."""
     import pyarrow as pa
+    from io_data import make_table, tiny_schema
 
     from gmeta.io.writer import TaskWriter, write_dataset_schema
-    from io_data import make_table, tiny_schema
 
     d = tmp_path_factory.mktemp("uneven")
     schema = tiny_schema()

@@ -3,14 +3,13 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import LOOP_TEST_SETTINGS, part_configs
 
 from gmeta.io.schema import DenseFeature, Schema, SparseFeature, TableSpec
 from gmeta.models.registry import build_model
-from gmeta.trainer.parallel.comm import LocalCommunicator
-from gmeta.trainer.meta.learner import MetaLearner
 from gmeta.trainer.embedding.build import build_embedding
-
-from conftest import LOOP_TEST_SETTINGS, part_configs
+from gmeta.trainer.meta.learner import MetaLearner
+from gmeta.trainer.parallel.comm import LocalCommunicator
 
 SCHEMA = Schema(
     labels=("click", "conversion"),

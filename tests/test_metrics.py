@@ -7,8 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from gmeta.trainer.evaluation.metrics import (auc, evaluate_scores, paired_difference, per_task_metrics,
-                                   summarize)
+from gmeta.trainer.evaluation.metrics import auc, evaluate_scores, paired_difference, per_task_metrics, summarize
 
 
 def log2_discount(position_1_based):

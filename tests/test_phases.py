@@ -1,7 +1,6 @@
 """Extra training phases (MetaEmb's generator) run by the trainer under the step's scaling rule."""
 
 import pytest
-
 from conftest import REPO, horovodrun, read_rank_results
 
 

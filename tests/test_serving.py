@@ -19,7 +19,6 @@ import urllib.request
 
 import numpy as np
 import pytest
-
 from conftest import BIN, last_json, run_gmeta
 
 MODELS = ("melu", "maml_esmm", "metaemb")

@@ -5,12 +5,11 @@ only, and tasks without query rows do not count."""
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import last_json, run_gmeta
+from test_meta_learner import make_batch, make_learner
 
-from conftest import REPO, last_json, run_gmeta
-from test_meta_learner import SCHEMA, make_batch, make_learner
-
-from gmeta.trainer.serving.export import export_model, load_model
 from gmeta.trainer.meta.state import run_state
+from gmeta.trainer.serving.export import export_model, load_model
 
 MODELS = ["melu", "maml_dnn", "maml_esmm", "metaemb"]
 

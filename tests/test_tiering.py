@@ -10,12 +10,20 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
+from conftest import REPO, run_gmeta  # noqa: E402
 from io_data import make_columns, write_tiny  # noqa: E402
 
-from conftest import REPO, run_gmeta  # noqa: E402
 from gmeta.io.errors import DataError  # noqa: E402
-from gmeta.trainer.embedding.tiering import (TableProfile, choose_hot, choose_sync, expected_bytes, load_profile,  # noqa: E402
-                                   parse_budget, profile_split, save_profile)
+from gmeta.trainer.embedding.tiering import (  # noqa: E402
+    TableProfile,
+    choose_hot,
+    choose_sync,
+    expected_bytes,
+    load_profile,
+    parse_budget,
+    profile_split,
+    save_profile,
+)
 
 N_TASKS = 60
 

@@ -12,7 +12,6 @@ network *within* users is reported, not asserted: on this data it does not (see 
 import json
 
 import pytest
-
 from conftest import REPO, last_json, run_gmeta
 
 MODELS = ["melu", "maml_esmm", "metaemb"]  # metaemb runs maml_dnn's base; maml_dnn itself: test_compare

@@ -15,8 +15,8 @@ import numpy as np
 import pyarrow.orc as orc
 import pytest
 import tensorflow as tf
-
 from conftest import REPO, run_gmeta
+
 from gmeta.trainer.config import TrainConfig
 from gmeta.trainer.run.input import TrainInput
 

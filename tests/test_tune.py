@@ -14,7 +14,6 @@ import shlex
 import shutil
 
 import pytest
-
 from conftest import last_json, run_gmeta
 
 VAL = "user_cold"   # the generator's `val` split may be absent; tune on a cold split

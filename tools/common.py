@@ -3,13 +3,20 @@ output flags and how they are checked, preparing the output directory, and a num
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import shutil
+import subprocess
 import sys
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import numpy as np
 
+from gmeta.io import fs
 from gmeta.io.writer import COMPRESSIONS
+from gmeta.trainer.parallel.launch import run_guarded
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,8 +77,6 @@ def add_output_arguments(parser, defaults: OutputConfig, quiet_help: str) -> Non
 def prepare_out(out: str, overwrite: bool, names, error=ValueError) -> None:
     """Refuse to mix with an existing dataset unless ``overwrite``; then remove only ``names``
     (our own outputs) from ``out``, leaving anything else there alone."""
-    from gmeta.io import fs
-
     kinds = fs.pafs.FileType
     info = fs.file_info(out)
     if info.type == kinds.NotFound:
@@ -99,11 +104,6 @@ def group_arange(counts: np.ndarray) -> np.ndarray:
 def worker_main(prog: str, worker, make_config=lambda settings: settings) -> None:
     """The ``__main__`` of a benchmark's horovodrun worker: ``--worker DIR --config JSON``, the
     body run under the trainer's failure guard (a failing rank ends the whole job)."""
-    import argparse
-    import json
-
-    from gmeta.trainer.parallel.launch import run_guarded
-
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--worker", required=True, help="(internal) output folder of a worker run")
     parser.add_argument("--config", required=True, help="(internal) the benchmark's settings as JSON")
@@ -115,11 +115,6 @@ def launch_bench(name: str, module: str, np_: int, out_dir: str, config: dict, t
     """Run ``module``'s worker under ``horovodrun -np np_ --gloo`` on localhost (its ``__main__``
     is ``worker_main``) and return every rank's ``rank{r}.json``; a failure or timeout is a
     SystemExit naming the benchmark, with the workers' last output."""
-    import json
-    import shutil
-    import subprocess
-    from pathlib import Path
-
     bin_dir = Path(sys.executable).parent
     horovodrun = bin_dir / "horovodrun"
     if not horovodrun.exists():

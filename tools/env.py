@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import platform
 
+from gmeta import __version__
+from gmeta.trainer.parallel.comm import horovod_build_info
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -19,9 +22,6 @@ def _version(module_name: str):
 
 
 def collect() -> dict:
-    from gmeta import __version__
-    from gmeta.trainer.parallel.comm import horovod_build_info
-
     info = {
         "gmeta": __version__,
         "python": platform.python_version(),

@@ -56,10 +56,16 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 
+from gmeta.io import fs
+from gmeta.io.fs import join, write_text
+from gmeta.io.schema import Schema, SparseFeature, TableSpec
 from gmeta.io.tables import arrow_table
-from gmeta.tools.common import (OutputConfig, add_output_arguments, check_flags, group_arange, prepare_out,
-                                run_command)
+from gmeta.io.writer import TaskWriter
+from gmeta.tools.common import OutputConfig, add_output_arguments, check_flags, group_arange, prepare_out, run_command
 
 SPLITS = ("train", "user_cold", "item_cold", "user_item_cold", "val")   # index = split code in build_tasks
 VAL = SPLITS.index("val")
@@ -128,8 +134,6 @@ class MovieLensConfig(OutputConfig):
 # ----------------------------------------------------------------------------- reading
 def detect_layout(src: str) -> str:
     """'100k' or '1m' from the files present; a clear error listing both layouts otherwise."""
-    from gmeta.io import fs
-
     info = fs.file_info(src)
     if info.type != fs.pafs.FileType.Directory:
         raise ConvertError(f"--src {src!r} is not a directory")
@@ -146,11 +150,6 @@ def detect_layout(src: str) -> str:
 
 def read_delimited(path: str, names, types: dict, delimiter: str):
     """A headerless latin-1 text table -> pyarrow Table; errors name the file and the column."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-
-    from gmeta.io import fs
-
     with fs.open_input_file(path) as f:
         data = f.read()
     if len(delimiter) > 1:   # pyarrow splits on one byte; '::' never occurs inside a field
@@ -205,8 +204,6 @@ def _check_range(values: np.ndarray, lo, hi, path: str, column: str, header_line
 def _load_ratings(path: str, layout: str) -> dict:
     """The user/item/rating/timestamp file of any layout, ratings checked against the layout's
     star range (whole stars for 100K and 1M, half stars for latest)."""
-    import pyarrow as pa
-
     lo, hi = RATING_RANGE[layout]
     if layout == "latest":
         r = read_csv_with_header(path, {"userId": pa.int64(), "movieId": pa.int64(), "rating": pa.float64(),
@@ -222,11 +219,6 @@ def _load_ratings(path: str, layout: str) -> dict:
 def read_csv_with_header(path: str, types: dict):
     """A UTF-8 CSV file with a header row -> pyarrow Table of exactly ``types``' columns; a missing
     column or a value that does not parse is an error naming the file and the column."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-
-    from gmeta.io import fs
-
     with fs.open_input_file(path) as f:
         data = f.read()
     header = data.split(b"\n", 1)[0].decode("utf-8", "replace").strip().split(",")
@@ -243,8 +235,6 @@ def read_csv_with_header(path: str, types: dict):
 
 def load(src: str, layout: str) -> dict:
     """Ratings, users and items of any layout (the user and item files are the parts that differ)."""
-    from gmeta.io import fs
-
     ratings_file, users_file, items_file = LAYOUTS[layout]
     ratings = _load_ratings(fs.join(src, ratings_file), layout)
     if users_file is None:      # latest: a user is an id and a history
@@ -258,9 +248,6 @@ def load(src: str, layout: str) -> dict:
 def _load_users(path: str, layout: str, sep: str) -> dict:
     """Users: raw id, age group, gender (1 = F), occupation id, first character of the zip code.
     100K names occupations (ids in sorted-name order); 1M gives the codes, checked for range."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     i64, s = pa.int64(), pa.string()
     by_name = layout == "100k"
     u = read_delimited(path, USER_FIELDS[layout], {"id": i64, "age": i64, "gender": s, "zip": s,
@@ -279,9 +266,6 @@ def _load_users(path: str, layout: str, sep: str) -> dict:
 
 
 def _load_items_100k(path: str) -> dict:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     i64, s = pa.int64(), pa.string()
     names = ["id", "title", "release", "video", "url"] + [f"g{k}" for k in range(len(GENRES))]
     t = read_delimited(path, names, {"id": i64, "title": s, "release": s, "video": s, "url": s,
@@ -300,8 +284,6 @@ def _load_items_100k(path: str) -> dict:
 
 
 def _load_items_1m(path: str) -> dict:
-    import pyarrow as pa
-
     s = pa.string()
     t = read_delimited(path, ("id", "title", "genres"), {"id": pa.int64(), "title": s, "genres": s}, "::")
     year = _title_year(t["title"])
@@ -311,9 +293,6 @@ def _load_items_1m(path: str) -> dict:
 
 def _load_items_latest(path: str) -> dict:
     """movies.csv of the latest layout; the genre vocabulary is the file's own (sorted names)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     t = read_csv_with_header(path, {"movieId": pa.int64(), "title": pa.string(), "genres": pa.string()})
     names = sorted(set(pc.list_flatten(pc.split_pattern(t["genres"], "|")).to_pylist()) - {NO_GENRES, ""})
     flags = _genre_flags(t["genres"], tuple(names) + (NO_GENRES, ""), path)[:, :len(names)]
@@ -324,18 +303,12 @@ def _load_items_latest(path: str) -> dict:
 
 def _title_year(titles) -> np.ndarray:
     """The release year at the end of a title, ``Name (1995)`` (or ``(1995-1997)``); 0 if none."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     found = pc.extract_regex(pc.utf8_trim_whitespace(titles), r"\((?P<year>\d{4})(?:[-–]\d{4})?\)$")
     return _np(pc.fill_null(pc.cast(pc.struct_field(found, "year"), pa.int64()), 0))
 
 
 def _genre_flags(genres, vocabulary, path: str) -> np.ndarray:
     """``G1|G2`` strings -> [n, len(vocabulary)] 0/1 flags; a name outside the vocabulary is an error."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     parts = pc.split_pattern(genres, "|")
     flat = pc.list_flatten(parts)
     gid = pc.index_in(flat, value_set=pa.array(vocabulary))
@@ -571,8 +544,6 @@ def _negative_rows(pos: dict, task_sizes: np.ndarray, cfg, rated_users: np.ndarr
 def build_schema(vocab: dict, splits):
     """The schema of a converted dataset: the demographics' features only where the layout has
     them; labels click and rating (explicit) or click alone (implicit: sampled rows have no rating)."""
-    from gmeta.io.schema import Schema, SparseFeature, TableSpec
-
     user = [SparseFeature("user_id", "user_id", group="user")]
     tables = [TableSpec("user_id", max(vocab["user_id"], 1))]
     if vocab["demographics"]:
@@ -595,9 +566,6 @@ def build_schema(vocab: dict, splits):
 
 def convert(cfg: MovieLensConfig) -> dict:
     """Read, split, write; returns the summary also written to ``DIR/convert.json``."""
-    from gmeta.io.fs import join, write_text
-    from gmeta.io.writer import TaskWriter
-
     cfg.validate()
     t0 = time.perf_counter()
     layout = detect_layout(cfg.src)

@@ -9,9 +9,15 @@ worker picks the same hot rows.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
+
+import numpy as np
+
+from gmeta.io.errors import DataError
+from gmeta.trainer.embedding.tiering import PROFILE_DIR, profile_split, save_profile
 
 
 def add_arguments(parser) -> None:
@@ -28,7 +34,6 @@ def plot_skew(profiles: dict, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, p in sorted(profiles.items()):
@@ -56,11 +61,6 @@ def format_report(summary: dict) -> str:
 
 
 def main(args) -> int:
-    import json
-
-    from gmeta.io.errors import DataError
-    from gmeta.trainer.embedding.tiering import PROFILE_DIR, profile_split, save_profile
-
     out = args.out or os.path.join(args.data, PROFILE_DIR)
     start = time.time()
 

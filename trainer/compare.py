@@ -15,7 +15,10 @@ import os
 import sys
 from dataclasses import dataclass
 
+from gmeta.trainer.evaluation.metrics import AGGREGATES, paired_difference
+from gmeta.trainer.evaluation.report import load_per_task
 from gmeta.trainer.parallel.launch import run_guarded
+from gmeta.trainer.tracking.mlflow_run import add_tracking_arguments
 
 BASELINES = ("item_mean", "item_knn")   # shown next to every run: what it must beat
 
@@ -31,9 +34,6 @@ class CompareConfig:
 
 
 def add_arguments(p) -> None:
-    from gmeta.trainer.evaluation.metrics import AGGREGATES
-    from gmeta.trainer.tracking.mlflow_run import add_tracking_arguments
-
     p.add_argument("runs", nargs="+", metavar="RUN", help="MLflow run ids or local run directories")
     p.add_argument("--metric", default="gauc", choices=sorted(AGGREGATES), help="metric to compare")
     p.add_argument("--splits", default="", help="comma separated; default: every split all runs evaluated")
@@ -70,9 +70,6 @@ def _run_dir(run: str, tracking_uri: str) -> str:
 
 
 def compare(cfg: CompareConfig) -> dict:
-    from gmeta.trainer.evaluation.metrics import paired_difference
-    from gmeta.trainer.evaluation.report import load_per_task
-
     dirs = [_run_dir(r, cfg.tracking_uri) for r in cfg.runs]
     results = [json.load(open(os.path.join(d, "eval_results.json"))) for d in dirs]
     common = [s for s in results[0] if all(s in r for r in results[1:])]

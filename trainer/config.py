@@ -23,8 +23,7 @@ from gmeta.io.plan import task_sizes
 from gmeta.models.base import ModelConfig
 from gmeta.models.registry import MODELS
 from gmeta.trainer.embedding.factory import MODES as PARALLEL_MODES
-from gmeta.trainer.embedding.row_optim import KINDS as ROW_OPTIMIZERS
-from gmeta.trainer.embedding.row_optim import RowOptimizerConfig
+from gmeta.trainer.embedding.row_optim import KINDS as ROW_OPTIMIZERS, RowOptimizerConfig
 from gmeta.trainer.embedding.tiering import parse_budget
 from gmeta.trainer.evaluation.support_curve import parse_points
 from gmeta.trainer.meta.learner import INNER_SOLVERS, MetaConfig

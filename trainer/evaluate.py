@@ -11,7 +11,13 @@ import json
 import sys
 from dataclasses import dataclass
 
+from gmeta.trainer.evaluation.report import print_report
+from gmeta.trainer.evaluation.splits import evaluate_splits, evaluation_splits, item_baselines
 from gmeta.trainer.parallel.launch import run_guarded
+from gmeta.trainer.predict import write_eval_predictions
+from gmeta.trainer.run.build import load_plain_baseline
+from gmeta.trainer.serving.export import load_model
+from gmeta.trainer.tracking.mlflow_run import add_tracking_arguments, resolve_export_dir
 
 
 @dataclass(frozen=True)
@@ -29,8 +35,6 @@ class EvaluateConfig:
 
 
 def add_arguments(p) -> None:
-    from gmeta.trainer.tracking.mlflow_run import add_tracking_arguments
-
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", default="", help="MLflow run id of a gmeta train run")
     src.add_argument("--model", dest="model_uri", default="", help="MLflow model URI, e.g. models:/melu@champion")
@@ -58,12 +62,6 @@ def main(args) -> int:
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
-    from gmeta.trainer.evaluation.splits import evaluate_splits, evaluation_splits, item_baselines
-    from gmeta.trainer.serving.export import load_model
-    from gmeta.trainer.evaluation.report import print_report
-    from gmeta.trainer.tracking.mlflow_run import resolve_export_dir
-    from gmeta.trainer.run.build import load_plain_baseline
-
     source = cfg.export or cfg.model_uri or cfg.run
     learner, meta = load_model(resolve_export_dir(source, cfg.tracking_uri))
     run = meta.get("run_config", {})
@@ -80,8 +78,6 @@ def evaluate(cfg: EvaluateConfig) -> dict:
                                  log=lambda m: print(f"[gmeta] {m}", file=sys.stderr, flush=True),
                                  plain=plain, baselines=baselines, rows_out=rows)
     if cfg.predictions_out:
-        from gmeta.trainer.predict import write_eval_predictions
-
         write_eval_predictions(rows, cfg.predictions_out,
                                log=lambda m: print(f"[gmeta] {m}", file=sys.stderr, flush=True))
     print_report(results, sys.stderr)

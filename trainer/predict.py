@@ -29,10 +29,17 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as csv
+import pyarrow.orc as orc
+import pyarrow.parquet as pq
 
 from gmeta.trainer.evaluation.rows import SCORES, heads_of, label_key, score_key
 from gmeta.trainer.parallel.launch import run_guarded
-from gmeta.trainer.serving.savedmodel import DEFAULT_MAX_TABLE_BYTES
+from gmeta.trainer.serving.runtime import ServingRuntime
+from gmeta.trainer.serving.savedmodel import DEFAULT_MAX_TABLE_BYTES, output_name, saved_model_of, write_saved_model
+from gmeta.trainer.tracking.mlflow_run import add_tracking_arguments, resolve_export_dir
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".orc": "orc", ".csv": "csv"}
 LIST_SEPARATOR = "|"
@@ -51,8 +58,6 @@ class PredictConfig:
 
 
 def add_arguments(p) -> None:
-    from gmeta.trainer.tracking.mlflow_run import add_tracking_arguments
-
     p.add_argument("--model", required=True,
                    help="a gmeta export directory, a models:/ or runs:/ URI, or an MLflow run id")
     p.add_argument("--input", required=True, help="Parquet, ORC or CSV file, or a directory of them")
@@ -76,12 +81,6 @@ def main(args) -> int:
 
 
 def predict(cfg: PredictConfig) -> dict:
-    import pyarrow as pa
-
-    from gmeta.trainer.serving.savedmodel import saved_model_of, write_saved_model
-    from gmeta.trainer.serving.runtime import ServingRuntime
-    from gmeta.trainer.tracking.mlflow_run import resolve_export_dir
-
     if cfg.tasks_per_call < 1:
         raise ValueError("--tasks-per-call must be >= 1")
     out_format = _format(cfg.out)
@@ -129,8 +128,6 @@ def _format(path: str) -> str:
 
 def read_table(path: str):
     """A Parquet/ORC/CSV file, or every such file of a directory (sorted by name), as one table."""
-    import pyarrow as pa
-
     if os.path.isdir(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path)
                        if os.path.splitext(f)[1].lower() in FORMATS)
@@ -141,29 +138,20 @@ def read_table(path: str):
         raise FileNotFoundError(f"{path}: no such file")
     fmt = _format(path)
     if fmt == "parquet":
-        import pyarrow.parquet as pq
         return pq.read_table(path)
     if fmt == "orc":
-        import pyarrow.orc as orc
         return orc.read_table(path)
-    import pyarrow.csv as csv
     return csv.read_csv(path)
 
 
 def write_table(table, path: str, fmt: str | None = None) -> None:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     fmt = fmt or _format(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if fmt == "parquet":
-        import pyarrow.parquet as pq
         pq.write_table(table, path)
     elif fmt == "orc":
-        import pyarrow.orc as orc
         orc.write_table(table, path)
     else:
-        import pyarrow.csv as csv
         for i, field in enumerate(table.schema):  # CSV has no lists: ids joined by "|"
             if pa.types.is_list(field.type) or pa.types.is_large_list(field.type):
                 joined = pc.binary_join(table.column(i).cast(pa.list_(pa.string())), LIST_SEPARATOR)
@@ -173,9 +161,6 @@ def write_table(table, path: str, fmt: str | None = None) -> None:
 
 def columns_from_arrow(table, runtime) -> dict:
     """An Arrow table -> ``ServingRuntime.score``'s columns, vectorized (no Python loop over rows)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     missing = [c for c in [runtime.task_column, runtime.query_column] + runtime.feature_columns()
                if c not in table.column_names]
     if missing:
@@ -217,10 +202,6 @@ def write_eval_predictions(rows_by_split: dict, path: str, log=None) -> int:
     ``item`` (single-valued item feature), ``label`` and ``score_adapted`` / ``score_unadapted``
     (and ``label_<head>``, ``score_<head>_adapted`` / ``_unadapted`` per extra head), from the
     rows the evaluation already gathered (``evaluate_splits(..., rows_out=)``)."""
-    import pyarrow as pa
-
-    from gmeta.trainer.serving.savedmodel import output_name
-
     columns = {}
     for split, out in rows_by_split.items():
         if not out:

@@ -36,18 +36,29 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import glob
 import io
 import json
 import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 
+from gmeta.io.schema import Schema
+from gmeta.models.registry import MODELS
+from gmeta.trainer import config
+from gmeta.trainer.config import AUTO, TrainConfig, config_dict, parse_auto_int as _size, validation_split
+from gmeta.trainer.evaluation.metrics import paired_difference
+from gmeta.trainer.evaluation.report import load_per_task
 from gmeta.trainer.parallel.launch import run_guarded
+from gmeta.trainer.run.loop import TrainingDiverged
 from gmeta.trainer.run.signals import Stopped
+from gmeta.trainer.run.training import train
+from gmeta.trainer.tracking.mlflow_run import add_tracking_arguments
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 OBJECTIVE = "validation GAUC adapted (final model, validation split)"
@@ -119,8 +130,6 @@ MODEL_SPACES = {
 def search_space(model: str, names=None, fixed=()) -> tuple:
     """The model's searched parameters: entries whose field exists, restricted to ``names`` when
     given, minus the ``fixed`` ones (held by ``--set``)."""
-    from gmeta.trainer.config import TrainConfig
-
     if model not in MODEL_SPACES:
         raise ValueError(f"gmeta tune has no search space for --model {model!r}; known: {sorted(MODEL_SPACES)}")
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -167,8 +176,6 @@ def suggest(trial, space) -> dict:
 
 
 def _choice_value(name: str, choice):
-    from gmeta.trainer.config import TrainConfig
-
     default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}.get(name)
     if isinstance(default, tuple) and isinstance(choice, str):
         kind = type(default[0]) if default else str
@@ -199,8 +206,6 @@ class _TrainParser(argparse.ArgumentParser):
 
 
 def train_parser() -> argparse.ArgumentParser:
-    from gmeta.trainer import config
-
     p = _TrainParser(prog="gmeta train", add_help=False)
     config.add_arguments(p)
     return p
@@ -253,8 +258,6 @@ _ENV_DEFAULTS = ("tracking_uri", "experiment")  # gmeta.trainer.tracking.mlflow_
 def config_argv(cfg, parser=None, force=()) -> list:
     """``gmeta train`` arguments that rebuild ``cfg``: model, data, every field that differs from
     its default, and the ``force``d fields (tuned ones) even when they equal it."""
-    from gmeta.trainer.config import TrainConfig
-
     parser = parser or train_parser()
     actions = _actions(parser)
     default = TrainConfig(model="", data="")
@@ -275,9 +278,7 @@ def config_argv(cfg, parser=None, force=()) -> list:
 
 
 def config_from_argv(argv, parser=None):
-    from gmeta.trainer.config import config_from_args
-
-    return config_from_args((parser or train_parser()).parse_args(argv))
+    return config.config_from_args((parser or train_parser()).parse_args(argv))
 
 
 def rerun_command(cfg, tuned) -> str:
@@ -299,8 +300,6 @@ _MANAGED = ("run_name", "output_dir", "eval_splits", "plain_baseline", "comm", "
 
 def set_argv(items, parser) -> tuple:
     """``--set KEY=VALUE`` items -> (gmeta train arguments, the field names they fix)."""
-    from gmeta.trainer.config import TrainConfig
-
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     actions = _actions(parser)
     argv, fixed = [], []
@@ -366,10 +365,6 @@ def default_study_name(model: str, data: str) -> str:
 
 
 def add_arguments(p) -> None:
-    from gmeta.models.registry import MODELS
-    from gmeta.trainer.tracking.mlflow_run import add_tracking_arguments
-    from gmeta.trainer.config import TrainConfig, parse_auto_int as _size
-
     d = TrainConfig(model="", data="")
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = space_help() + (
@@ -411,9 +406,6 @@ def add_arguments(p) -> None:
 
 
 def config_from_args(args) -> TuneConfig:
-    from gmeta.io.schema import Schema
-    from gmeta.trainer.config import AUTO, validation_split
-
     if any(k in os.environ for k in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")):
         raise ValueError("run gmeta tune as one process (not under horovodrun); --workers N launches "
                          "each trial on N workers")
@@ -549,8 +541,6 @@ class StudyTracking:
 
 
 def _config_json(cfg) -> dict:
-    from gmeta.trainer.config import config_dict
-
     return json.loads(json.dumps(config_dict(cfg), default=str))
 
 
@@ -618,8 +608,6 @@ def run_in_process(tcfg, trial, split: str) -> float:
     """``train`` in this process; every epoch's validation GAUC goes to the trial, which may prune."""
     import optuna
 
-    from gmeta.trainer.run.training import train
-
     def on_epoch(epoch: int, report) -> None:
         value = None if report is None else report.get("gauc_adapted")
         if value is None or not math.isfinite(value):
@@ -637,8 +625,6 @@ def run_in_process(tcfg, trial, split: str) -> float:
 
 
 def horovodrun_command(tcfg, workers: int) -> list:
-    import shutil
-
     bindir = os.path.dirname(sys.executable)
     hvd = os.path.join(bindir, "horovodrun")
     hvd = hvd if os.path.exists(hvd) else shutil.which("horovodrun")
@@ -673,8 +659,6 @@ def run_under_horovodrun(tcfg, workers: int, split: str, env: dict, trial=None) 
 
 def make_objective(cfg: TuneConfig, tracking: StudyTracking, failures: list):
     import optuna
-
-    from gmeta.trainer.run.loop import TrainingDiverged
 
     def objective(trial) -> float:
         values = suggest(trial, cfg.space)
@@ -912,11 +896,6 @@ def trial_facts(cfg: TuneConfig, study, best) -> dict:
 def _paired_trials(cfg: TuneConfig, a: int, b: int):
     """GAUC adapted of trial ``a`` minus trial ``b``, paired over the validation tasks, from the
     per-task arrays their runs saved (None when either is not on this machine)."""
-    import glob
-
-    from gmeta.trainer.evaluation.metrics import paired_difference
-    from gmeta.trainer.evaluation.report import load_per_task
-
     per_task = []
     for number in (a, b):
         found = sorted(glob.glob(os.path.join(cfg.study_dir, f"trial-{number}", "*", "per_task", f"{cfg.validation}.npz")))

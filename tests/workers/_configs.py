@@ -1,8 +1,7 @@
 """The parts' configs the tests build: the command line's (TrainConfig) with some settings changed,
 since the sub-configs have no defaults of their own."""
 
-from gmeta.trainer.config import defaults
-from gmeta.trainer.config import part_configs as _parts
+from gmeta.trainer.config import defaults, part_configs as _parts
 
 #: the learner settings the unit tests of the loops were written for (the learner's defaults of
 #: the previous releases; the command line's differ): the whole head adapts by gradient steps

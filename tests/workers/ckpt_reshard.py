@@ -16,13 +16,13 @@ import json
 import sys
 
 import numpy as np
-
 from _guard import guard
+
 from gmeta.io.schema import Schema
 from gmeta.trainer.checkpoint.store import init_from, latest_checkpoint, restore_checkpoint, save_checkpoint
-from gmeta.trainer.parallel.comm import init_communicator
-from gmeta.trainer.meta.state import run_state
 from gmeta.trainer.config import TrainConfig
+from gmeta.trainer.meta.state import run_state
+from gmeta.trainer.parallel.comm import init_communicator
 from gmeta.trainer.run.build import build_learner
 
 

@@ -4,8 +4,8 @@ import sys
 
 import numpy as np
 import tensorflow as tf
-
 from _guard import guard
+
 from gmeta.trainer.parallel.comm import init_communicator
 
 

@@ -11,13 +11,13 @@ import json
 import os
 import sys
 
+import emb_reference as ref
 import numpy as np
 import tensorflow as tf
 
-import emb_reference as ref
-from gmeta.trainer.parallel.comm import init_communicator
 from gmeta.trainer.embedding.factory import RowOptimizerConfig, make_embedding
 from gmeta.trainer.embedding.initial import initial_rows
+from gmeta.trainer.parallel.comm import init_communicator
 from gmeta.trainer.parallel.launch import run_guarded
 
 SPEC = {"item_id": tf.TensorSpec([None], tf.int64),
@@ -120,7 +120,7 @@ def main():
     r, n = comm.rank, comm.size
     plan = ref.plan_for(n)
     if args.bad_id:
-        emb = make_embedding("hybrid", plan=plan, comm=comm)
+        emb = make_embedding("hybrid", plan=plan, comm=comm, optimizer=RowOptimizerConfig("adagrad", 0.01))
         emb.lookup({"item_id": np.array([1, 2, 50 if r == n - 1 else 3], np.int64)})
         comm.barrier()
         return 0

@@ -5,8 +5,8 @@ that fails on rank 1 only, then an allreduce that rank 1 never reaches. Rank 0 b
 allreduce; the guard must end the whole job with rank 1's message instead of hanging.
 """
 import tensorflow as tf
-
 from _guard import guard
+
 from gmeta.trainer.parallel.comm import init_communicator
 
 MESSAGE = "rank 1 found a corrupt input file: bad.orc"

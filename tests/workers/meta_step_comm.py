@@ -11,14 +11,14 @@ import sys
 import tensorflow as tf
 
 sys.path.insert(0, sys.argv[2])  # tests/ for the batch builder
+from _configs import LOOP_TEST_SETTINGS, part_configs  # noqa: E402
 from _guard import guard  # noqa: E402
 from test_meta_learner import SCHEMA, make_batch  # noqa: E402
 
 from gmeta.models.registry import build_model  # noqa: E402
-from gmeta.trainer.parallel.comm import init_communicator  # noqa: E402
-from _configs import LOOP_TEST_SETTINGS, part_configs  # noqa: E402
-from gmeta.trainer.meta.learner import MetaLearner  # noqa: E402
 from gmeta.trainer.embedding.build import build_embedding  # noqa: E402
+from gmeta.trainer.meta.learner import MetaLearner  # noqa: E402
+from gmeta.trainer.parallel.comm import init_communicator  # noqa: E402
 
 EMB_DIM = 4
 

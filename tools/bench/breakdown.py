@@ -23,6 +23,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from gmeta.tools.bench.step import BenchStepConfig, full_batch, full_learner
+from gmeta.trainer.meta.learner import batch_spec
+from gmeta.trainer.parallel.comm import init_communicator
+
 STAGES = ("lookup", "inner_loop", "query_loss", "allreduce", "optimizer")
 
 
@@ -76,8 +80,6 @@ def summarize_trace(xplane_path: str, steps: int) -> dict:
 
 
 def main(args) -> int:
-    from gmeta.tools.bench.step import BenchStepConfig
-
     cfg = BenchStepConfig(np=2, rows=args.rows, dim=32, batch_ids=32 * 74 * 4, steps=args.steps, warmup=2,
                           optimizer="adagrad", zipf=1.2, seed=0, timeout=args.timeout, json_only=True,
                           full=True).validate()
@@ -111,10 +113,6 @@ def main(args) -> int:
 
 def _worker(out_dir: str, config: dict) -> int:
     import tensorflow as tf
-
-    from gmeta.tools.bench.step import BenchStepConfig, full_batch, full_learner
-    from gmeta.trainer.parallel.comm import init_communicator
-    from gmeta.trainer.meta.learner import batch_spec
 
     cfg = BenchStepConfig(**config)
     comm = init_communicator("horovod")

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gmeta.models.registry import MODELS
 from gmeta.trainer.evaluation.metrics import paired_difference, summarize
 from gmeta.trainer.evaluation.report import load_per_task
 from gmeta.trainer.evaluation.rows import headline_of, score_key
@@ -80,8 +81,6 @@ def _run(cmd, timeout: int, log: Path) -> None:
 
 
 def main(args) -> int:
-    from gmeta.models.registry import MODELS
-
     models = _csv(args.models, sorted(MODELS), "--models")
     protocols = _csv(args.protocols, PROTOCOLS, "--protocols")
     rules = _csv(args.cold_users, COLD_RULES, "--cold-users")

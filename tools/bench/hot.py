@@ -20,6 +20,7 @@ ratio (no tiering / tiering) there.
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import sys
@@ -29,6 +30,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from gmeta.tools.common import launch_bench
+from gmeta.trainer.embedding.factory import RowOptimizerConfig, make_embedding
+from gmeta.trainer.embedding.plan import ShardingPlan, TableConfig
+from gmeta.trainer.embedding.tiering import TableProfile, choose_hot
+from gmeta.trainer.parallel.comm import init_communicator
 
 HASH = 2654435761
 
@@ -90,8 +97,6 @@ def add_arguments(parser) -> None:
 
 
 def main(args) -> int:
-    from gmeta.tools.common import launch_bench
-
     cfg = BenchHotConfig(nps=args.nps, zipfs=args.zipfs, batches=args.batches, shares=args.shares,
                          rows=args.rows, dim=args.dim, steps=args.steps, warmup=args.warmup,
                          optimizer=args.optimizer, seed=args.seed, timeout=args.timeout).validate()
@@ -181,14 +186,7 @@ def wire_bytes(cfg, batches_by_rank, hot: np.ndarray, sync: str, n: int) -> dict
 
 
 def _worker(out_dir: str, cfg: BenchHotConfig) -> int:
-    import gc
-
     import tensorflow as tf
-
-    from gmeta.trainer.parallel.comm import init_communicator
-    from gmeta.trainer.embedding.factory import RowOptimizerConfig, make_embedding
-    from gmeta.trainer.embedding.plan import ShardingPlan, TableConfig
-    from gmeta.trainer.embedding.tiering import TableProfile, choose_hot
 
     comm = init_communicator("horovod")
     n, rank = comm.size, comm.rank

@@ -22,6 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from gmeta.trainer.embedding.factory import RowOptimizerConfig, make_embedding
+from gmeta.trainer.embedding.plan import ShardingPlan, TableConfig
+from gmeta.trainer.parallel.comm import init_communicator
+
 TARGET_RATIO = 0.6
 
 
@@ -94,10 +98,6 @@ def _launch(n: int, config: dict, timeout: int) -> list:
 
 def _worker(out_dir: str, config: dict) -> int:
     import tensorflow as tf
-
-    from gmeta.trainer.parallel.comm import init_communicator
-    from gmeta.trainer.embedding.factory import RowOptimizerConfig, make_embedding
-    from gmeta.trainer.embedding.plan import ShardingPlan, TableConfig
 
     comm = init_communicator("horovod")
     comm.barrier()

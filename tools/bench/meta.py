@@ -17,6 +17,15 @@ import json
 import sys
 import time
 
+import numpy as np
+
+from gmeta.io.schema import Schema, SparseFeature, TableSpec
+from gmeta.models.registry import build_model
+from gmeta.trainer.config import defaults, part_configs
+from gmeta.trainer.embedding.build import build_embedding
+from gmeta.trainer.meta.learner import MetaLearner
+from gmeta.trainer.parallel.comm import LocalCommunicator
+
 #: the step this benchmark's FLOP count describes (kept fixed across releases, so its figures
 #: compare): the whole MLP adapts by one gradient step, no plain loss, no item prior
 FIXED_STEP = dict(adapt=("head",), inner_solver="gradient", plain_loss_weight=0.0, item_prior=False,
@@ -36,10 +45,7 @@ def add_arguments(p) -> None:
 
 
 def _problem(args):
-    import numpy as np
     import tensorflow as tf
-
-    from gmeta.io.schema import Schema, SparseFeature, TableSpec
 
     names = [f"f{i}" for i in range(args.fields)]
     schema = Schema(labels=("click",), sparse=tuple(SparseFeature(n, n) for n in names),
@@ -59,12 +65,6 @@ def _problem(args):
 
 def _time(schema, batch, args, task_loop: bool) -> float:
     import tensorflow as tf
-
-    from gmeta.models.registry import build_model
-    from gmeta.trainer.config import defaults, part_configs
-    from gmeta.trainer.embedding.build import build_embedding
-    from gmeta.trainer.meta.learner import MetaLearner
-    from gmeta.trainer.parallel.comm import LocalCommunicator
 
     hidden = tuple(int(h) for h in args.hidden.split(","))
     model_cfg, meta_cfg, row_cfg = part_configs(defaults("maml_dnn", emb_dim=args.dim, hidden=hidden, emb_lr=0.05,

@@ -20,15 +20,25 @@ target < 0.02).
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import pyarrow as pa
+
+from gmeta.io.reader import MetaReader
+from gmeta.io.schema import DenseFeature, Schema, SparseFeature, TableSpec
+from gmeta.io.stripes import OrcFileCache
+from gmeta.io.writer import TaskWriter, write_dataset_schema
 
 ID_VOCABS = (("item_id", 200_000), ("item_category", 1_000), ("item_brand", 20_000), ("item_shop", 50_000),
              ("age", 10), ("gender", 3), ("occupation", 30), ("city", 400), ("device", 50), ("hour", 24),
@@ -79,8 +89,6 @@ def add_arguments(parser) -> None:
 
 def bench_schema():
     """DESIGN.md's 19 columns: task id, flag, one label, 12 int64 ids, 4 floats."""
-    from gmeta.io.schema import DenseFeature, Schema, SparseFeature, TableSpec
-
     ids = (("user_id", 1 << 20),) + ID_VOCABS
     return Schema(labels=("click",),
                   sparse=tuple(SparseFeature(n, n, group="user" if n in ("user_id", "age", "gender", "occupation")
@@ -92,10 +100,6 @@ def bench_schema():
 
 def generate(out: str, rows: int, rows_per_stripe: int, compression: str, seed: int) -> int:
     """Write ~``rows`` rows of tasks with 32-64 support and 8-16 query rows; returns rows written."""
-    import pyarrow as pa
-
-    from gmeta.io.writer import TaskWriter, write_dataset_schema
-
     schema = bench_schema()
     rng = np.random.default_rng(seed)
     n_tasks = max(1, rows // 60)
@@ -125,8 +129,6 @@ def generate(out: str, rows: int, rows_per_stripe: int, compression: str, seed: 
 
 def raw_decode(units, threads: int) -> tuple:
     """(rows, wall seconds, CPU seconds) to decode every stripe, all columns, on ``threads`` threads."""
-    from gmeta.io.stripes import OrcFileCache
-
     cache = OrcFileCache()
 
     def one(unit):
@@ -157,8 +159,6 @@ def _graph_counter():
 def reader_pass(cfg: BenchIoConfig, data: str, epoch: int, counter=None) -> tuple:
     """(real rows delivered, wall seconds, CPU seconds, batches, reader) for one epoch through
     tf.data; iterated inside a tf.function when ``counter`` is given, else eagerly from Python."""
-    from gmeta.io.reader import MetaReader
-
     reader = MetaReader(data, split=cfg.split, tasks_per_batch=cfg.tasks_per_batch, support_size=cfg.support_size,
                         query_size=cfg.query_size, shuffle=True, seed=cfg.seed,
                         num_parallel_reads=cfg.parallel_reads, prefetch=2)
@@ -176,8 +176,6 @@ def reader_pass(cfg: BenchIoConfig, data: str, epoch: int, counter=None) -> tupl
 
 def run(cfg: BenchIoConfig) -> dict:
     import tensorflow as tf  # noqa: F401  (imported before timing so its start-up is not measured)
-
-    from gmeta.io.reader import MetaReader
 
     tmp = None
     data = cfg.data
@@ -246,11 +244,6 @@ def format_table(r: dict) -> str:
 
 def input_wait(seed: int, timeout: int = 900) -> dict:
     """The demo's training run on generated data: its reported input-wait share of step time."""
-    import os
-    import re
-    import subprocess
-    from pathlib import Path
-
     bin_dir = Path(sys.executable).parent
     root = tempfile.mkdtemp(prefix="gmeta_bench_wait_")
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", TF_CPP_MIN_LOG_LEVEL="2",

@@ -22,6 +22,7 @@ per mode and ``speedup`` = hybrid samples/s / naive samples/s.
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import sys
@@ -31,6 +32,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from gmeta.io.schema import Schema, SparseFeature, TableSpec
+from gmeta.models.registry import build_model
+from gmeta.tools.bench.meta import FIXED_STEP
+from gmeta.tools.common import launch_bench
+from gmeta.trainer.config import defaults, part_configs
+from gmeta.trainer.embedding.build import build_embedding
+from gmeta.trainer.embedding.factory import RowOptimizerConfig, make_embedding
+from gmeta.trainer.embedding.plan import ShardingPlan, TableConfig
+from gmeta.trainer.meta.learner import MetaLearner, batch_spec
+from gmeta.trainer.parallel.comm import init_communicator
 
 TARGET_BYTES_RATIO = 50.0
 HIST = 3
@@ -100,7 +112,6 @@ def _config(args) -> BenchStepConfig:
 # ---------------------------------------------------------------- launcher (no TF import)
 def main(args) -> int:
     cfg = _config(args)
-    from gmeta.tools.common import launch_bench
 
     out_dir = tempfile.mkdtemp(prefix="gmeta_bench_step_")
     try:
@@ -213,13 +224,6 @@ FULL_USER_FEATURES = ("user_id", "age", "occupation")
 
 def full_learner(cfg: BenchStepConfig, comm, mode: str):
     """The --full problem's learner: maml_dnn (hidden 64,64), second order, ``mode`` tables."""
-    from gmeta.io.schema import Schema, SparseFeature, TableSpec
-    from gmeta.models.registry import build_model
-    from gmeta.tools.bench.meta import FIXED_STEP
-    from gmeta.trainer.config import defaults, part_configs
-    from gmeta.trainer.meta.learner import MetaLearner
-    from gmeta.trainer.embedding.build import build_embedding
-
     schema = Schema(labels=("click",),
                     sparse=(SparseFeature("item_id", "item_id", group="item"),
                             *(SparseFeature(f, f, group="user") for f in FULL_USER_FEATURES)),
@@ -236,11 +240,7 @@ def full_learner(cfg: BenchStepConfig, comm, mode: str):
 
 def _full_worker(cfg: BenchStepConfig, comm) -> dict:
     """Hybrid vs naive through the learner's own traced train_step on identical batches."""
-    import gc
-
     import tensorflow as tf
-
-    from gmeta.trainer.meta.learner import batch_spec
 
     batches = [tf.nest.map_structure(tf.constant, full_batch(cfg, comm.rank, s))
                for s in range(cfg.warmup + cfg.steps)]
@@ -271,13 +271,7 @@ def _full_worker(cfg: BenchStepConfig, comm) -> dict:
 
 
 def _worker(out_dir: str, cfg: BenchStepConfig) -> int:
-    import gc
-
     import tensorflow as tf
-
-    from gmeta.trainer.parallel.comm import init_communicator
-    from gmeta.trainer.embedding.factory import RowOptimizerConfig, make_embedding
-    from gmeta.trainer.embedding.plan import ShardingPlan, TableConfig
 
     comm = init_communicator("horovod")
     if cfg.full:

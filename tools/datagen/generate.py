@@ -96,9 +96,11 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
+from gmeta.io.fs import join, write_text
+from gmeta.io.schema import DenseFeature, Schema, SparseFeature, TableSpec
 from gmeta.io.tables import arrow_table
-from gmeta.tools.common import (OutputConfig, add_output_arguments, check_flags, group_arange, prepare_out,
-                                run_command)
+from gmeta.io.writer import TaskWriter
+from gmeta.tools.common import OutputConfig, add_output_arguments, check_flags, group_arange, prepare_out, run_command
 from gmeta.trainer.evaluation.metrics import auc, per_task_metrics, summarize
 
 # ---- fixed "physics" of the world; flags scale the world, these shape it ----
@@ -641,8 +643,6 @@ def iter_split(world: World, split: SplitSpec):
 
 # ----------------------------------------------------------------------------- schema / arrow
 def build_schema(cfg: DatagenConfig):
-    from gmeta.io.schema import DenseFeature, Schema, SparseFeature, TableSpec
-
     cfg = cfg.resolved()
     n_users = cfg.train_users + 2 * cfg.cold_users + cfg.val_users
     return Schema(
@@ -798,9 +798,6 @@ class _Progress:
 
 def generate(cfg: DatagenConfig) -> dict:
     """Write the dataset; return the summary that also goes to ``DIR/datagen.json``."""
-    from gmeta.io.fs import join, write_text
-    from gmeta.io.writer import TaskWriter
-
     cfg = cfg.validate()
     specs = split_specs(cfg)
     prepare_out(cfg.out, cfg.overwrite, ("schema.json", "datagen.json", *SPLITS), error=DatagenError)

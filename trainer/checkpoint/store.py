@@ -53,6 +53,10 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from gmeta.io import fs
+from gmeta.trainer.config import TrainConfig, config_dict
+from gmeta.trainer.meta.state import OPTIMIZER_PREFIXES, assign_by_name, run_state
+from gmeta.trainer.serving.export import EXPORT_FILE
+from gmeta.trainer.tracking.mlflow_run import resolve_export_dir
 
 FORMAT = 1
 CKPT_PREFIX = "ckpt-"
@@ -272,8 +276,6 @@ def _row_entries(embedding, state: dict) -> dict:
 
 def _split_state(learner):
     """(all state variables by name, {table: row-wise names}, the other names)."""
-    from gmeta.trainer.meta.state import run_state
-
     state = run_state(learner)
     variables = {**state.replicated, **state.sharded}
     rows = _row_entries(learner.embedding, state.sharded)
@@ -424,8 +426,6 @@ def _prune(directory: str, keep: int, step: int, session: str) -> None:
 def restore_checkpoint(path: str, learners: dict, comm=None) -> dict:
     """Load a committed checkpoint into ``learners`` (re-sharded for this world size) and return
     its meta. Every name must match both ways (``gmeta.trainer.meta.state.assign_by_name``)."""
-    from gmeta.trainer.meta.state import assign_by_name
-
     manifest, meta = read_checkpoint_meta(path)
     missing = sorted(set(learners) - set(meta.get("learners", [])))
     if missing:
@@ -515,8 +515,6 @@ def config_differences(saved: dict, current: dict, defaults: dict) -> list:
 
 def check_compatible(path: str, meta: dict, cfg, schema_json: dict) -> None:
     """Raise a CheckpointError naming every difference that makes ``meta`` another run."""
-    from gmeta.trainer.config import TrainConfig, config_dict
-
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} has format {meta.get('format')}, this gmeta reads {FORMAT}")
     defaults = config_dict(TrainConfig(model="", data=""))
@@ -590,8 +588,6 @@ class _WeightSource:
             self.values = {k[len("model/"):]: v for k, v in dense.items() if k.startswith("model/")}
             self.tables = {name: tuple(shape) for name, shape in self.meta.get("tables", {}).items()}
             return
-        from gmeta.trainer.serving.export import EXPORT_FILE
-        from gmeta.trainer.tracking.mlflow_run import resolve_export_dir
 
         self.kind, self.where = "export", resolve_export_dir(source, tracking_uri)
         with np.load(os.path.join(self.where, "dense.npz"), allow_pickle=False) as z:
@@ -617,8 +613,6 @@ def init_from(source: str, learners: dict, tracking_uri, log) -> dict:
     """Copy every model variable and table whose name (and shape) exists in both ``source`` and
     each learner; optimizer state stays fresh. Returns ``{learner: {"loaded": [...], "left":
     [...]}}`` and logs which names were loaded and which kept their initial values."""
-    from gmeta.trainer.meta.state import OPTIMIZER_PREFIXES, run_state
-
     src = _WeightSource(source, tracking_uri)
     report = {}
     for prefix, learner in learners.items():
@@ -751,8 +745,6 @@ class RunCheckpoints:
             init_from(cfg.init_from, self.learners, cfg.tracking_uri, self.log)
 
     def _config(self) -> dict:
-        from gmeta.trainer.config import config_dict
-
         return _normal(config_dict(self.cfg))
 
     def _restore(self, train_input, tasks) -> None:

@@ -27,6 +27,8 @@ from gmeta.trainer.embedding.hybrid import HybridEmbedding
 from gmeta.trainer.embedding.naive import NaiveEmbedding
 from gmeta.trainer.embedding.plan import ShardingPlan, TableConfig
 from gmeta.trainer.embedding.row_optim import RowOptimizerConfig
+from gmeta.trainer.embedding.sok import SokEmbedding, sok_available
+from gmeta.trainer.embedding.tiered import TieredEmbedding
 
 MODES = ("hybrid", "naive", "sok", "auto")
 
@@ -40,7 +42,6 @@ def resolve_mode(mode: str) -> str:
         raise ValueError(f"embedding mode must be one of {MODES}, got {mode!r}")
     if mode != "auto":
         return mode
-    from gmeta.trainer.embedding.sok import sok_available
 
     return "sok" if sok_available()[0] else "hybrid"
 
@@ -55,14 +56,11 @@ def make_embedding(mode: str = "hybrid", *, plan: ShardingPlan, comm,
         if concrete != "hybrid":
             raise ValueError(f"--tiering replicates hot rows on top of the hybrid placement; it does not "
                              f"combine with --parallel {concrete} (use --parallel hybrid or --tiering off)")
-        from gmeta.trainer.embedding.tiered import TieredEmbedding
-
         return TieredEmbedding(plan, comm, optimizer, hot_rows, hot_sync, seed=seed, init_stddev=init_stddev)
     if concrete == "hybrid":
         cls = HybridEmbedding
     elif concrete == "naive":
         cls = NaiveEmbedding
     else:
-        from gmeta.trainer.embedding.sok import SokEmbedding
         cls = SokEmbedding
     return cls(plan, comm, optimizer, seed=seed, init_stddev=init_stddev)

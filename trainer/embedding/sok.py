@@ -23,6 +23,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from gmeta.trainer.embedding.hybrid import HybridEmbedding
+from gmeta.trainer.parallel.comm import HorovodCommunicator
 
 UNAVAILABLE_REASON = "merlin-sok not importable (GPU hosts only)"
 _initialised = False
@@ -73,7 +74,6 @@ class SokEmbedding(HybridEmbedding):
         if not ok:
             raise RuntimeError(f"embedding mode 'sok' is unavailable: {reason}; "
                                f"use mode='hybrid' (same placement, CPU/GPU TF ops)")
-        from gmeta.trainer.parallel.comm import HorovodCommunicator
 
         if not isinstance(comm, HorovodCommunicator):
             raise RuntimeError("embedding mode 'sok' needs the Horovod communicator "

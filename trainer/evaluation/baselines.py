@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 
 
 def constant_scores(n: int, value: float = 0.5) -> np.ndarray:
@@ -78,8 +79,6 @@ class ItemKNNBaseline:
 
     @classmethod
     def fit(cls, task_ids, item_ids, relevant) -> "ItemKNNBaseline":
-        import scipy.sparse as sp
-
         task_ids, item_ids = np.asarray(task_ids).ravel(), np.asarray(item_ids).ravel()
         relevant = np.asarray(relevant).ravel() > 0.5
         if not (task_ids.size == item_ids.size == relevant.size):
@@ -98,8 +97,6 @@ class ItemKNNBaseline:
     def scores(self, query_tasks, query_items, support_tasks, support_items) -> np.ndarray:
         """One score per query row: the sum of cosine similarities of its item to the support
         positives (``support_tasks`` / ``support_items``: the positive support rows) of its task."""
-        import scipy.sparse as sp
-
         query_tasks, query_items = np.asarray(query_tasks).ravel(), np.asarray(query_items).ravel()
         support_tasks, support_items = np.asarray(support_tasks).ravel(), np.asarray(support_items).ravel()
         out = np.zeros(query_tasks.size)

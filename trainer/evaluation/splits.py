@@ -31,8 +31,16 @@ from gmeta.io.plan import read_columns
 from gmeta.io.reader import MetaReader
 from gmeta.trainer.evaluation import metrics
 from gmeta.trainer.evaluation.baselines import ItemKNNBaseline, ItemMeanBaseline
-from gmeta.trainer.evaluation.rows import (SCORES, heads_of, is_score_key, label_key, oracle_key, plain_key,
-                                           plain_of, score_key)
+from gmeta.trainer.evaluation.rows import (
+    SCORES,
+    heads_of,
+    is_score_key,
+    label_key,
+    oracle_key,
+    plain_key,
+    plain_of,
+    score_key,
+)
 
 ORACLE_FOR = {"auc": "p_click", "auc_ctcvr": "p_ctcvr"}
 COMPARED = ("gauc", "ndcg@5", "ndcg@10")

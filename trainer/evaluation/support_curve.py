@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from gmeta.io.reader import MetaReader
+from gmeta.trainer.evaluation import metrics
 from gmeta.trainer.evaluation.rows import heads_of, label_key, score_key
 
 DEFAULT_POINTS = "0,1,2,5,10,20,all"
@@ -51,9 +53,6 @@ def support_curve(learner, plain, dataset_dir: str, splits, comm, reader_kwargs:
                   points, log=print) -> dict:
     """``{split: {"k": [...], "adapted": [gauc...], "unadapted": [...], "plain_finetuned": [...],
     "plain": [...]}}`` for the model's headline score; every rank returns the same."""
-    from gmeta.io.reader import MetaReader
-    from gmeta.trainer.evaluation import metrics
-
     model = learner.model
     out = {}
     for split in splits:

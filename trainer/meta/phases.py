@@ -14,6 +14,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from gmeta.trainer.meta.dense_optim import Adam
+from gmeta.trainer.meta.learner import batch_spec
 
 
 class PhaseStep(tf.Module):
@@ -56,8 +57,6 @@ def run_phases(learner, train_input, *, epochs: int, first_epoch: int, learning_
     caller decides how; every rank gets the same answer). ``first_epoch`` numbers the reader's
     epochs after meta-training so phases see fresh shuffles.
     """
-    from gmeta.trainer.meta.learner import batch_spec
-
     history = {}
     epoch_no = first_epoch
     for phase in learner.model.training_phases():

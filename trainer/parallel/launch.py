@@ -15,7 +15,6 @@ import traceback
 
 from gmeta.trainer.run.signals import Stopped
 
-
 ABORTED_EXIT_DELAY_S = 1.0
 
 

@@ -14,6 +14,11 @@ import math
 import os
 import time
 
+import tensorflow as tf
+
+from gmeta.trainer.meta.learner import batch_spec
+from gmeta.trainer.run.signals import Stopped, signal_name
+
 
 class TrainingDiverged(RuntimeError):
     """The loss went NaN/inf or rose past the tolerance; the message says what to change."""
@@ -30,8 +35,6 @@ def fit(learner, reader, cfg, comm, log, tracker, plain=None, after_epoch=None, 
     so the run continues with the first batch not yet trained and the guards see the same
     history; ``step_done`` / ``epoch_done`` save checkpoints of that same state.
     """
-    from gmeta.trainer.meta.learner import batch_spec
-
     comm.counters.reset()
     step_fn = plain_fn = None
     wait_s, busy_s, steps_here = 0.0, 0.0, 0
@@ -164,8 +167,6 @@ def all_epochs(reader, epochs: int, first_epoch: int = 0, skip: int = 0):
     one. ``skip``: batches of ``first_epoch`` already trained (a resumed run): an epoch's batch
     order is a pure function of (seed, epoch, rank), so they are read and dropped, and the
     stream starts with the first batch the interrupted run had not trained."""
-    import tensorflow as tf
-
     if first_epoch >= epochs:
         return []
     ds = reader.dataset(epoch=first_epoch)
@@ -232,8 +233,6 @@ def _injected_failure(rank: int):
 def _next_batch(batches, reader):
     """The next batch; a DataError met by the reader surfaces as itself (file, stripe, column),
     not as the tf.data error that carried it."""
-    import tensorflow as tf
-
     try:
         return next(batches)
     except tf.errors.OpError:
@@ -245,8 +244,6 @@ def _next_batch(batches, reader):
 
 def _stop(checkpoints, snapshot, comm, global_step: int, epoch: int, n: int, steps: int):
     """Every rank, after the same step: checkpoint, then raise ``Stopped``."""
-    from gmeta.trainer.run.signals import Stopped, signal_name
-
     path = checkpoints.save(snapshot()) if checkpoints is not None and checkpoints.enabled else None
     signum = comm.stop.signal
     where = f"after global step {global_step} (epoch {epoch} step {n}/{steps})"

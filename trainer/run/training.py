@@ -23,8 +23,16 @@ from gmeta.io import fs
 from gmeta.io.plan import distinct_values
 from gmeta.io.schema import Schema
 from gmeta.trainer.checkpoint.store import RunCheckpoints
-from gmeta.trainer.config import (AUTO, AUTO_MIN_EPOCHS, AUTO_MIN_STEPS, TrainConfig, auto_epochs, config_dict,
-                                  resolve_sizes, validation_split)
+from gmeta.trainer.config import (
+    AUTO,
+    AUTO_MIN_EPOCHS,
+    AUTO_MIN_STEPS,
+    TrainConfig,
+    auto_epochs,
+    config_dict,
+    resolve_sizes,
+    validation_split,
+)
 from gmeta.trainer.evaluation import plots
 from gmeta.trainer.evaluation.report import curve_metrics, print_report, save_per_task
 from gmeta.trainer.evaluation.rows import heads_of
@@ -40,6 +48,7 @@ from gmeta.trainer.run.input import TrainInput
 from gmeta.trainer.run.loop import fit
 from gmeta.trainer.run.signals import Stopped, StopSignals
 from gmeta.trainer.serving.export import export_model
+from gmeta.trainer.serving.savedmodel import export_serving
 from gmeta.trainer.tracking.mlflow_run import Tracker, mark_if_running
 from gmeta.trainer.tracking.run_info import mlflow_dataset, run_tags
 
@@ -225,10 +234,11 @@ def _write(ctx: RunContext, results, per_task, rows, curve, history, validation)
     comm_stats = history.pop("comm_per_step")
     tracker.log_metrics({"comm_per_step": comm_stats})
     run_dir = ctx.checkpoints.run_dir
-    export_dir = export_model(ctx.learner, config_dict(cfg), os.path.join(run_dir, "model"), ctx.is_chief,
-                              saved_model=cfg.saved_model)
+    export_dir = export_model(ctx.learner, config_dict(cfg), os.path.join(run_dir, "model"), ctx.is_chief)
     if not ctx.is_chief:
         return
+    if cfg.saved_model:
+        export_serving(export_dir)  # <export>/saved_model: serving, loads with TensorFlow alone
     tracker.log_dict(results, "eval_results.json")
     with open(os.path.join(run_dir, "eval_results.json"), "w") as f:  # for gmeta compare
         json.dump(results, f, sort_keys=True)

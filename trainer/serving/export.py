@@ -17,18 +17,24 @@ import os
 
 import numpy as np
 
+from gmeta.io.schema import Schema
+from gmeta.models.base import ModelConfig
+from gmeta.models.registry import build_model
+from gmeta.trainer.embedding.build import build_embedding
+from gmeta.trainer.embedding.row_optim import RowOptimizerConfig
+from gmeta.trainer.meta.learner import MetaConfig, MetaLearner
+from gmeta.trainer.meta.state import assign_by_name, run_state
+from gmeta.trainer.parallel.comm import LocalCommunicator
+
 EXPORT_FILE = "gmeta_model.json"
 # what exports written before a setting existed were trained with (they do not record it)
 LEGACY_MODEL_CONFIG = {"adapt": ("head",), "item_prior": False, "target": "auto", "seed": 0}
 LEGACY_META_CONFIG = {"inner_solver": "gradient", "ridge_lambda": 1.0}
 
 
-def export_model(learner, run_config: dict, directory: str, is_writer: bool,
-                 saved_model: bool = True) -> str | None:
-    """Write the export; every rank must call (tables are gathered collectively).
-    ``saved_model=False`` skips the serving SavedModel (tuning trials, tests)."""
-    from gmeta.trainer.meta.state import run_state
-
+def export_model(learner, run_config: dict, directory: str, is_writer: bool) -> str | None:
+    """Write the export; every rank must call (tables are gathered collectively). The serving
+    SavedModel is built from it afterwards (``gmeta.trainer.serving.savedmodel.export_serving``)."""
     tables = {name: learner.embedding.gather_full_table(name)
               for name in sorted(t.name for t in learner.embedding.plan.tables)}
     if not is_writer:
@@ -52,24 +58,11 @@ def export_model(learner, run_config: dict, directory: str, is_writer: bool,
     np.savez(os.path.join(directory, "dense.npz"),
              **{n: v.numpy() for n, v in state.model_variables().items()})
     np.savez(os.path.join(directory, "embeddings.npz"), **tables)
-    from gmeta.trainer.serving.savedmodel import export_serving
-
-    if saved_model:
-        export_serving(directory)  # <directory>/saved_model: serving, loads with TensorFlow alone
     return directory
 
 
 def load_model(directory: str, comm=None):
     """Rebuild (learner, export metadata) from an export directory, in this process."""
-    from gmeta.io.schema import Schema
-    from gmeta.models.base import ModelConfig
-    from gmeta.models.registry import build_model
-    from gmeta.trainer.parallel.comm import LocalCommunicator
-    from gmeta.trainer.meta.learner import MetaConfig, MetaLearner
-    from gmeta.trainer.embedding.build import build_embedding
-    from gmeta.trainer.embedding.row_optim import RowOptimizerConfig
-    from gmeta.trainer.meta.state import assign_by_name, run_state
-
     path = os.path.join(directory, EXPORT_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: not a gmeta model export (no {EXPORT_FILE})")

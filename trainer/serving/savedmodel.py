@@ -38,6 +38,10 @@ import shutil
 import sys
 
 import numpy as np
+import tensorflow as tf
+
+from gmeta.io.schema import id_rows
+from gmeta.trainer.serving.export import EXPORT_FILE, load_model
 
 SAVED_MODEL_DIR = "saved_model"
 SERVING_META = "gmeta_serving.json"  # the name gmeta.trainer.serving.runtime reads
@@ -93,10 +97,6 @@ def check_table_bytes(meta: dict, limit: int) -> int:
 def build_module(learner, steps: int, max_steps: int):
     """``(module, signatures, labels)``: the ``tf.Module`` to save (variables only), its three
     traced signatures (module docstring) and the labels the inner loop reads from support rows."""
-    import tensorflow as tf
-
-    from gmeta.io.schema import id_rows
-
     model = learner.model
     schema = model.schema
     plan = learner.embedding.plan
@@ -283,10 +283,6 @@ def write_saved_model(export_dir: str, out_dir: str | None = None,
     docstring. ``max_steps``: the largest ``steps`` of ``adapt_and_predict_steps`` (default
     ``max(4, trained + 3)``; each count is one more unrolled branch in the graph). Raises
     ``ServingTooLargeError`` before loading anything when the tables exceed ``max_table_bytes``."""
-    import tensorflow as tf
-
-    from gmeta.trainer.serving.export import EXPORT_FILE, load_model
-
     with open(os.path.join(export_dir, EXPORT_FILE)) as f:
         meta = json.load(f)
     total = check_table_bytes(meta, max_table_bytes)
@@ -334,8 +330,6 @@ def write_saved_model(export_dir: str, out_dir: str | None = None,
 
 
 def _head_names(learner) -> list:
-    import tensorflow as tf
-
     model = learner.model
     x = tf.zeros([1, 1, model.input_width])
     part = {lab: tf.zeros([1, 1]) for lab in model.schema.labels}

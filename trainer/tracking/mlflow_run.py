@@ -13,6 +13,10 @@ import os
 import re
 import sys
 
+import requests
+
+from gmeta.trainer.serving.savedmodel import log_pyfunc_model, saved_model_of
+
 MODEL_URI_TAG = "gmeta.model_uri"
 # what the served model (gmeta/trainer/serving/pyfunc.py + runtime.py) imports; not gmeta itself
 PIP_REQUIREMENTS = ["tensorflow-cpu==2.17.1", "numpy<2", "pandas"]
@@ -54,7 +58,6 @@ def server_problem(uri: str, timeout_s: float = 5.0) -> str:
     """Why an http(s) tracking server cannot be reached ("" when it answers, or for other stores)."""
     if not uri.startswith(("http://", "https://")):
         return ""
-    import requests
 
     try:
         requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
@@ -148,7 +151,6 @@ class Tracker:
     def log_model(self, export_dir: str) -> str | None:
         if not self.enabled or self.failure:
             return None
-        from gmeta.trainer.serving.savedmodel import log_pyfunc_model, saved_model_of
 
         if saved_model_of(export_dir) is None:
             print(f"[gmeta] no MLflow model logged: {export_dir} has no SavedModel (--no-saved-model, or "

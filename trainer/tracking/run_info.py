@@ -13,6 +13,7 @@ import os
 import subprocess
 import warnings
 
+import gmeta
 from gmeta.io import fs
 
 
@@ -39,8 +40,6 @@ def run_tags(world_size: int, model: str, meta: str) -> dict:
     """Tags that say what ran: versions, the source commit, the world size."""
     import mlflow
     import tensorflow as tf
-
-    import gmeta
 
     tags = {"gmeta.version": gmeta.__version__, "tensorflow.version": tf.__version__,
             "mlflow.version": mlflow.__version__, "gmeta.world_size": str(world_size),
@@ -77,8 +76,7 @@ def mlflow_dataset(data_dir: str, schema):
     """The dataset as an MLflow input: its source, name, digest and column schema."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.types import ColSpec, DataType
-    from mlflow.types import Schema as MlflowSchema
+    from mlflow.types import ColSpec, DataType, Schema as MlflowSchema
     from mlflow.types.schema import Array
 
     digest, _ = dataset_digest(data_dir)
