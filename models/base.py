@@ -49,7 +49,7 @@ class ModelConfig:
     seed: int
     adapt: tuple                  # see ADAPT_PARTS
     item_prior: bool              # add the item's smoothed training mean (fit_item_prior) to the output
-    extra: dict = field(default_factory=dict, hash=False, compare=False)
+    extra: dict = field(hash=False, compare=False)  # --extra KEY=VALUE: a model's own settings
 
     def __post_init__(self):
         unknown = sorted(set(self.adapt) - set(ADAPT_PARTS) - ({"auto"} if tuple(self.adapt) == ("auto",) else set()))

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from gmeta.trainer.parallel.launch import horovodrun_command
+
 # The test machine has 2 cores, shared by two pytest workers and the TensorFlow processes each
 # test starts (horovodrun workers, gmeta commands). TensorFlow sizes its pools to the machine
 # and its idle threads spin, so every process gets one intra-op thread (set before TensorFlow
@@ -32,7 +34,7 @@ def horovodrun(np_: int, argv, timeout: float = 180, env=None, check=True):
     argv = [str(a) for a in argv]
     if argv and argv[0].endswith(".py") and not os.path.isabs(argv[0]):
         argv = [sys.executable, str(WORKERS / argv[0])] + argv[1:]
-    cmd = [str(BIN / "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", "--gloo"] + argv
+    cmd = horovodrun_command(np_, argv)
     full_env = dict(os.environ)
     full_env["PATH"] = f"{BIN}{os.pathsep}{full_env.get('PATH', '')}"
     full_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -80,6 +82,11 @@ def last_json(proc) -> dict:
     """The JSON object a gmeta command prints as its last line (horovodrun's rank prefix removed)."""
     line = proc.stdout.strip().splitlines()[-1]
     return json.loads(re.sub(r"^\[\d+\]<stdout>:", "", line))
+
+
+def train_report(proc) -> dict:
+    """The full report of a ``gmeta train`` run: the file its last stdout line names."""
+    return json.loads(Path(last_json(proc)["report"]).read_text())
 
 
 @pytest.fixture(scope="session")

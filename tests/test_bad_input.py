@@ -1,9 +1,10 @@
 """Bad input from the user's side: broken copies of a real (generated) dataset through
 `gmeta train`, each stopped with one clear error that names the file, stripe or column, before
 any result is written. The matrix runs `train` in this process (the command's code without its
-process guard); one case runs the installed command under horovodrun to show what a user sees:
-one line, exit code 1, the MLflow run FAILED."""
+process guard); one case runs the installed command on 2 workers (`gmeta launch`, horovodrun) to
+show what a user sees: one line, exit code 1, the MLflow run FAILED."""
 
+import re
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.orc as orc
 import pytest
-from conftest import BIN, horovodrun
+from conftest import run_gmeta
+
+from gmeta.launch import failure_line
 
 ARGS = ["--model", "maml_dnn", "--epochs", "1", "--tasks-per-batch", "16", "--tracking-uri", "none",
         "--log-every", "0", "--no-saved-model", "--checkpoint-dir", "none", "--plain-baseline", "off",
@@ -109,17 +112,21 @@ def test_a_broken_dataset_is_refused_with_a_message_that_names_the_place(case, t
 
 def test_what_a_user_sees_for_bad_data_found_while_training(tiny_synth, tmp_path):
     """A NaN label is found while reading (after planning): one line from the rank that read
-    it, the job ends non-zero, and the MLflow run is FAILED."""
+    it, the job ends non-zero, and the MLflow run is FAILED. Under `gmeta launch` the job's last
+    line names that rank and repeats its error, where horovodrun alone would end with its own
+    25-line traceback."""
     data = _broken_copy(tiny_synth, tmp_path / "data", _nan_label)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = horovodrun(2, [BIN / "gmeta", "train", "--data", data, "--output-dir", tmp_path / "runs",
-                          *ARGS, "--tracking-uri", uri], check=False,
-                      timeout=240)
+    proc = run_gmeta("launch", "-np", "2", "train", "--data", data, "--output-dir", tmp_path / "runs",
+                     *ARGS, "--tracking-uri", uri, cwd=tmp_path, check=False, timeout=240,
+                     env={"OMP_NUM_THREADS": "1"})
     text = proc.stdout + proc.stderr
-    assert proc.returncode != 0
+    assert proc.returncode == 1
     errors = [line for line in text.splitlines() if "ERROR DataError" in line]
     assert len(errors) == 1 and FILE in errors[0] and "'click'" in errors[0], text[-3000:]
-    assert "Traceback (most recent call last)" not in text.split("ERROR DataError")[0]
+    assert "Traceback (most recent call last)" not in text, text[-3000:]
+    rank, said = re.match(r"\[(\d+)\]<stderr>:\[gmeta rank \d+\] ERROR (.*)$", errors[0]).groups()
+    assert proc.stderr.strip().splitlines()[-1] == f"gmeta launch: rank {rank} failed first (exit status 1): {said}"
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
@@ -155,7 +162,7 @@ class _Planted:
 def test_a_checkpoint_file_holding_pickled_code_is_refused_not_run(tmp_path):
     import hashlib
 
-    from gmeta.trainer.checkpoint.store import CheckpointError, _load_npz
+    from gmeta.trainer.checkpoint.files import CheckpointError, load_npz
 
     evidence = tmp_path / "code-ran"
     path = tmp_path / "dense.npz"
@@ -163,7 +170,7 @@ def test_a_checkpoint_file_holding_pickled_code_is_refused_not_run(tmp_path):
     data = path.read_bytes()
     manifest = {"files": {"dense.npz": {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}}}
     with pytest.raises(CheckpointError, match=r"dense.npz cannot be decoded: ValueError: .*allow_pickle=False"):
-        _load_npz(str(path), manifest)
+        load_npz(str(path), manifest)
     assert not evidence.exists()
 
 
@@ -179,3 +186,16 @@ def test_bad_data_in_an_evaluation_split_is_named_too(tiny_synth, tmp_path):
     with pytest.raises(DataError) as info:
         _train(data, tmp_path)
     assert f"user_cold/{FILE}" in str(info.value) and "'click'" in str(info.value)
+
+
+def test_launch_shows_any_other_horovodrun_failure_in_full():
+    """Only horovodrun's "a worker exited non-zero" traceback is replaced; its other failures
+    (ssh, a bad -H) keep their traceback, and a rank that printed no error is pointed at."""
+    other = ["Traceback (most recent call last):\n", '  File "launch.py", line 655, in _run_static\n',
+             "RuntimeError: could not connect to some hosts via ssh\n"]
+    assert failure_line(other, {}) == ""
+    worker = other[:2] + ["RuntimeError: Horovod detected that one or more processes exited with non-zero status, "
+                          "thus causing the job to be terminated. The first process to do so was:\n",
+                          "Process name: 1\n", "Exit code: 137\n"]
+    assert failure_line(worker, {"0": "DataError: x"}) == \
+        "gmeta launch: rank 1 failed first (exit status 137): its output is above\n"

@@ -15,16 +15,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BIN, REPO, WORKERS, horovodrun, last_json, run_gmeta
+from conftest import BIN, REPO, WORKERS, horovodrun, run_gmeta, train_report
 
-from gmeta.trainer.checkpoint.store import (
+from gmeta.trainer.checkpoint.compat import config_differences
+from gmeta.trainer.checkpoint.files import (
     COMMITTED,
     FINISHED,
     CheckpointError,
     committed_checkpoints,
-    config_differences,
     latest_checkpoint,
 )
+from gmeta.trainer.parallel.launch import horovodrun_command
 
 EVERY = 7
 TRAIN = ["train", "--model", "maml_dnn", "--epochs", "2", "--tasks-per-batch", "8", "--log-every", "0", "--no-saved-model",
@@ -54,7 +55,7 @@ def reference(tiny_synth, tmp_path_factory):
     root = tmp_path_factory.mktemp("reference")
     proc = _gmeta_hvd(2, tiny_synth, "--tracking-uri", "none", "--output-dir", root / "runs",
                       "--checkpoint-dir", root / "ckpts")
-    return {"result": last_json(proc), "ckpts": root / "ckpts",
+    return {"result": train_report(proc), "ckpts": root / "ckpts",
             "steps_per_epoch": _final_meta(root / "ckpts")["position"]["steps_per_epoch"]}
 
 
@@ -96,7 +97,7 @@ def test_checkpoint_of_two_workers_loads_on_three_and_one_and_three_on_one(tiny_
 
 # ---------------------------------------------------------------------------------------- kill -9
 def _spawn(np_, argv, env, log):
-    cmd = [str(BIN / "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", "--gloo", *map(str, argv)]
+    cmd = horovodrun_command(np_, argv)
     full_env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", TF_CPP_MIN_LOG_LEVEL="2",
                     OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **env)
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=str(REPO),
@@ -136,7 +137,7 @@ def test_kill_9_mid_epoch_then_resume_reaches_the_uninterrupted_metrics(referenc
     flags = ["--data", tiny_synth, "--tracking-uri", uri, "--output-dir", tmp_path / "runs", "--checkpoint-dir", ckpts]
     log_path = tmp_path / "killed.log"
     with open(log_path, "w") as log:
-        proc = _spawn(2, [BIN / "gmeta", *TRAIN, *flags], {"GMETA_TEST_PAUSE_AT_STEP": str(pause)}, log)
+        proc = _spawn(2, [BIN / "gmeta", *TRAIN, *flags], {"GMETA_FAULTS": f"step_done:pause:{pause}"}, log)
         try:
             deadline = time.monotonic() + 240
             while "pausing after step" not in log_path.read_text():
@@ -159,7 +160,7 @@ def test_kill_9_mid_epoch_then_resume_reaches_the_uninterrupted_metrics(referenc
 
     resumed = _gmeta_hvd(2, tiny_synth, *flags[2:], "--resume")
     assert f"resumed from {ckpts / name}: epoch 1 after step {last - steps}/{steps}" in resumed.stderr
-    _assert_same_metrics(reference["result"], last_json(resumed))
+    _assert_same_metrics(reference["result"], train_report(resumed))
     final, ref_final = _final_meta(ckpts), _final_meta(reference["ckpts"])
     assert final["position"] == ref_final["position"] == {"epoch": 2, "step_in_epoch": 0, "global_step": 2 * steps,
                                                           "steps_per_epoch": steps}
@@ -191,7 +192,7 @@ def uninterrupted(tiny_synth, tmp_path_factory):
     root = tmp_path_factory.mktemp("uninterrupted")
     proc = run_gmeta(*ONE, "--data", tiny_synth, "--output-dir", root / "runs", "--checkpoint-dir", root / "ckpts",
                      cwd=root)
-    return {"result": last_json(proc), "ckpts": root / "ckpts",
+    return {"result": train_report(proc), "ckpts": root / "ckpts",
             "export": Path(proc.stderr.split("export: ")[-1].split()[0])}
 
 
@@ -201,7 +202,7 @@ def test_same_seed_twice_gives_identical_metrics(uninterrupted, tiny_synth, tmp_
     checkpoint."""
     proc = run_gmeta(*ONE, "--data", tiny_synth, "--output-dir", tmp_path / "runs", "--checkpoint-dir", "none",
                      cwd=tmp_path)
-    assert last_json(proc) == uninterrupted["result"]
+    assert train_report(proc) == uninterrupted["result"]
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +211,7 @@ def interrupted(tiny_synth, tmp_path_factory):
     before the commit)."""
     root = tmp_path_factory.mktemp("interrupted")
     proc = run_gmeta(*ONE, "--data", tiny_synth, "--output-dir", root / "runs", "--checkpoint-dir", root / "ckpts",
-                     cwd=root, check=False, env={"GMETA_TEST_DIE_IN_CHECKPOINT": "20"})
+                     cwd=root, check=False, env={"GMETA_FAULTS": "checkpoint_commit:die:20"})
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "exiting inside checkpoint ckpt-000000020" in proc.stderr
     return root
@@ -233,7 +234,7 @@ def test_a_write_interrupted_before_its_commit_leaves_the_previous_checkpoint(in
                      "--resume", cwd=tmp_path)
     steps = _final_meta(uninterrupted["ckpts"])["position"]["steps_per_epoch"]
     assert f"resumed from {ckpts / 'ckpt-000000010'}: epoch 0 after step 10/{steps}" in proc.stderr
-    _assert_same_metrics(uninterrupted["result"], last_json(proc))
+    _assert_same_metrics(uninterrupted["result"], train_report(proc))
     assert _final_meta(ckpts)["history"] == _final_meta(uninterrupted["ckpts"])["history"]
     assert not [p for p in ckpts.iterdir() if ".partial" in p.name]  # the dead write was cleaned up
     every = sorted(set(range(10, steps + 1, 10)) | {steps})
@@ -269,7 +270,7 @@ class _OneRank:
 
 
 def _open(tmp_path, **flags):
-    from gmeta.trainer.checkpoint.store import RunCheckpoints
+    from gmeta.trainer.checkpoint.run_checkpoints import RunCheckpoints
     from gmeta.trainer.config import TrainConfig
 
     cfg = TrainConfig(model="maml_dnn", data="unused", epochs=1, output_dir=str(tmp_path / "runs"), **flags)

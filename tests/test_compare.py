@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from conftest import last_json, run_gmeta
+from conftest import last_json, run_gmeta, train_report
 
 FLAGS = ["--epochs", "1", "--log-every", "0", "--plain-baseline", "off", "--eval-splits", "user_cold",
          "--no-saved-model", "--checkpoint-dir", "none", "--support-curve", "none"]
@@ -12,7 +12,7 @@ def _train(tmp_path, data, *extra, tracking="none"):
     proc = run_gmeta("train", "--model", "maml_dnn", "--data", data, "--tracking-uri", tracking,
                      "--output-dir", tmp_path / "runs", *FLAGS, *extra, cwd=tmp_path)
     export = Path(proc.stderr.split("export: ")[-1].split()[0])
-    return (tmp_path / export).parent, last_json(proc)
+    return (tmp_path / export).parent, train_report(proc)
 
 
 def test_compare_reports_intervals_and_paired_significance(tiny_synth, tmp_path):

@@ -340,6 +340,21 @@ def test_progress_and_summary(tmp_path, capsys):
     assert "rows written" in err and "rows/s" in err
     assert "oracle" in out and "posterior" in out and "side_only" in out and "user_item_cold" in out
     assert "regime default: support 10..40" in out and "\nval " in out
+    splits = json.loads((tmp_path / "d" / "datagen.json").read_text())["splits"]
+    # each split's progress ends on its own row count (not a running total), as in the table
+    last = {}
+    for line in (line for line in err.splitlines() if line.startswith("datagen: ")):
+        name, rows = line.split()[1:3]
+        last[name] = int(rows.replace(",", ""))
+    assert last == {name: s["rows"] for name, s in splits.items()}
+    table = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[0] in splits}
+    assert {name: int(row[2].replace(",", "")) for name, row in table.items()} == last
+    # the conversion column is the oracle's pooled AUC, and says so
+    header = next(line.split() for line in out.splitlines() if line.startswith("split "))
+    assert "ctcvr" not in header and "oracle_auc_ctcvr" in header
+    column = header.index("oracle_auc_ctcvr")
+    assert {name: float(row[column]) for name, row in table.items()} == {
+        name: round(s["oracle_auc_ctcvr"], 4) for name, s in splits.items()}
 
 
 def test_sample_distinct_law():
@@ -553,6 +568,16 @@ def test_non_numeric_flag_and_existing_output(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         gmeta(["datagen", "--out", str(tmp_path / "d"), "--regime", "many-shot"])
     assert exc.value.code == 2 and "--regime: invalid choice" in capsys.readouterr().err
+    # a misspelled flag or command: one line with the closest name, no usage dump
+    for argv, message in ((["datagen", "--out", str(tmp_path / "d"), "--sed", "1"],
+                           "gmeta datagen: unknown flag --sed (did you mean --seed?); see gmeta datagen --help\n"),
+                          (["datagen", "--out", str(tmp_path / "d"), "1"],
+                           "gmeta datagen: unexpected argument '1'; see gmeta datagen --help\n"),
+                          (["datgen", "--out", "x"], "gmeta: unknown command 'datgen' (did you mean datagen?); see "
+                                                     "gmeta --help\n")):
+        with pytest.raises(SystemExit) as exc:
+            gmeta(argv)
+        assert exc.value.code == 2 and capsys.readouterr().err == message
     d = str(tmp_path / "d")
     assert gmeta(["datagen", "--out", d, "--quiet"] + SMALL) == 0
     assert gmeta(["datagen", "--out", d, "--quiet"] + SMALL) == 2

@@ -11,7 +11,8 @@ import time
 import pytest
 from conftest import BIN, REPO
 
-from gmeta.trainer.checkpoint.store import committed_checkpoints, read_checkpoint_meta
+from gmeta.trainer.checkpoint.files import committed_checkpoints, read_checkpoint_meta
+from gmeta.trainer.parallel.launch import horovodrun_command
 
 # many short epochs: the job is still training when the test acts on it
 FLAGS = ["--model", "maml_dnn", "--epochs", "60", "--tasks-per-batch", "16", "--log-every", "0",
@@ -22,9 +23,8 @@ FLAGS = ["--model", "maml_dnn", "--epochs", "60", "--tasks-per-batch", "16", "--
 def _start(tmp_path, data, *extra, env=None):
     log_path = tmp_path / "job.log"
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cmd = [str(BIN / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo", str(BIN / "gmeta"), "train",
-           "--data", str(data), "--tracking-uri", uri, "--output-dir", str(tmp_path / "runs"), *FLAGS,
-           *map(str, extra)]
+    cmd = horovodrun_command(2, [BIN / "gmeta", "train", "--data", data, "--tracking-uri", uri,
+                                 "--output-dir", tmp_path / "runs", *FLAGS, *extra])
     full_env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", TF_CPP_MIN_LOG_LEVEL="2",
                     OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     log = open(log_path, "w")
@@ -100,13 +100,13 @@ def test_sigterm_stops_every_rank_after_one_step_with_a_checkpoint_and_a_killed_
 @pytest.mark.slow  # fast tier: a failing rank's guard (test_foundation.py), bad data on one rank (test_bad_input.py)
 def test_an_exception_on_one_rank_ends_every_rank_with_one_message(tiny_synth, tmp_path):
     proc, log_path, uri, log = _start(tmp_path, tiny_synth, "--checkpoint-dir", "none",
-                                      env={"GMETA_TEST_FAIL_AT": "3:1"})
+                                      env={"GMETA_FAULTS": "train_step:raise:3:1"})
     with log:
         _wait_for(proc, log_path, "injected failure")
         _ends_within(proc, 60, log_path)
     text = log_path.read_text()
     assert proc.returncode != 0
-    assert text.count("[gmeta rank 1] ERROR RuntimeError: test hook GMETA_TEST_FAIL_AT: injected failure "
+    assert text.count("[gmeta rank 1] ERROR RuntimeError: test hook GMETA_FAULTS: injected failure "
                       "after global step 3") == 1, text[-3000:]
     # rank 0 says why it stopped in one line, pointing at the failed rank's message
     for line in [line for line in text.splitlines() if "[gmeta rank 0] ERROR" in line]:

@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
 from io_data import expected_task, make_table, tiny_schema, write_tiny  # noqa: E402
 
+from gmeta.cli import main as gmeta_main  # noqa: E402
 from gmeta.io.reader import MetaReader  # noqa: E402
 from gmeta.io.writer import INDEX_FILE, TaskWriter, write_dataset_schema  # noqa: E402
 
@@ -186,7 +187,7 @@ def test_bad_arguments_are_named():
         MetaReader("unused", tasks_per_batch=0)
 
 
-def test_bench_io_json():
+def test_bench_io_json(capsys):
     """``gmeta bench io --json`` on a small generated dataset: stdout is one JSON line with rates."""
     from conftest import REPO, last_json, run_gmeta
 
@@ -197,3 +198,8 @@ def test_bench_io_json():
     assert res["raw_rows_per_s"] > 0 and res["reader_rows_per_s"] > 0 and res["ratio"] > 0
     assert res["rows_delivered"] == res["rows_in_files"] >= 50000 * 0.9
     assert res["batches"] == res["steps_per_epoch"] and res["stripes"] >= 6
+    # a misspelled flag of a bench is reported by that bench's command line, with the closest flag
+    with pytest.raises(SystemExit) as exc:
+        gmeta_main(["bench", "io", "--row", "5"])  # no abbreviations either
+    assert exc.value.code == 2 and capsys.readouterr().err == (
+        "gmeta bench io: unknown flag --row (did you mean --rows?); see gmeta bench io --help\n")

@@ -1,6 +1,7 @@
 """Tracking and registry: a 2-worker run logged to MLflow (sqlite store and a real `mlflow
 server` process), registered with an alias, and evaluated back from the registry."""
 
+import json
 import re
 import socket
 import subprocess
@@ -8,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, horovodrun, last_json, run_gmeta
+from conftest import BIN, last_json, run_gmeta, train_report
 
 FLAGS = ["--epochs", "1", "--log-every", "0", "--tasks-per-batch", "16", "--plain-baseline", "off",
          "--checkpoint-dir", "none"]
@@ -23,12 +24,14 @@ def _run_id(proc) -> str:
 def test_two_worker_run_is_logged_registered_and_evaluated(tiny_synth, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     # with tiered embeddings (hot rows replicated, profiled at start): the export and the
-    # evaluation below must see one table whatever its tiers
-    proc = horovodrun(2, [BIN / "gmeta", "train", "--model", "melu", "--data", tiny_synth,
-                          "--tracking-uri", uri, "--output-dir", tmp_path / "runs", "--tiering", "auto", *FLAGS],
-                      timeout=400, env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
-    trained = last_json(proc)
+    # evaluation below must see one table whatever its tiers; through gmeta launch (horovodrun)
+    proc = run_gmeta("launch", "-np", "2", "train", "--model", "melu", "--data", tiny_synth,
+                     "--tracking-uri", uri, "--output-dir", tmp_path / "runs", "--tiering", "auto", *FLAGS,
+                     cwd=tmp_path, timeout=400, env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",
+                                                     "OMP_NUM_THREADS": "1"})
+    trained, report = last_json(proc), train_report(proc)
     run_id = _run_id(proc)
+    assert trained["run_id"] == run_id and trained["report_artifact"] == f"runs:/{run_id}/eval_results.json"
     assert "tiering item_id: " in proc.stdout + proc.stderr and " hot rows of " in proc.stdout + proc.stderr
 
     from mlflow import MlflowClient
@@ -37,8 +40,16 @@ def test_two_worker_run_is_logged_registered_and_evaluated(tiny_synth, tmp_path)
     assert run.info.status == "FINISHED"
     assert run.data.params["model"] == "melu" and run.data.params["workers"] == "2"
     assert run.data.params["tiering"] == "auto"
-    assert abs(run.data.metrics["user_cold.auc_adapted"] - trained["user_cold"]["auc_adapted"]) < 1e-6
+    # the headline numbers, named as in the last stdout line (<split>.<key>); the rest is the artifact
+    assert {k for k in run.data.metrics if k.split(".")[0] in trained["splits"] and ".support_gauc_" not in k} == {
+        f"{split}.{k}" for split in trained["splits"] for k, v in trained[split].items()
+        if k not in ("tasks", "rows") and v is not None}
+    assert run.data.metrics["user_cold.gauc_adapted"] == pytest.approx(report["user_cold"]["gauc_adapted"], abs=1e-6)
+    assert run.data.metrics["user_cold.gauc_item_knn"] == trained["user_cold"]["gauc_item_knn"]
+    assert "user_cold.ndcg10_adapted" in run.data.metrics and len(run.data.metrics) < 150
     assert "train_loss" in run.data.metrics and "comm_per_step.allreduce.calls" in run.data.metrics
+    local = client.download_artifacts(run_id, "eval_results.json", str(tmp_path))
+    assert json.loads(Path(local).read_text()) == report
     # what ran: versions, world size, source commit; the dataset with its schema and digest
     from gmeta.trainer.tracking.run_info import dataset_digest, source_commit
     tags = run.data.tags
@@ -56,10 +67,10 @@ def test_two_worker_run_is_logged_registered_and_evaluated(tiny_synth, tmp_path)
     assert any(k.startswith("system/cpu") for k in run.data.metrics), sorted(run.data.metrics)
     assert 0 < run.data.metrics["input_tasks_read"] < 300  # rank 0's share of the 300 training tasks
     # the support curve (GAUC against support rows) as metrics and in the report, and the plots
-    curve = trained["user_cold"]["support_curve"]
+    curve = report["user_cold"]["support_curve"]
     assert curve["k"] == [0, 1, 2, 5, 10, 20, "all"]
-    assert curve["adapted"][0] == curve["unadapted"][0] == pytest.approx(trained["user_cold"]["gauc_unadapted"], abs=1e-4)
-    assert curve["adapted"][-1] == pytest.approx(trained["user_cold"]["gauc_adapted"], abs=1e-4)
+    assert curve["adapted"][0] == curve["unadapted"][0] == pytest.approx(report["user_cold"]["gauc_unadapted"], abs=1e-4)
+    assert curve["adapted"][-1] == pytest.approx(report["user_cold"]["gauc_adapted"], abs=1e-4)
     history = client.get_metric_history(run_id, "user_cold.support_gauc_adapted")
     assert [m.step for m in sorted(history, key=lambda m: m.step)][:6] == [0, 1, 2, 5, 10, 20]
     plots = {a.path for a in client.list_artifacts(run_id, "plots")}
@@ -96,7 +107,7 @@ def test_two_worker_run_is_logged_registered_and_evaluated(tiny_synth, tmp_path)
     evaluated = last_json(run_gmeta("evaluate", "--model", "models:/melu@champion", "--data", tiny_synth,
                                     "--tasks-per-batch", "16", "--tracking-uri", uri, cwd=tmp_path))
     # the registered model, evaluated in one process, reproduces the 2-worker evaluation
-    for split, res in trained.items():
+    for split, res in report.items():
         for key in ("auc_adapted", "auc_unadapted"):
             assert abs(evaluated[split][key] - res[key]) < 1e-4, (split, key, evaluated[split], res)
         assert evaluated[split]["rows"] == res["rows"]
@@ -153,7 +164,7 @@ def test_run_logged_to_a_real_mlflow_server(tiny_synth, tmp_path, mlflow_server)
     evaluated = last_json(run_gmeta("evaluate", "--run", run_id, "--data", tiny_synth,
                                     "--tasks-per-batch", "16", "--tracking-uri", mlflow_server,
                                     cwd=tmp_path))
-    assert evaluated["user_cold"]["auc_adapted"] == pytest.approx(last_json(proc)["user_cold"]["auc_adapted"],
+    assert evaluated["user_cold"]["auc_adapted"] == pytest.approx(train_report(proc)["user_cold"]["auc_adapted"],
                                                                     abs=1e-4)
 
 

@@ -9,7 +9,7 @@ import textwrap
 PRELUDE = textwrap.dedent("""
     import os, signal, sys, time
     from gmeta.trainer.parallel.comm import StopRequest
-    from gmeta.trainer.run.signals import Stopped, StopSignals
+    from gmeta.trainer.parallel.signals import Stopped, StopSignals
     request = StopRequest()
 """)
 

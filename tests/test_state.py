@@ -5,7 +5,7 @@ only, and tasks without query rows do not count."""
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import last_json, run_gmeta
+from conftest import last_json, run_gmeta, train_report
 from test_meta_learner import make_batch, make_learner
 
 from gmeta.trainer.meta.state import run_state
@@ -107,7 +107,7 @@ def test_metaemb_without_generator_evaluates_the_same_after_export(tiny_synth, t
     export = trained.stderr.split("export: ")[-1].split()[0]
     evaluated = last_json(run_gmeta("evaluate", "--export", tmp_path / export, "--data", tiny_synth,
                                     cwd=tmp_path))
-    result = last_json(trained)
+    result = train_report(trained)
     for split, res in result.items():
         for key in ("auc_adapted", "auc_unadapted"):
             assert evaluated[split][key] == pytest.approx(res[key], abs=1e-5), (split, key)

@@ -10,6 +10,7 @@ network *within* users is reported, not asserted: on this data it does not (see 
 """
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import REPO, last_json, run_gmeta
@@ -38,9 +39,12 @@ def test_every_model_is_reported_against_its_baselines(model, synth, tmp_path):
     proc = gmeta("train", "--model", model, "--data", synth, "--output-dir", tmp_path / "runs",
                  "--results-json", tmp_path / "results.json", *TRAIN_FLAGS, cwd=tmp_path)
     res = last_json(proc)
-    assert set(res) == {"user_cold", "item_cold", "user_item_cold"}  # val chooses, it is not a result
+    assert res["splits"] == ["user_cold", "item_cold", "user_item_cold"]  # val chooses, it is not a result
     assert json.loads((tmp_path / "results.json").read_text()) == res
-    cold = res["user_cold"]
+    assert res["run_id"] is None and res["report_artifact"] is None  # --tracking-uri none
+    report = json.loads(Path(res["report"]).read_text())
+    assert set(report) == set(res["splits"]) and Path(res["export"]).parent == Path(res["report"]).parent
+    cold = report["user_cold"]
     assert cold["rows"] == 4000 and cold["tasks"] == 400
     section = cold["auc"]
     assert SCORERS <= set(section)
@@ -57,6 +61,20 @@ def test_every_model_is_reported_against_its_baselines(model, synth, tmp_path):
     if model == "maml_esmm":
         assert cold["auc_ctcvr"]["adapted"]["gauc"]["value"] is not None
         assert cold["auc_ctcvr_oracle"] is not None
+    # the last stdout line: per split, flat headline numbers taken from the report, short to read
+    assert len(proc.stdout.strip().splitlines()[-1]) < 4000
+    head = res["user_cold"]
+    assert (head["tasks"], head["rows"]) == (400, 4000) and head["gauc_adapted"] == cold["gauc_adapted"]
+    assert (head["gauc_adapted_lo"], head["gauc_adapted_hi"]) == (gauc["adapted"]["lo"], gauc["adapted"]["hi"])
+    for name in ("adapted", "unadapted", "plain", "plain_finetuned", "item_mean", "item_knn"):
+        assert head[f"gauc_{name}"] == gauc[name]["value"]
+        assert head[f"ndcg10_{name}"] == section[name]["ndcg@10"]["value"]
+        if name != "adapted":
+            d = section["differences"][name]["gauc"]
+            got = [head[f"gauc_adapted_minus_{name}{end}"] for end in ("", "_lo", "_hi")]
+            assert got == [d["diff"], d["lo"], d["hi"]], name
+    assert "gauc_constant" not in head and "gauc_oracle" not in head  # in the report, not the headline
+    assert all(not isinstance(v, (dict, list)) for h in res["splits"] for v in res[h].values())
 
 
 def test_bad_flags_and_data_give_clear_errors(tmp_path, synth, capsys):
@@ -66,8 +84,10 @@ def test_bad_flags_and_data_give_clear_errors(tmp_path, synth, capsys):
     from gmeta.trainer.config import config_from_args
     from gmeta.trainer.run.training import train
 
-    proc = gmeta("train", "--model", "nosuch", "--data", synth, cwd=tmp_path, check=False)
-    assert proc.returncode != 0 and "--model: invalid choice: 'nosuch'" in proc.stderr
+    # a misspelled flag: one line naming the command, the closest flag and the help; status 2
+    proc = gmeta("train", "--model", "melu", "--data", synth, "--epoch", "1", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "gmeta train: unknown flag --epoch (did you mean --epochs?); see gmeta train --help"], proc.stderr
     proc = gmeta("train", "--model", "melu", "--data", tmp_path / "missing", "--tracking-uri", "none",
                  cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "schema" in proc.stderr and "missing" in proc.stderr
@@ -77,10 +97,14 @@ def test_bad_flags_and_data_give_clear_errors(tmp_path, synth, capsys):
         return config_from_args(build_parser_for(argv).parse_args(argv))
 
     for argv, message in ((["--support-size", "lots"], "--support-size: expected 'auto' or an integer"),
-                          (["--epoch", "1"], "unrecognized arguments: --epoch 1")):  # no abbreviations
-        with pytest.raises(SystemExit):
+                          (["--model", "nosuch"], "--model: invalid choice: 'nosuch'"),
+                          (["--epoch", "1", "--inner-lrr=1", "--outer_lr", "2"],  # no abbreviations
+                           "gmeta train: unknown flags --epoch (did you mean --epochs?), --inner-lrr (did you mean "
+                           "--inner-lr?), --outer_lr (did you mean --outer-lr?); see gmeta train --help")):
+        with pytest.raises(SystemExit) as exc:
             parse(*argv)
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and message in err and "usage:" not in err, err
     for argv, message in ((["--meta", "none", "--plain-baseline", "runs/x"], "a --meta none run is itself the plain"),
                           (["--adapt", "head,last"], "head already includes last"),
                           (["--register-as", "m@a"], "needs a name and MLflow tracking")):

@@ -16,6 +16,10 @@ import shutil
 import pytest
 from conftest import last_json, run_gmeta
 
+from gmeta.trainer.config import TrainConfig, add_arguments, config_from_args
+from gmeta.trainer.tuning.argv import rerun_command
+from gmeta.trainer.tuning.space import MODEL_SPACES, SHARED_SPACE, Param, apply_values, search_space, suggest
+
 VAL = "user_cold"   # the generator's `val` split may be absent; tune on a cold split
 
 
@@ -46,8 +50,6 @@ def mlflow_runs(tmp_path):
 
 
 def parse_train_command(command: str):
-    from gmeta.trainer.config import add_arguments, config_from_args
-
     argv = shlex.split(command)
     assert argv[:2] == ["gmeta", "train"], command
     p = argparse.ArgumentParser()
@@ -153,44 +155,36 @@ def test_a_dataset_without_a_validation_split_is_refused(tiny_synth, tmp_path):
 def test_every_sampled_point_is_a_valid_config_with_a_round_trip_command(model):
     import optuna
 
-    from gmeta.trainer import tune as t
-    from gmeta.trainer.config import TrainConfig
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    space = t.search_space(model)
+    space = search_space(model)
     names = {p.name for p in space}
     assert {"inner_lr", "inner_steps", "outer_lr", "emb_lr", "meta_sgd", "first_order", "hidden",
             "emb_dim", "clip_norm"} <= names
     assert ("extra.alpha" in names) == (model == "metaemb")
-    assert t.search_space(model, fixed=("inner_lr",)) == tuple(p for p in space if p.name != "inner_lr")
+    assert search_space(model, fixed=("inner_lr",)) == tuple(p for p in space if p.name != "inner_lr")
     base = TrainConfig(model=model, data="d", epochs=2, validation_split=VAL, log_every=0)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(25):
-        values = t.suggest(study.ask(), space)
-        cfg = t.apply_values(base, values).validate()
-        _, back = parse_train_command(t.rerun_command(cfg, tuple(values)))
+        values = suggest(study.ask(), space)
+        cfg = apply_values(base, values).validate()
+        _, back = parse_train_command(rerun_command(cfg, tuple(values)))
         assert back == cfg
 
 
 def test_the_rerun_command_does_not_depend_on_the_shell(monkeypatch):
     """With MLFLOW_TRACKING_URI set elsewhere (MLflow itself sets it in process), a trial logged
     to the default store still gets a command that says so."""
-    from gmeta.trainer import tune as t
-    from gmeta.trainer.config import TrainConfig
-
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
     cfg = TrainConfig(model="melu", data="d", epochs=2, validation_split=VAL, log_every=0).validate()
-    command = t.rerun_command(cfg, ())
+    command = rerun_command(cfg, ())
     assert f"--tracking-uri {cfg.tracking_uri}" in command
     _, back = parse_train_command(command)
     assert back == cfg
 
 
 def test_an_entry_for_a_missing_field_is_skipped(monkeypatch):
-    from gmeta.trainer import tune as t
-
-    extra = t.Param("no_such_field", "bool", requires_field="no_such_field")
-    monkeypatch.setitem(t.MODEL_SPACES, "melu", t.SHARED_SPACE + (extra,))
-    assert "no_such_field" not in {p.name for p in t.search_space("melu")}
+    extra = Param("no_such_field", "bool", requires_field="no_such_field")
+    monkeypatch.setitem(MODEL_SPACES, "melu", SHARED_SPACE + (extra,))
+    assert "no_such_field" not in {p.name for p in search_space("melu")}
     with pytest.raises(ValueError, match="not in melu's search space"):
-        t.search_space("melu", names=("no_such_field",))
+        search_space("melu", names=("no_such_field",))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, fields
@@ -16,7 +15,7 @@ import numpy as np
 
 from gmeta.io import fs
 from gmeta.io.writer import COMPRESSIONS
-from gmeta.trainer.parallel.launch import run_guarded
+from gmeta.trainer.parallel.launch import horovodrun_command, horovodrun_env, run_guarded
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,21 +114,13 @@ def launch_bench(name: str, module: str, np_: int, out_dir: str, config: dict, t
     """Run ``module``'s worker under ``horovodrun -np np_ --gloo`` on localhost (its ``__main__``
     is ``worker_main``) and return every rank's ``rank{r}.json``; a failure or timeout is a
     SystemExit naming the benchmark, with the workers' last output."""
-    bin_dir = Path(sys.executable).parent
-    horovodrun = bin_dir / "horovodrun"
-    if not horovodrun.exists():
-        found = shutil.which("horovodrun")
-        if not found:
-            raise SystemExit(f"gmeta bench {name}: horovodrun not found next to this Python or on PATH")
-        horovodrun = Path(found)
-    cmd = [str(horovodrun), "-np", str(np_), "-H", f"localhost:{np_}", "--gloo", sys.executable, "-m",
-           module, "--worker", out_dir, "--config", json.dumps(config)]
-    env = dict(os.environ)
-    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env.setdefault("OMP_NUM_THREADS", "1")
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        cmd = horovodrun_command(np_, [sys.executable, "-m", module, "--worker", out_dir, "--config",
+                                       json.dumps(config)])
+    except FileNotFoundError as exc:
+        raise SystemExit(f"gmeta bench {name}: {exc}") from None
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=horovodrun_env(one_thread=True))
     except subprocess.TimeoutExpired:
         raise SystemExit(f"gmeta bench {name}: no result from -np {np_} within --timeout {timeout} s") from None
     if proc.returncode != 0:

@@ -169,8 +169,8 @@ class TrainConfig:
                                     "run, and point ALIAS at the new version (as gmeta register)")
     saved_model: bool = setting(True, kind="no", help="skip the serving SavedModel and the MLflow model (quick "
                                                       "experiments, tuning trials)")
-    results_json: str = setting("", metavar="PATH", help="also write the final report (the last stdout line) to "
-                                                         "this file, without horovodrun's rank prefix")
+    results_json: str = setting("", metavar="PATH", help="also write the last stdout line (the headline JSON "
+                                                         "object) to this file, without horovodrun's rank prefix")
     support_curve: str = setting("0,1,2,5,10,20,all", metavar="K,K,...",
                                  help="support rows per task at which the final report measures GAUC (adapted, "
                                       "unadapted, fine-tuned plain network; plotted as support_curve.png); 'all': "

@@ -2,8 +2,9 @@
 
 Run on one process, or on many with ``horovodrun -np N -H host:N --gloo gmeta train ...``. The
 flags are the fields of ``gmeta.trainer.config.TrainConfig``; the run is
-``gmeta.trainer.run.training.train``. The last line printed (rank 0) is the report as one JSON
-object.
+``gmeta.trainer.run.training.train``. The last line printed (rank 0) is one JSON object: the run
+id, per evaluation split the headline metrics, and the path of the full report (README, "What a
+run reports").
 """
 
 from __future__ import annotations

@@ -19,7 +19,10 @@ import numpy as np
 from _guard import guard
 
 from gmeta.io.schema import Schema
-from gmeta.trainer.checkpoint.store import init_from, latest_checkpoint, restore_checkpoint, save_checkpoint
+from gmeta.trainer.checkpoint.assemble import restore_checkpoint
+from gmeta.trainer.checkpoint.files import latest_checkpoint
+from gmeta.trainer.checkpoint.init_from import init_from
+from gmeta.trainer.checkpoint.save import save_checkpoint
 from gmeta.trainer.config import TrainConfig
 from gmeta.trainer.meta.state import run_state
 from gmeta.trainer.parallel.comm import init_communicator

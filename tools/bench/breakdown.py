@@ -26,6 +26,7 @@ from pathlib import Path
 from gmeta.tools.bench.step import BenchStepConfig, full_batch, full_learner
 from gmeta.trainer.meta.learner import batch_spec
 from gmeta.trainer.parallel.comm import init_communicator
+from gmeta.trainer.parallel.launch import horovodrun_command, horovodrun_env
 
 STAGES = ("lookup", "inner_loop", "query_loss", "allreduce", "optimizer")
 
@@ -84,10 +85,9 @@ def main(args) -> int:
                           optimizer="adagrad", zipf=1.2, seed=0, timeout=args.timeout, json_only=True,
                           full=True).validate()
     out_dir = tempfile.mkdtemp(prefix="gmeta_bench_breakdown_")
-    bin_dir = Path(sys.executable).parent
-    cmd = [str(bin_dir / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, "-m",
-           "gmeta.tools.bench.breakdown", "--worker", out_dir, "--config", json.dumps(asdict(cfg))]
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", TF_CPP_MIN_LOG_LEVEL="2")
+    cmd = horovodrun_command(2, [sys.executable, "-m", "gmeta.tools.bench.breakdown", "--worker", out_dir,
+                                 "--config", json.dumps(asdict(cfg))])
+    env = horovodrun_env()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
         if proc.returncode != 0:

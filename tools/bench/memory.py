@@ -25,6 +25,7 @@ import numpy as np
 from gmeta.trainer.embedding.factory import RowOptimizerConfig, make_embedding
 from gmeta.trainer.embedding.plan import ShardingPlan, TableConfig
 from gmeta.trainer.parallel.comm import init_communicator
+from gmeta.trainer.parallel.launch import horovodrun_command, horovodrun_env
 
 TARGET_RATIO = 0.6
 
@@ -75,16 +76,11 @@ def main(args) -> int:
 
 
 def _launch(n: int, config: dict, timeout: int) -> list:
-    bin_dir = Path(sys.executable).parent
-    horovodrun = bin_dir / "horovodrun"
-    if not horovodrun.exists():
-        raise SystemExit("gmeta bench memory: horovodrun not found next to this Python")
     out_dir = tempfile.mkdtemp(prefix="gmeta_bench_memory_")
-    cmd = [str(horovodrun), "-np", str(n), "-H", f"localhost:{n}", "--gloo", sys.executable, "-m",
-           "gmeta.tools.bench.memory", "--worker", out_dir, "--config", json.dumps(config)]
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env = horovodrun_env()
     try:
+        cmd = horovodrun_command(n, [sys.executable, "-m", "gmeta.tools.bench.memory", "--worker", out_dir,
+                                     "--config", json.dumps(config)])
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         if proc.returncode != 0:
             sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])

@@ -11,7 +11,6 @@ stderr; the last stdout line is one JSON object.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -20,6 +19,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from gmeta.trainer.parallel.launch import horovodrun_command, horovodrun_env
 
 TARGET_TASKS_PER_S = 4260.0
 RATE = re.compile(r"epoch (\d+) step \d+/\d+ loss \S+ \(([\d,]+) real tasks/s")
@@ -49,7 +50,7 @@ def main(args) -> int:
     bin_dir = Path(sys.executable).parent
     gmeta = bin_dir / "gmeta"
     work = Path(tempfile.mkdtemp(prefix="gmeta_bench_ml_"))
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", TF_CPP_MIN_LOG_LEVEL="2")
+    env = horovodrun_env()
     try:
         data = work / "data"
         if args.src:
@@ -63,12 +64,12 @@ def main(args) -> int:
         split = "user_cold"
         results = {}
         for name, flags in (("second_order", []), ("first_order", ["--first-order"])):
-            proc = _run([bin_dir / "horovodrun", "-np", args.np, "-H", f"localhost:{args.np}", "--gloo", gmeta,
-                         "train", "--model", "melu", "--data", data, "--epochs", args.epochs,
-                         "--tasks-per-batch", args.tasks_per_batch, "--log-every", "2", "--tracking-uri", "none",
-                         "--no-saved-model", "--checkpoint-dir", "none", "--plain-baseline", "off",
-                         "--validation-split", "none", "--support-curve", "none", "--eval-splits", split,
-                         "--output-dir", work / "runs", *flags, *shlex.split(args.train_args)], args.timeout, env)
+            proc = _run(horovodrun_command(args.np, [
+                gmeta, "train", "--model", "melu", "--data", data, "--epochs", args.epochs,
+                "--tasks-per-batch", args.tasks_per_batch, "--log-every", "2", "--tracking-uri", "none",
+                "--no-saved-model", "--checkpoint-dir", "none", "--plain-baseline", "off",
+                "--validation-split", "none", "--support-curve", "none", "--eval-splits", split,
+                "--output-dir", work / "runs", *flags, *shlex.split(args.train_args)]), args.timeout, env)
             rates = [float(r.replace(",", "")) for e, r in RATE.findall(proc.stderr) if int(e) >= 1]
             if not rates:
                 raise SystemExit("gmeta bench movielens: no throughput lines after the first epoch (too few steps?)")

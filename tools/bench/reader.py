@@ -20,7 +20,6 @@ target < 0.02).
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -39,6 +38,7 @@ from gmeta.io.reader import MetaReader
 from gmeta.io.schema import DenseFeature, Schema, SparseFeature, TableSpec
 from gmeta.io.stripes import OrcFileCache
 from gmeta.io.writer import TaskWriter, write_dataset_schema
+from gmeta.trainer.parallel.launch import horovodrun_command, horovodrun_env
 
 ID_VOCABS = (("item_id", 200_000), ("item_category", 1_000), ("item_brand", 20_000), ("item_shop", 50_000),
              ("age", 10), ("gender", 3), ("occupation", 30), ("city", 400), ("device", 50), ("hour", 24),
@@ -246,15 +246,14 @@ def input_wait(seed: int, timeout: int = 900) -> dict:
     """The demo's training run on generated data: its reported input-wait share of step time."""
     bin_dir = Path(sys.executable).parent
     root = tempfile.mkdtemp(prefix="gmeta_bench_wait_")
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", TF_CPP_MIN_LOG_LEVEL="2",
-               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env = horovodrun_env(one_thread=True)
     try:
         subprocess.run([str(bin_dir / "gmeta"), "datagen", "--out", f"{root}/data", "--seed", str(seed), "--quiet"],
                        check=True, env=env, timeout=timeout)
-        cmd = [str(bin_dir / "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo", str(bin_dir / "gmeta"),
-               "train", "--model", "melu", "--data", f"{root}/data", "--epochs", "2", "--tracking-uri", "none",
-               "--output-dir", f"{root}/runs", "--no-saved-model", "--checkpoint-dir", "none",
-               "--support-curve", "none", "--log-every", "0"]
+        cmd = horovodrun_command(2, [bin_dir / "gmeta", "train", "--model", "melu", "--data", f"{root}/data",
+                                     "--epochs", "2", "--tracking-uri", "none", "--output-dir", f"{root}/runs",
+                                     "--no-saved-model", "--checkpoint-dir", "none", "--support-curve", "none",
+                                     "--log-every", "0"])
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     finally:
         shutil.rmtree(root, ignore_errors=True)

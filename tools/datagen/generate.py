@@ -778,12 +778,17 @@ class SplitStats:
 
 # ----------------------------------------------------------------------------- driver
 class _Progress:
-    """Rows written and rows/s on stderr, at most every ``every`` seconds."""
+    """The split's rows written so far and its rows/s on stderr, at most every ``every`` seconds
+    (the last line of a split is its row count, as in the summary)."""
 
     def __init__(self, quiet: bool, every: float = 2.0):
         self.quiet, self.every = quiet, every
         self.t0 = self.last = time.perf_counter()
         self.rows = 0
+
+    def begin(self) -> None:
+        """A new split: its own count and rate."""
+        self.rows, self.t0 = 0, time.perf_counter()
 
     def tick(self, split: str, rows: int, force: bool = False) -> None:
         self.rows += rows
@@ -808,6 +813,7 @@ def generate(cfg: DatagenConfig) -> dict:
     splits = {}
     for spec in specs:
         stats = SplitStats(np.random.default_rng([cfg.seed, _SUMMARY, spec.index]), posterior=world.posterior_click)
+        progress.begin()
         with TaskWriter(cfg.out, schema, split=spec.name, rows_per_stripe=cfg.rows_per_stripe,
                         rows_per_file=cfg.rows_per_file, compression=cfg.compression) as writer:
             for cols in iter_split(world, spec):
@@ -830,8 +836,10 @@ def generate(cfg: DatagenConfig) -> dict:
 def format_summary(summary: dict) -> str:
     st = summary["settings"]
     lines = [f"regime {st['regime']}: support {st['support_min']}..{st['support_max']}, "
-             f"side strength {st['side_strength']:g}; query AUC pooled / GAUC (per user, weighted by rows)",
-             f"{'split':<15} {'users':>7} {'rows':>10} {'support':>7} {'ctr':>6} {'cvr':>6} {'ctcvr':>6} "
+             f"side strength {st['side_strength']:g}",
+             "query rows: oracle, posterior, side_only = click AUC pooled / GAUC (per user, weighted by rows); "
+             "oracle_auc_ctcvr = pooled AUC of the true p_ctcvr on conversions",
+             f"{'split':<15} {'users':>7} {'rows':>10} {'support':>7} {'ctr':>6} {'cvr':>6} {'oracle_auc_ctcvr':>16} "
              f"{'oracle':>13} {'posterior':>13} {'side_only':>13}"]
     total = 0
     for name, s in summary["splits"].items():
@@ -839,7 +847,7 @@ def format_summary(summary: dict) -> str:
         f = {k: float("nan") if v is None else v for k, v in s.items()}
         pair = lambda n: f"{f[n + '_auc_click']:.4f}/{f[n + '_gauc_click']:.4f}"  # noqa: E731
         lines.append(f"{name:<15} {f['users']:>7,} {f['rows']:>10,} {f['mean_support_rows']:>7.1f} "
-                     f"{f['ctr']:>6.3f} {f['cvr']:>6.3f} {f['oracle_auc_ctcvr']:>6.4f} "
+                     f"{f['ctr']:>6.3f} {f['cvr']:>6.3f} {f['oracle_auc_ctcvr']:>16.4f} "
                      f"{pair('oracle'):>13} {pair('posterior_oracle'):>13} {pair('side_only'):>13}")
     sec = summary.get("seconds", float("nan"))
     lines.append(f"{total:,} rows in {sec:.1f} s ({total / max(sec, 1e-9):,.0f} rows/s)")

@@ -40,6 +40,25 @@ def gather_or_zero(vectors: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
     return _gather(vectors)
 
 
+def clean_rows(table: TableConfig, rows: tf.Tensor, features) -> tf.Tensor:
+    """Non-negative ids -> global rows: the table's id rule, range-checked when not hashed.
+
+    Every lookup of a table goes through here (the backends' and the serving SavedModel's), so an
+    id means the same row, and fails the same way, in training and in serving. ``features``: the
+    table's features, named in the error.
+    """
+    if table.hashed:
+        return table.rows_of(rows)
+    check = tf.debugging.assert_less(
+        rows, tf.constant(table.num_rows, tf.int64),
+        # no quotes in the message: graph-mode errors print them escaped
+        message=(f"embedding table {table.name}: id out of range, must be < num_rows="
+                 f"{table.num_rows} (features: {', '.join(features)}; "
+                 f"set hashed=True to reduce ids modulo num_rows)"))
+    with tf.control_dependencies([check]):
+        return tf.identity(rows)
+
+
 class EmbeddingBase(tf.Module):
     """Common front end of the hybrid, naive and SOK embeddings (see module docstring)."""
 
@@ -105,7 +124,7 @@ class EmbeddingBase(tf.Module):
     def state_rows(self, name: str) -> np.ndarray:
         """Global row ids of this rank's ``table/<name>`` variable and its slots, in their row
         order (int64): what a checkpoint stores next to the values, so that a checkpoint written
-        by N workers re-shards onto M (``gmeta.trainer.checkpoint.store``)."""
+        by N workers re-shards onto M (``gmeta.trainer.checkpoint.assemble``)."""
         return self._plan.global_rows(name, self._comm.rank)
 
     def memory_bytes(self) -> int:
@@ -137,7 +156,8 @@ class EmbeddingBase(tf.Module):
             flats = [tf.reshape(t, [-1]) for t in ids]
             flat = flats[0] if len(flats) == 1 else tf.concat(flats, axis=0)
             pos = tf.where(flat >= 0)[:, 0]
-            requests.append((table, self._clean_rows(table, tf.gather(flat, pos))))
+            requests.append((table, clean_rows(table, tf.gather(flat, pos),
+                                                  self._plan.features_of(table.name))))
             layouts.append((feats, ids, flats, flat, pos))
         out = {}
         fetched = self._lookup_tables(requests) if requests else []
@@ -155,19 +175,6 @@ class EmbeddingBase(tf.Module):
             for f, t, p in zip(feats, ids, parts):
                 out[f] = tf.reshape(p, tf.concat([tf.shape(t), [table.dim]], axis=0))
         return out
-
-    def _clean_rows(self, table: TableConfig, rows: tf.Tensor) -> tf.Tensor:
-        """Non-negative ids -> global rows: the table's id rule, range-checked when not hashed."""
-        if table.hashed:
-            return table.rows_of(rows)
-        check = tf.debugging.assert_less(
-            rows, tf.constant(table.num_rows, tf.int64),
-            # no quotes in the message: graph-mode errors print them escaped
-            message=(f"embedding table {table.name}: id out of range, must be < num_rows="
-                     f"{table.num_rows} (features: {', '.join(self._plan.features_of(table.name))}; "
-                     f"set hashed=True to reduce ids modulo num_rows)"))
-        with tf.control_dependencies([check]):
-            return tf.identity(rows)
 
     def _lookup_tables(self, requests: list) -> list:
         """Fetch rows of several tables at once.

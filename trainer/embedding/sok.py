@@ -14,8 +14,9 @@ Counters: SOK's traffic bypasses ``comm``; we record the bytes this rank hands t
 keys as ``alltoall_ids``, returned vectors as ``alltoall_vectors``) so reports stay comparable;
 the backward exchange is not visible to us and is not counted.
 
-Process setup on a GPU host: pin one GPU per process (``pin_gpu(comm.local_rank)``) before
-TensorFlow creates any tensor, then create the Horovod communicator, then the embedding.
+Process setup on a GPU host: one GPU per process, pinned by the Horovod communicator before
+TensorFlow creates any tensor (``init_communicator(..., one_gpu_per_process=True)``, which
+``gmeta train`` passes when the backend is ``sok``), then the embedding.
 """
 
 from __future__ import annotations
@@ -38,15 +39,6 @@ def sok_available() -> tuple:
     if not tf.config.list_physical_devices("GPU"):
         return False, "merlin-sok imports but no GPU is visible"
     return True, ""
-
-
-def pin_gpu(local_rank: int) -> None:
-    """Make only GPU ``local_rank`` visible to this process (call before any TF op runs)."""
-    gpus = tf.config.list_physical_devices("GPU")
-    for gpu in gpus:
-        tf.config.experimental.set_memory_growth(gpu, True)
-    if gpus:
-        tf.config.set_visible_devices(gpus[local_rank % len(gpus)], "GPU")
 
 
 def _sok():
@@ -98,7 +90,7 @@ class SokEmbedding(HybridEmbedding):
         if (getattr(var, "global_gpu_id", rank), getattr(var, "num_gpus", self._comm.size)) != \
                 (rank, self._comm.size):
             raise RuntimeError("SOK's GPU numbering differs from the Horovod rank numbering; "
-                               "run one process per GPU (pin_gpu(comm.local_rank))")
+                               "run one process per GPU (init_communicator(..., one_gpu_per_process=True))")
         return var
 
     def _lookup_tables(self, requests):

@@ -12,6 +12,11 @@ LABELS = {"adapted": "model, adapted", "unadapted": "model, unadapted",
           "plain_finetuned": "plain, fine-tuned", "plain": "plain", "item_mean": "item mean",
           "item_knn": "item-kNN", "constant": "constant", "oracle": "oracle"}
 COLUMNS = ("gauc", "ndcg@5", "ndcg@10", "mrr", "logloss", "rmse", "pooled_auc")
+#: the scorers and metrics of the headline (the last stdout line, the MLflow metrics): metric -> key prefix
+HEADLINE_SCORERS = ("adapted", "unadapted", "plain", "plain_finetuned", "item_mean", "item_knn")
+HEADLINE_METRICS = {"gauc": "gauc", "ndcg@10": "ndcg10"}
+#: headline keys that are counts, not metrics (printed, not logged to MLflow)
+HEADLINE_COUNTS = ("tasks", "rows")
 
 
 def _cell(m) -> str:
@@ -52,6 +57,37 @@ def format_report(results: dict) -> str:
                 if parts:
                     lines.append(f"  adapted - {LABELS[other]:<17} " + "; ".join(parts))
     return "\n".join(lines)
+
+
+def headline(results: dict) -> dict:
+    """Per split, the few numbers a run is judged by, as flat keys that are also valid MLflow
+    metric names: ``gauc_<scorer>`` and ``ndcg10_<scorer>`` of the model and its baselines
+    (those the run computed), the adapted GAUC's 95% interval (``gauc_adapted_lo``/``_hi``) and
+    ``gauc_adapted_minus_<baseline>`` with its paired interval. Read from the first head (the
+    model's headline score); everything else stays in the full report."""
+    out = {}
+    for split, res in results.items():
+        flat = {k: res.get(k) for k in HEADLINE_COUNTS}
+        section = next((s for s in res.values() if isinstance(s, dict) and isinstance(s.get("adapted"), dict)), {})
+        for metric, prefix in HEADLINE_METRICS.items():
+            for scorer in (s for s in HEADLINE_SCORERS if s in section):
+                m = section[scorer].get(metric) or {}
+                flat[f"{prefix}_{scorer}"] = m.get("value")
+                if (metric, scorer) == ("gauc", "adapted"):
+                    flat["gauc_adapted_lo"], flat["gauc_adapted_hi"] = m.get("lo"), m.get("hi")
+        for other in HEADLINE_SCORERS[1:]:
+            diff = section.get("differences", {}).get(other, {}).get("gauc")
+            if diff:
+                name = f"gauc_adapted_minus_{other}"
+                flat[name], flat[f"{name}_lo"], flat[f"{name}_hi"] = diff.get("diff"), diff.get("lo"), diff.get("hi")
+        out[split] = flat
+    return out
+
+
+def headline_metrics(lines: dict) -> dict:
+    """``headline``'s numbers as MLflow metrics, ``<split>.<key>`` (the counts left out)."""
+    return {f"{split}.{k}": v for split, flat in lines.items() for k, v in flat.items()
+            if k not in HEADLINE_COUNTS and v is not None}
 
 
 def _curve_lines(split: str, curve: dict) -> list:

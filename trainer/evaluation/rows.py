@@ -50,6 +50,6 @@ def plain_of(key: str) -> str:
     return _PLAIN + key
 
 
-def headline_of(per_task_keys) -> str:
-    """The headline head of a per-task dictionary (``H/adapted`` keys; the first one)."""
-    return next(k.rpartition("/")[0] for k in per_task_keys if k.endswith("/adapted"))
+def headline_of(per_task_keys) -> str | None:
+    """The headline head of a per-task dictionary (``H/adapted`` keys; the first one), or None."""
+    return next((k.rpartition("/")[0] for k in per_task_keys if k.endswith("/adapted")), None)

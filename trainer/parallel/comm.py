@@ -30,19 +30,15 @@ ranks with nothing to send still call ``alltoall`` with zero splits.
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import dataclass
 from typing import Sequence
 
 import tensorflow as tf
 
+from gmeta.trainer.parallel.launch import launched_by_horovodrun
+
 # Counter kinds reported as metrics (bytes and calls per step).
 COUNTER_KINDS = ("alltoall_ids", "alltoall_vectors", "alltoall_grads", "allreduce", "broadcast", "hot_sync")
-
-
-def launched_by_horovodrun() -> bool:
-    """True when this process was started by horovodrun (Gloo or MPI)."""
-    return any(k in os.environ for k in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"))
 
 
 class CommCounters(tf.Module):
@@ -226,12 +222,19 @@ class LocalCommunicator(Communicator):
 
 
 class HorovodCommunicator(Communicator):
-    """Horovod (Gloo on CPU, NCCL on GPU hosts) behind the Communicator interface."""
+    """Horovod (Gloo on CPU, NCCL on GPU hosts) behind the Communicator interface.
 
-    def __init__(self):
+    ``one_gpu_per_process``: this process sees only GPU ``local_rank`` (``pin_gpu``), set between
+    ``hvd.init()`` (which tells the local rank) and the communicator's first variables (after
+    which TensorFlow's devices are fixed). SOK needs it: one process per GPU.
+    """
+
+    def __init__(self, one_gpu_per_process: bool = False):
         import horovod.tensorflow as hvd  # the only Horovod import in gmeta
 
         hvd.init()
+        if one_gpu_per_process:
+            pin_gpu(hvd.local_rank())
         self._hvd = hvd
         super().__init__(rank=hvd.rank(), size=hvd.size(), local_rank=hvd.local_rank())
 
@@ -260,6 +263,24 @@ class HorovodCommunicator(Communicator):
         self._hvd.shutdown()
 
 
+def pin_gpu(local_rank: int) -> None:
+    """Make only GPU ``local_rank`` visible to this process (call before any TF op runs)."""
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        tf.config.experimental.set_memory_growth(gpu, True)
+    if gpus:
+        tf.config.set_visible_devices(gpus[local_rank % len(gpus)], "GPU")
+
+
+def horovod_version() -> str | None:
+    """Horovod's version, or None when it is not installed (for a run's tags)."""
+    try:
+        import horovod
+    except ImportError:
+        return None
+    return horovod.__version__
+
+
 def horovod_build_info() -> dict:
     """Horovod version and build capabilities (for ``gmeta env``); never raises."""
     try:
@@ -279,10 +300,11 @@ def horovod_build_info() -> dict:
     return info
 
 
-def init_communicator(backend: str = "auto") -> Communicator:
-    """``auto``: Horovod when launched by horovodrun, else a local single-process communicator."""
+def init_communicator(backend: str = "auto", one_gpu_per_process: bool = False) -> Communicator:
+    """``auto``: Horovod when launched by horovodrun, else a local single-process communicator.
+    ``one_gpu_per_process``: see ``HorovodCommunicator`` (call before TensorFlow creates a tensor)."""
     if backend not in ("auto", "horovod", "local"):
         raise ValueError(f"--comm must be auto, horovod or local, got {backend!r}")
     if backend == "horovod" or (backend == "auto" and launched_by_horovodrun()):
-        return HorovodCommunicator()
+        return HorovodCommunicator(one_gpu_per_process)
     return LocalCommunicator()

@@ -4,22 +4,64 @@ A rank that raises must not linger in Horovod's shutdown (it would wait on peers
 themselves blocked in a collective). ``run_guarded`` prints the error with the rank, flushes,
 and leaves with ``os._exit(1)``; horovodrun then sees a non-zero exit and terminates the other
 workers, so the job ends with that message instead of hanging.
+
+Also the one ``horovodrun`` command line every launcher builds (``horovodrun_command``), the
+environment its workers get (``horovodrun_env``) and the one test for running under it
+(``launched_by_horovodrun``).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 import traceback
 
-from gmeta.trainer.run.signals import Stopped
+from gmeta.trainer.parallel.signals import Stopped
 
 ABORTED_EXIT_DELAY_S = 1.0
 
+#: what horovodrun sets in every worker's environment (Gloo, Open MPI, MPICH), holding its rank
+RANK_VARIABLES = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
+
+def launched_by_horovodrun() -> bool:
+    """True when this process was started by horovodrun (Gloo or MPI)."""
+    return any(k in os.environ for k in RANK_VARIABLES)
+
+
+def horovodrun_command(workers: int, argv, hosts: str | None = None) -> list:
+    """``horovodrun -np N -H localhost:N --gloo ARGV`` as strings (``hosts`` replaces
+    ``localhost:N``). The horovodrun beside this Python comes first, so a virtualenv launches its
+    own Horovod whatever the PATH says."""
+    found = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    if not os.path.exists(found):
+        found = shutil.which("horovodrun")
+    if not found:
+        raise FileNotFoundError(f"horovodrun not found beside {sys.executable} nor on PATH: install Horovod in "
+                                "this environment (pip install horovod, built against TensorFlow) or build the "
+                                "virtualenv with `make venv`")
+    return [found, "-np", str(workers), "-H", hosts or f"localhost:{workers}", "--gloo", *map(str, argv)]
+
+
+def horovodrun_env(extra: dict | None = None, base: dict | None = None, one_thread: bool = False) -> dict:
+    """The environment of a launched job: this Python's bin folder first on PATH (horovodrun
+    starts workers by name), unbuffered output, no TensorFlow start-up chatter; ``one_thread``:
+    one OpenMP thread per worker (benchmarks and tests, where workers share the cores) unless the
+    caller's environment says otherwise; ``extra`` wins over all of it."""
+    env = dict(os.environ if base is None else base)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if one_thread:
+        env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
 
 def _rank_label() -> str:
-    for key in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+    for key in RANK_VARIABLES:
         if key in os.environ:
             return f"rank {os.environ[key]}"
     return "rank 0"

@@ -22,7 +22,7 @@ import tensorflow as tf
 from gmeta.io import fs
 from gmeta.io.plan import distinct_values
 from gmeta.io.schema import Schema
-from gmeta.trainer.checkpoint.store import RunCheckpoints
+from gmeta.trainer.checkpoint.run_checkpoints import RunCheckpoints
 from gmeta.trainer.config import (
     AUTO,
     AUTO_MIN_EPOCHS,
@@ -33,23 +33,24 @@ from gmeta.trainer.config import (
     resolve_sizes,
     validation_split,
 )
+from gmeta.trainer.embedding.factory import resolve_mode
 from gmeta.trainer.evaluation import plots
-from gmeta.trainer.evaluation.report import curve_metrics, print_report, save_per_task
+from gmeta.trainer.evaluation.report import curve_metrics, headline, headline_metrics, print_report, save_per_task
 from gmeta.trainer.evaluation.rows import heads_of
 from gmeta.trainer.evaluation.splits import evaluate_splits, evaluation_splits, item_baselines
 from gmeta.trainer.evaluation.support_curve import support_curve
 from gmeta.trainer.meta.phases import run_phases
 from gmeta.trainer.parallel.comm import init_communicator
 from gmeta.trainer.parallel.launch import collective_aborted
-from gmeta.trainer.register import RegisterConfig, register
 from gmeta.trainer.run.build import build_learner, load_plain_baseline, plan_run_tiering
 from gmeta.trainer.run.early_stopping import EarlyStopping
 from gmeta.trainer.run.input import TrainInput
 from gmeta.trainer.run.loop import fit
-from gmeta.trainer.run.signals import Stopped, StopSignals
+from gmeta.trainer.parallel.signals import Stopped, StopSignals
 from gmeta.trainer.serving.export import export_model
 from gmeta.trainer.serving.savedmodel import export_serving
 from gmeta.trainer.tracking.mlflow_run import Tracker, mark_if_running
+from gmeta.trainer.tracking.registry import RegisterConfig, register
 from gmeta.trainer.tracking.run_info import mlflow_dataset, run_tags
 
 
@@ -94,7 +95,7 @@ def train(cfg: TrainConfig, on_epoch=None) -> dict:
     raise to stop the run (e.g. a pruned tuning trial).
     """
     tf.random.set_seed(cfg.seed)
-    comm = init_communicator(cfg.comm)
+    comm = init_communicator(cfg.comm, one_gpu_per_process=resolve_mode(cfg.parallel) == "sok")
     log = Log(comm.rank == 0)
     check_writable(cfg, comm.rank)
     schema = Schema.load(cfg.data)
@@ -225,10 +226,16 @@ def _evaluate(ctx: RunContext) -> tuple:
     return results, per_task, rows, curve
 
 
+#: the full report in the run directory and among the MLflow run's artifacts (gmeta compare reads it)
+REPORT_FILE = "eval_results.json"
+
+
 def _write(ctx: RunContext, results, per_task, rows, curve, history, validation) -> None:
-    """MLflow metrics and artifacts, the export (collective), the report on stderr and stdout."""
+    """MLflow metrics and artifacts, the export (collective), the report on stderr and in
+    ``REPORT_FILE``, and on stdout one short JSON line: the headline and where the rest is."""
     cfg, tracker = ctx.cfg, ctx.tracker
-    tracker.log_metrics(results)
+    lines = headline(results)
+    tracker.log_metrics(headline_metrics(lines))  # the rest of the report is the artifact
     for name, value, k in curve_metrics(results, cfg.support_size):
         tracker.log_metrics({name: value}, step=k)
     comm_stats = history.pop("comm_per_step")
@@ -239,9 +246,11 @@ def _write(ctx: RunContext, results, per_task, rows, curve, history, validation)
         return
     if cfg.saved_model:
         export_serving(export_dir)  # <export>/saved_model: serving, loads with TensorFlow alone
-    tracker.log_dict(results, "eval_results.json")
-    with open(os.path.join(run_dir, "eval_results.json"), "w") as f:  # for gmeta compare
+    report = os.path.abspath(os.path.join(run_dir, REPORT_FILE))
+    with open(report, "w") as f:
         json.dump(results, f, sort_keys=True)
+    tracker.log_dict(results, REPORT_FILE)
+    logged = bool(tracker.run_id) and not tracker.failure
     tracker.log_artifacts(save_per_task(per_task, os.path.join(run_dir, "per_task")), "per_task")
     tracker.log_artifacts(_plots(history, validation, curve, rows, ctx.learner.model,
                                  os.path.join(run_dir, "plots"), ctx.log), "plots")
@@ -250,10 +259,13 @@ def _write(ctx: RunContext, results, per_task, rows, curve, history, validation)
         _register(cfg, tracker, ctx.log)
     print_report(results, sys.stderr)
     _print_run_facts(comm_stats, history, tracker, model_uri, export_dir)
+    summary = {"run_id": tracker.run_id, "report": report,
+               "report_artifact": f"runs:/{tracker.run_id}/{REPORT_FILE}" if logged else None,
+               "export": os.path.abspath(export_dir), "model_uri": model_uri, "splits": list(lines), **lines}
     if cfg.results_json:
         with open(cfg.results_json, "w") as f:
-            json.dump(results, f, sort_keys=True)
-    print(json.dumps(results, sort_keys=True), flush=True)
+            json.dump(summary, f)
+    print(json.dumps(summary), flush=True)
 
 
 def _plots(history, validation, curve, rows, model, directory: str, log) -> str:

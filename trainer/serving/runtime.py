@@ -23,6 +23,18 @@ import numpy as np
 
 SERVING_META = "gmeta_serving.json"
 ROW_COLUMN = "row"
+OUTPUT_KINDS = ("adapted", "unadapted")
+
+
+def output_column(output: str, kind: str) -> str:
+    """The column of one SavedModel output (``score``, ``score_<head>``) after adapting or
+    before (``kind``); the SavedModel's output names and the runtime's columns are these."""
+    return f"{output}_{kind}"
+
+
+def output_columns(outputs) -> list:
+    """Every output's adapted and unadapted column, in the order ``score`` returns them."""
+    return [output_column(o, kind) for o in outputs for kind in OUTPUT_KINDS]
 
 
 class ServingRuntime:
@@ -46,7 +58,7 @@ class ServingRuntime:
         self.sparse = {f["name"]: int(f["max_len"]) for f in self.meta["sparse"]}
         self.dense = list(self.meta["dense"])
         self.labels = list(self.meta["labels"])
-        self.output_columns = [f"{o}_{kind}" for o in self.meta["outputs"] for kind in ("adapted", "unadapted")]
+        self.output_columns = output_columns(self.meta["outputs"])
 
     # ------------------------------------------------------------------ what goes in
     @property

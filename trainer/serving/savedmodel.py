@@ -21,13 +21,14 @@ Nothing is re-implemented: inside the traced functions the loaded learner's ``ad
 steps, learning rate, Meta-SGD rates, inner clipping and adapted parameters as training) and the
 model's ``build_inputs`` / ``forward`` / ``scores`` run as in ``MetaLearner.eval_step``. Only the
 embedding lookup differs: ``ServingTables`` gathers from the full tables (the learner's own
-variables, which hold the whole table with one process) by the schema's id rule, zero vectors for
-ids < 0, so no collective (and no Horovod op) is ever traced; ``write_saved_model`` checks the
-saved graph for Horovod ops anyway. MetaEmb's generated embeddings for unseen items are part of
+variables, which hold the whole table with one process) by the embedding's own id rule
+(``embedding.base.clean_rows``, as training's lookups), zero vectors for ids < 0, so no
+collective (and no Horovod op) is ever traced; ``write_saved_model`` checks the saved graph for
+Horovod ops anyway. MetaEmb's generated embeddings for unseen items are part of
 ``build_inputs`` and so part of the graph.
 
 ``gmeta_serving.json`` next to the SavedModel describes it for the runtime (``gmeta.trainer.
-serving``, which imports no gmeta) and for the MLflow model (``pyfunc_log_kwargs``).
+serving.runtime``, which imports no gmeta) and for the MLflow model (``pyfunc_log_kwargs``).
 """
 
 from __future__ import annotations
@@ -39,12 +40,14 @@ import sys
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
 
-from gmeta.io.schema import id_rows
+from gmeta.trainer.embedding.base import clean_rows
 from gmeta.trainer.serving.export import EXPORT_FILE, load_model
+from gmeta.trainer.serving.runtime import (OUTPUT_KINDS, ROW_COLUMN, SERVING_META, output_column,
+                                           output_columns)
 
 SAVED_MODEL_DIR = "saved_model"
-SERVING_META = "gmeta_serving.json"  # the name gmeta.trainer.serving.runtime reads
 DEFAULT_MAX_TABLE_BYTES = 2 * 1024 ** 3
 MAX_TABLE_BYTES_ENV = "GMETA_MAX_SERVING_TABLE_BYTES"
 FORMAT = 1
@@ -94,178 +97,219 @@ def check_table_bytes(meta: dict, limit: int) -> int:
 
 
 # ----------------------------------------------------------------------------- the graph
-def build_module(learner, steps: int, max_steps: int):
-    """``(module, signatures, labels)``: the ``tf.Module`` to save (variables only), its three
-    traced signatures (module docstring) and the labels the inner loop reads from support rows."""
+class _KeyRecorder(dict):
+    """A dict that remembers which keys were read: which labels the inner-loop loss uses."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.used = set()
+
+    def __getitem__(self, key):
+        self.used.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.used.add(key)
+        return super().get(key, default)
+
+
+def _probe(model, part_type=dict) -> tuple:
+    """``(x, part)`` of one dummy row, to ask the model (eagerly) what it reads and scores."""
+    x = tf.zeros([1, 1, model.input_width])
+    part = part_type({lab: tf.zeros([1, 1]) for lab in model.schema.labels})
+    part["mask"] = tf.ones([1, 1])
+    return x, part
+
+
+def needed_labels(learner) -> list:
+    """The labels the inner-loop loss reads: only these are inputs of the support rows."""
     model = learner.model
-    schema = model.schema
-    plan = learner.embedding.plan
-    if learner.comm.size != 1:
-        raise ValueError("write the SavedModel from a loaded export (one process, full tables)")
+    x, part = _probe(model, _KeyRecorder)
+    model.task_loss(model.forward(learner.params(), x), part)
+    return [lab for lab in model.schema.labels if lab in part.used]
 
-    class _KeyRecorder(dict):
-        def __init__(self, *args):
-            super().__init__(*args)
-            self.used = set()
 
-        def __getitem__(self, key):
-            self.used.add(key)
-            return super().__getitem__(key)
+def head_names(learner) -> list:
+    """The heads of ``model.scores`` in order; the first is the headline (``score``)."""
+    model = learner.model
+    x, part = _probe(model)
+    return list(model.scores(model.forward(learner.params(), x), part))
 
-        def get(self, key, default=None):
-            self.used.add(key)
-            return super().get(key, default)
 
-    def needed_labels() -> list:
-        """The labels the inner-loop loss reads (probed once, eagerly, on one dummy row)."""
-        x = tf.zeros([1, 1, model.input_width])
-        part = _KeyRecorder({lab: tf.zeros([1, 1]) for lab in schema.labels})
-        part["mask"] = tf.ones([1, 1])
-        model.task_loss(model.forward(learner.params(), x), part)
-        return [lab for lab in schema.labels if lab in part.used]
+class ServingTables(tf.Module):
+    """Full tables as plain variables, looked up without a collective: ids -> rows by the
+    embedding's own rule (``clean_rows``), zero vectors for ids < 0."""
 
-    class ServingTables(tf.Module):
-        """Full tables as plain variables: ids -> rows by the schema's rule, zeros for ids < 0."""
+    def __init__(self, embedding):
+        super().__init__(name="serving_tables")
+        self._plan = embedding.plan  # plain data: not saved
+        self.tables = [self._full_table(embedding, table) for table in self._plan.tables]
 
-        def __init__(self):
-            super().__init__(name="serving_tables")
-            self.tables = []
-            for table in plan.tables:
-                var = learner.embedding.trainable_variables[plan.table_index(table.name)]
-                if tuple(var.shape) != (table.num_rows, table.dim):
-                    raise ValueError(f"table {table.name}: expected the full table "
-                                     f"[{table.num_rows}, {table.dim}], got {var.shape}")
-                self.tables.append(var)
+    def _full_table(self, embedding, table) -> tf.Variable:
+        var = embedding.trainable_variables[self._plan.table_index(table.name)]
+        if tuple(var.shape) != (table.num_rows, table.dim):
+            raise ValueError(f"table {table.name}: expected the full table "
+                             f"[{table.num_rows}, {table.dim}], got {var.shape}")
+        return var
 
-        def lookup(self, part: dict) -> dict:
-            out = {}
-            for f in model.sparse_features:
-                table = plan.table_of(f)
-                ids = part[f]
-                rows = id_rows(tf.maximum(ids, 0), table.num_rows, table.hashed)
-                if not table.hashed:
-                    check = tf.debugging.assert_less(
-                        rows, tf.constant(table.num_rows, tf.int64),
-                        message=f"feature {f}: id out of range of table {table.name} "
-                                f"(num_rows={table.num_rows})")
-                    with tf.control_dependencies([check]):
-                        rows = tf.identity(rows)
-                vectors = tf.gather(self.tables[plan.table_index(table.name)], rows)
-                out[f] = tf.where((ids >= 0)[..., None], vectors, tf.zeros_like(vectors))
-            return out
+    def lookup(self, ids: dict) -> dict:
+        """``{feature: int64 ids}`` -> ``{feature: float32 ids.shape + [dim]}``, as
+        ``EmbeddingBase.lookup``."""
+        return {f: self._vectors(f, v) for f, v in ids.items()}
 
-    labels = needed_labels()
+    def _vectors(self, feature: str, ids):
+        table = self._plan.table_of(feature)
+        rows = clean_rows(table, tf.maximum(ids, 0), self._plan.features_of(table.name))
+        vectors = tf.gather(self.tables[self._plan.table_index(table.name)], rows)
+        return tf.where((ids >= 0)[..., None], vectors, tf.zeros_like(vectors))
 
-    def part_of(inputs: dict, prefix: str, with_labels: bool) -> dict:
-        part = {}
-        for f in model.sparse_features:
-            ids = inputs[prefix + f]
-            if schema.feature(f).is_list:  # the reader keeps the first max_len ids
-                ids = ids[..., :schema.feature(f).max_len]
-            part[f] = ids
-        for d in model.dense_features:
-            part[d] = inputs[prefix + d]
-        part["mask"] = inputs[prefix + "mask"]
-        zeros = tf.zeros_like(part["mask"])
-        for lab in schema.labels:
-            part[lab] = inputs[prefix + lab] if with_labels and lab in labels else zeros
-        return part
 
-    def feature_specs(prefix: str, lead: list) -> dict:
+class ServingModule(tf.Module):
+    """What the SavedModel holds: variables only (the traced signatures capture them)."""
+
+    def __init__(self, learner):
+        super().__init__(name="gmeta_serving")
+        self.lookup = ServingTables(learner.embedding)
+        self.dense = list(learner.model.state_variables().values()) + learner.adaptation_variables()
+
+
+def adapted_outputs(before: dict, after: dict) -> dict:
+    """The task signatures' outputs: every output's score after and before adapting."""
+    scores = {"adapted": after, "unadapted": before}
+    return {output_column(name, kind): scores[kind][name] for name in before for kind in OUTPUT_KINDS}
+
+
+class ServingGraph:
+    """The three signatures (module docstring) traced from a loaded learner. A plain object,
+    not a ``tf.Module``: only ``ServingModule``'s variables go into the SavedModel, not the
+    learner's optimizer state."""
+
+    def __init__(self, learner, module: ServingModule, labels: list, steps: int, max_steps: int):
+        self.learner = learner
+        self.model = learner.model
+        self.schema = learner.model.schema
+        self.module = module
+        self.labels = labels
+        self.steps = steps
+        self.max_steps = max_steps
+
+    def signatures(self) -> dict:
+        """``{name: concrete function}`` of the three signatures."""
+        return {name: tf.function(getattr(self, name), input_signature=[spec],
+                                  autograph=False).get_concrete_function()
+                for name, spec in self.input_specs().items()}
+
+    # ---- inputs
+    def input_specs(self) -> dict:
+        """``{signature: its inputs' TensorSpecs}``."""
+        task = {**self._feature_specs("support_", [None, None]),
+                **{f"support_{lab}": tf.TensorSpec([None, None], tf.float32, name=f"support_{lab}")
+                   for lab in self.labels},
+                "support_mask": tf.TensorSpec([None, None], tf.float32, name="support_mask"),
+                **self._feature_specs("query_", [None, None]),
+                "query_mask": tf.TensorSpec([None, None], tf.float32, name="query_mask")}
+        return {"predict": self._feature_specs("", [None]),
+                "adapt_and_predict": task,
+                "adapt_and_predict_steps": {**task, "steps": tf.TensorSpec([], tf.int32, name="steps")}}
+
+    def _feature_specs(self, prefix: str, lead: list) -> dict:
         specs = {}
-        for f in model.sparse_features:
-            shape = lead + ([None] if schema.feature(f).is_list else [])
+        for f in self.model.sparse_features:
+            shape = lead + ([None] if self.schema.feature(f).is_list else [])
             specs[prefix + f] = tf.TensorSpec(shape, tf.int64, name=prefix + f)
-        for d in model.dense_features:
+        for d in self.model.dense_features:
             specs[prefix + d] = tf.TensorSpec(lead, tf.float32, name=prefix + d)
         return specs
 
-    task_spec = {**feature_specs("support_", [None, None]),
-                 **{f"support_{lab}": tf.TensorSpec([None, None], tf.float32, name=f"support_{lab}")
-                    for lab in labels},
-                 "support_mask": tf.TensorSpec([None, None], tf.float32, name="support_mask"),
-                 **feature_specs("query_", [None, None]),
-                 "query_mask": tf.TensorSpec([None, None], tf.float32, name="query_mask")}
-    steps_spec = {**task_spec, "steps": tf.TensorSpec([], tf.int32, name="steps")}
-    row_spec = feature_specs("", [None])
+    def _part(self, inputs: dict, prefix: str, with_labels: bool) -> dict:
+        """The reader's view of a signature's rows: features, mask, and labels (zeros where the
+        inner loop does not read them, or on rows without labels)."""
+        part = {}
+        for f in self.model.sparse_features:
+            ids = inputs[prefix + f]
+            if self.schema.feature(f).is_list:  # the reader keeps the first max_len ids
+                ids = ids[..., :self.schema.feature(f).max_len]
+            part[f] = ids
+        for d in self.model.dense_features:
+            part[d] = inputs[prefix + d]
+        part["mask"] = inputs[prefix + "mask"]
+        zeros = tf.zeros_like(part["mask"])
+        for lab in self.schema.labels:
+            part[lab] = inputs[prefix + lab] if with_labels and lab in self.labels else zeros
+        return part
 
-    class ServingModule(tf.Module):
-        """What the SavedModel holds: variables only (the traced signatures capture them)."""
+    def _model_inputs(self, part: dict):
+        """The model's input rows of a part, embeddings looked up in the full tables."""
+        ids = {f: part[f] for f in self.model.sparse_features}
+        return self.model.build_inputs(self.module.lookup.lookup(ids), part)
 
-        def __init__(self):
-            super().__init__(name="gmeta_serving")
-            self.lookup = ServingTables()
-            self.dense = list(model.state_variables().values()) + learner.adaptation_variables()
-
-    module = ServingModule()
-
-    def scores(params, x, part) -> dict:
+    # ---- scores
+    def _scores(self, params: dict, x, part: dict) -> dict:
+        """``model.scores`` under the SavedModel's output names (``output_name``)."""
         return {output_name(h, i == 0): s for i, (h, (s, _)) in
-                enumerate(model.scores(model.forward(params, x), part).items())}
+                enumerate(self.model.scores(self.model.forward(params, x), part).items())}
 
-    def prepare(inputs):
-        support = part_of(inputs, "support_", with_labels=True)
-        query = part_of(inputs, "query_", with_labels=False)
-        x_support = model.build_inputs(module.lookup.lookup(support), support)
-        x_query = model.build_inputs(module.lookup.lookup(query), query)
-        params = learner.params()
-        return support, query, x_support, x_query, params, scores(params, x_query, query)
+    def _task(self, inputs: dict) -> tuple:
+        """``(support, query, x_support, x_query, params)`` of a batch of tasks."""
+        support = self._part(inputs, "support_", with_labels=True)
+        query = self._part(inputs, "query_", with_labels=False)
+        return support, query, self._model_inputs(support), self._model_inputs(query), self.learner.params()
 
-    def adapted(params, x_support, x_query, support, query, k: int) -> dict:
-        # eval_step's inner loop: the trained learner's adapt (first order: no outer gradient)
-        fast = learner.adapt(params, x_support, support, k, first_order=True)
-        return scores(fast, x_query, query)
+    def _unadapted(self, task: tuple) -> dict:
+        _, query, _, x_query, params = task
+        return self._scores(params, x_query, query)
 
-    def outputs(before: dict, after: dict) -> dict:
-        out = {}
-        for name in before:
-            out[f"{name}_adapted"] = after[name]
-            out[f"{name}_unadapted"] = before[name]
-        return out
+    def _adapted(self, task: tuple, k: int) -> dict:
+        """eval_step's inner loop: the trained learner's adapt (first order: no outer gradient)."""
+        support, query, x_support, x_query, params = task
+        fast = self.learner.adapt(params, x_support, support, k, first_order=True)
+        return self._scores(fast, x_query, query)
 
-    def predict(inputs):
-        part = {k: v[None] for k, v in inputs.items()}
-        for f in model.sparse_features:
-            if schema.feature(f).is_list:
-                part[f] = part[f][..., :schema.feature(f).max_len]
-        part["mask"] = tf.ones([1, tf.shape(next(iter(inputs.values())))[0]])
-        for lab in schema.labels:
-            part[lab] = tf.zeros_like(part["mask"])
-        x = model.build_inputs(module.lookup.lookup(part), part)
-        return {k: v[0] for k, v in scores(learner.params(), x, part).items()}
+    # ---- the signatures
+    def predict(self, inputs):
+        """The global model on N plain rows (one task of N query rows)."""
+        rows = {k: v[None] for k, v in inputs.items()}
+        rows["mask"] = tf.ones([1, tf.shape(next(iter(inputs.values())))[0]])
+        part = self._part(rows, "", with_labels=False)
+        scores = self._scores(self.learner.params(), self._model_inputs(part), part)
+        return {k: v[0] for k, v in scores.items()}
 
-    def adapt_and_predict(inputs):
-        support, query, x_s, x_q, params, before = prepare(inputs)
-        return outputs(before, adapted(params, x_s, x_q, support, query, steps))
+    def adapt_and_predict(self, inputs):
+        """The trained number of inner steps on every task's support rows, then its query."""
+        task = self._task(inputs)
+        return adapted_outputs(self._unadapted(task), self._adapted(task, self.steps))
 
-    def adapt_and_predict_steps(inputs):
+    def adapt_and_predict_steps(self, inputs):
+        """``steps`` picks one of the ``max_steps + 1`` unrolled inner loops."""
         inputs = dict(inputs)
         n_steps = inputs.pop("steps")
-        checks = [tf.debugging.assert_less_equal(n_steps, max_steps,
-                                                 message=f"steps must be <= max_steps={max_steps}"),
+        checks = [tf.debugging.assert_less_equal(n_steps, self.max_steps,
+                                                 message=f"steps must be <= max_steps={self.max_steps}"),
                   tf.debugging.assert_non_negative(n_steps, message="steps must be >= 0")]
-        support, query, x_s, x_q, params, before = prepare(inputs)
+        task = self._task(inputs)
+        before = self._unadapted(task)
         names = list(before)
-
-        def branch(k):
-            return lambda: [adapted(params, x_s, x_q, support, query, k)[n] for n in names]
-
         with tf.control_dependencies(checks):
-            after = tf.switch_case(n_steps, [branch(k) for k in range(max_steps + 1)])
-        return outputs(before, dict(zip(names, after)))
+            after = tf.switch_case(n_steps, [self._branch(task, k, names) for k in range(self.max_steps + 1)])
+        return adapted_outputs(before, dict(zip(names, after)))
 
-    signatures = {
-        name: tf.function(fn, input_signature=[spec], autograph=False).get_concrete_function()
-        for name, fn, spec in (("predict", predict, row_spec),
-                               ("adapt_and_predict", adapt_and_predict, task_spec),
-                               ("adapt_and_predict_steps", adapt_and_predict_steps, steps_spec))}
-    return module, signatures, labels
+    def _branch(self, task: tuple, k: int, names: list):
+        """The ``switch_case`` branch of ``k`` steps (``k`` bound here, not late in a loop)."""
+        return lambda: [self._adapted(task, k)[n] for n in names]
+
+
+def build_module(learner, steps: int, max_steps: int):
+    """``(module, signatures, labels)``: the ``tf.Module`` to save (variables only), its three
+    traced signatures (module docstring) and the labels the inner loop reads from support rows."""
+    if learner.comm.size != 1:
+        raise ValueError("write the SavedModel from a loaded export (one process, full tables)")
+    labels = needed_labels(learner)
+    module = ServingModule(learner)
+    return module, ServingGraph(learner, module, labels, steps, max_steps).signatures(), labels
 
 
 def horovod_ops(saved_model_dir: str) -> list:
     """Op types of the saved graph (and its functions) that come from Horovod (should be none)."""
-    from tensorflow.core.protobuf import saved_model_pb2
-
     proto = saved_model_pb2.SavedModel()
     with open(os.path.join(saved_model_dir, "saved_model.pb"), "rb") as f:
         proto.ParseFromString(f.read())
@@ -287,24 +331,39 @@ def write_saved_model(export_dir: str, out_dir: str | None = None,
         meta = json.load(f)
     total = check_table_bytes(meta, max_table_bytes)
     learner, meta = load_model(export_dir)
-    model, schema = learner.model, learner.model.schema
     steps = trained_steps(meta)
     max_steps = max(4, steps + 3) if max_steps is None else int(max_steps)
     if max_steps < steps:
         raise ValueError(f"max_steps={max_steps} is below the trained {steps} inner steps")
     module, signatures, labels = build_module(learner, steps, max_steps)
     out_dir = out_dir or os.path.join(export_dir, SAVED_MODEL_DIR)
-    if os.path.exists(os.path.join(out_dir, "saved_model.pb")):
-        shutil.rmtree(out_dir)  # an older SavedModel of this export
-    elif os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(f"{out_dir}: not empty and not a SavedModel; give an empty or new directory")
+    _clear_out_dir(out_dir)
     tf.saved_model.save(module, out_dir, signatures=signatures)
     bad = horovod_ops(out_dir)
     if bad:
         raise RuntimeError(f"{out_dir}: the serving graph holds Horovod ops {bad}")
-    heads = {output_name(h, i == 0): h for i, h in enumerate(_head_names(learner))}
+    serving = serving_meta(learner, meta, signatures, labels, steps, max_steps, total)
+    with open(os.path.join(out_dir, SERVING_META), "w") as f:
+        json.dump(serving, f, indent=2, sort_keys=True)
+    return out_dir
+
+
+def _clear_out_dir(out_dir: str) -> None:
+    """Replace an older SavedModel of this export; refuse to write into anything else."""
+    if os.path.exists(os.path.join(out_dir, "saved_model.pb")):
+        shutil.rmtree(out_dir)
+    elif os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise FileExistsError(f"{out_dir}: not empty and not a SavedModel; give an empty or new directory")
+
+
+def serving_meta(learner, meta: dict, signatures: dict, labels: list, steps: int, max_steps: int,
+                 total: int) -> dict:
+    """``gmeta_serving.json``: what the runtime (which imports no gmeta) and the MLflow model
+    need to know about the SavedModel."""
+    model, schema = learner.model, learner.model.schema
+    heads = {output_name(h, i == 0): h for i, h in enumerate(head_names(learner))}
     run = meta.get("run_config", {})
-    serving = {
+    return {
         "format": FORMAT,
         "model": meta["model"],
         "target": model.target,
@@ -318,23 +377,17 @@ def write_saved_model(export_dir: str, out_dir: str | None = None,
         "heads": heads,           # output -> the head's name in model.scores / the evaluation report
         "steps": steps,
         "max_steps": max_steps,
-        "support_size": int(run["support_size"]) if str(run.get("support_size", "")).isdigit() else 0,
-        "query_size": int(run["query_size"]) if str(run.get("query_size", "")).isdigit() else 0,
+        "support_size": _size_setting(run, "support_size"),
+        "query_size": _size_setting(run, "query_size"),
         "table_bytes": total,
         "signatures": {name: {"inputs": sorted(fn.structured_input_signature[0][0]),
                               "outputs": sorted(fn.structured_outputs)} for name, fn in signatures.items()},
     }
-    with open(os.path.join(out_dir, SERVING_META), "w") as f:
-        json.dump(serving, f, indent=2, sort_keys=True)
-    return out_dir
 
 
-def _head_names(learner) -> list:
-    model = learner.model
-    x = tf.zeros([1, 1, model.input_width])
-    part = {lab: tf.zeros([1, 1]) for lab in model.schema.labels}
-    part["mask"] = tf.ones([1, 1])
-    return list(model.scores(model.forward(learner.params(), x), part))
+def _size_setting(run: dict, key: str) -> int:
+    """A run's support / query size, 0 where it was not a number (``auto``)."""
+    return int(run[key]) if str(run.get(key, "")).isdigit() else 0
 
 
 def export_serving(export_dir: str, log=None) -> str | None:
@@ -405,8 +458,8 @@ def _signature(serving: dict):
     inputs += [ColSpec(Array(DataType.long) if f["max_len"] > 1 else DataType.long, f["name"])
                for f in serving["sparse"]]
     inputs += [ColSpec("double", d) for d in serving["dense"]]
-    outputs = [ColSpec("long", serving["task_column"]), ColSpec("long", "row")]
-    outputs += [ColSpec("float", f"{o}_{kind}") for o in serving["outputs"] for kind in ("adapted", "unadapted")]
+    outputs = [ColSpec("long", serving["task_column"]), ColSpec("long", ROW_COLUMN)]
+    outputs += [ColSpec("float", column) for column in output_columns(serving["outputs"])]
     params = ParamSchema([ParamSpec("steps", "long", int(serving["steps"]))])
     return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs), params=params)
 

@@ -15,6 +15,7 @@ import warnings
 
 import gmeta
 from gmeta.io import fs
+from gmeta.trainer.parallel.comm import horovod_version
 
 
 def source_commit() -> dict:
@@ -44,12 +45,7 @@ def run_tags(world_size: int, model: str, meta: str) -> dict:
     tags = {"gmeta.version": gmeta.__version__, "tensorflow.version": tf.__version__,
             "mlflow.version": mlflow.__version__, "gmeta.world_size": str(world_size),
             "gmeta.model": model, "gmeta.meta": meta}
-    try:
-        import horovod
-
-        tags["horovod.version"] = horovod.__version__
-    except ImportError:
-        tags["horovod.version"] = "not installed"
+    tags["horovod.version"] = horovod_version() or "not installed"
     source = source_commit()
     if source:
         tags["mlflow.source.git.commit"] = source["commit"]
