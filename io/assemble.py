@@ -18,7 +18,8 @@ import pyarrow as pa
 
 from gmeta.io.errors import DataError
 from gmeta.io.schema import Schema
-from gmeta.io.validate import check_finite, check_id_values, check_ids, check_no_nulls, check_query_flags, task_runs
+from gmeta.io.validate import (check_finite, check_id_values, check_ids, check_labels, check_no_nulls, check_query_flags,
+                               task_runs)
 
 STAT_KEYS = ("rows_read", "tasks_read", "support_rows_dropped", "query_rows_dropped", "truncated_tasks",
              "list_values_dropped", "tasks_without_support", "tasks_without_query", "padding_tasks",
@@ -74,6 +75,8 @@ def build_block(batch: pa.RecordBatch, lay: Layout, S: int, Q: int, file: str, s
     for k, name in enumerate(lay.float_names):
         flts[k, :n] = cols[name].to_numpy()
     check_finite(flts[:lay.n_checked_floats, :n].T, lay.float_names, file, stripe)
+    n_labels = len(lay.schema.labels)
+    check_labels(flts[:n_labels, :n].T, lay.float_names[:n_labels], file, stripe)
     ints = np.empty((lay.int_width, n + 1), np.int64)
     ints[:, n] = -1
     n_single = len(lay.int_names)

@@ -21,6 +21,9 @@ from gmeta.io.fs import join, read_text, write_text
 SCHEMA_FILE = "schema.json"
 SCHEMA_VERSION = 1
 LABEL_NAMES = ("click", "conversion", "rating")
+#: labels that say whether an event happened: 1 it did, 0 it did not (a fraction: a rate); a rating
+#: has no fixed scale and only needs to be finite
+EVENT_LABELS = ("click", "conversion")
 GROUPS = ("user", "item", "context")
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from gmeta.io.errors import DataError
-from gmeta.io.schema import Schema, id_rows
+from gmeta.io.schema import EVENT_LABELS, Schema, id_rows
 
 TASK_TYPE = pa.int64()
 QUERY_TYPE = pa.int8()
@@ -110,6 +110,23 @@ def check_finite(mat: np.ndarray, names, file, stripe=None) -> None:
     row, col = (int(v) for v in np.argwhere(~np.isfinite(mat))[0])
     raise DataError(f"non-finite value {mat[row, col]} at row {row}; labels and dense features must be finite",
                     file=file, stripe=stripe, column=names[col])
+
+
+def check_labels(mat: np.ndarray, names, file, stripe=None) -> None:
+    """Event labels (click, conversion) in a [rows, len(names)] float matrix lie in [0, 1]: a
+    click of 3.0 would otherwise train as an overconfident positive without a word."""
+    cols = [k for k, name in enumerate(names) if name in EVENT_LABELS]
+    if mat.size == 0 or not cols:
+        return
+    events = mat[:, cols]
+    bad = (events < 0) | (events > 1)
+    if not bad.any():
+        return
+    row, k = (int(v) for v in np.argwhere(bad)[0])
+    raise DataError(f"value {events[row, k]:g} at row {row}; a {names[cols[k]]} label must be in [0, 1] "
+                    f"(1: the event happened, 0: it did not; derive it from a rating with e.g. rating >= 4, "
+                    f"or declare the column as a rating label)",
+                    file=file, stripe=stripe, column=names[cols[k]])
 
 
 def check_ids(mat: np.ndarray, names, limits: np.ndarray, hashed: np.ndarray, file, stripe=None,

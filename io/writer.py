@@ -33,6 +33,7 @@ from gmeta.io.validate import (
     check_finite,
     check_id_values,
     check_ids,
+    check_labels,
     check_no_nulls,
     check_query_flags,
     check_tasks_disjoint,
@@ -247,6 +248,8 @@ class TaskWriter:
         check_query_flags(_numpy(table.column(s.query_column)), where, column=s.query_column)
         for name in list(s.labels) + [d.name for d in s.dense]:
             check_finite(_numpy(table.column(name))[:, None], [name], where)
+        for name in s.labels:
+            check_labels(_numpy(table.column(name))[:, None], [name], where)
         for f in s.sparse:
             spec = self._limits[f.name]
             if f.is_list:

@@ -66,6 +66,12 @@ def _nan_label(t):
     return _column(t, "click", y, pa.float64() if t.schema.field("click").type != pa.float32() else pa.float32())
 
 
+def _click_of_three(t):
+    y = t.column("click").to_numpy().astype(np.float32)
+    y[5] = 3.0
+    return _column(t, "click", y, pa.float32())
+
+
 def _split_task(t):
     """The first task's rows moved to the end: one task in two places of the file."""
     ids = t.column("task_id").to_numpy()
@@ -87,6 +93,7 @@ CASES = {
     "negative id": (_negative_item, [FILE, "'item_id'", "stripe"]),
     "huge id": (_huge_item, [FILE, "'item_id'", "stripe"]),
     "NaN label": (_nan_label, [FILE, "'click'", "stripe"]),
+    "click of 3.0": (_click_of_three, [FILE, "'click'", "stripe", "must be in [0, 1]"]),
     "task split in the file": (_split_task, [FILE, "'task_id'"]),
     "missing schema": (lambda d: (d / "schema.json").unlink(), ["schema.json", "not found"]),
     "corrupt schema": (lambda d: (d / "schema.json").write_text('{"labels": ["click"], "sparse": [oops'),

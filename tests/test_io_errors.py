@@ -74,6 +74,8 @@ def test_missing_column(tmp_path):
     ("item_id", lambda n: np.r_[np.zeros(n - 1, int), 50], ">= the table's num_rows 50"),
     ("click", lambda n: np.r_[np.zeros(n - 1), np.nan], "non-finite value nan"),
     ("price", lambda n: np.r_[np.inf, np.zeros(n - 1)], "non-finite value inf"),
+    ("click", lambda n: np.r_[np.zeros(n - 1), 3.0], "value 3 at row"),
+    ("click", lambda n: np.r_[-1.0, np.zeros(n - 1)], "a click label must be in [0, 1]"),
 ])
 def test_bad_values_in_second_stripe(tmp_path, column, values, text):
     """Value checks run per stripe while reading; the error points at stripe 1 of b.orc."""

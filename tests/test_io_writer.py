@@ -117,6 +117,7 @@ BAD_TABLES = {
     "non_contiguous": (lambda t: pa.concat_tables([t, make_table([0])]), "task_id", "not contiguous"),
     "nan_label": (_set("click", head=[np.nan]), "click", "non-finite"),
     "inf_dense": (_set("price", tail=[np.inf]), "price", "non-finite"),
+    "click_of_3": (_set("click", tail=[3.0]), "click", "a click label must be in [0, 1]"),
     "negative_id": (_set("item_id", head=[3, -2]), "item_id", "negative id"),
     "negative_task": (_set("task_id", tail=[-5]), "task_id", "negative task id"),
     "id_too_large": (_set("item_id", tail=[50]), "item_id", ">= the table's num_rows 50"),
