@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "evaluate": ("gmeta.trainer.evaluate", "evaluate a logged run or a registered model on a dataset"),
     "compare": ("gmeta.trainer.compare", "compare runs in per-task metrics with intervals and paired tests"),
     "register": ("gmeta.trainer.register", "register a run's model in the MLflow registry, with an alias"),
+    "promote": ("gmeta.trainer.promote", "score a run against the champion on the same tasks; move the alias if it wins"),
     "predict": ("gmeta.trainer.predict", "adapt to each task's support rows and score its query rows (file in, file out)"),
     "bench": ("gmeta.tools.bench.cli", "benchmarks: io, step, meta, memory, projection, movielens, breakdown, hot, coldstart (see gmeta bench -h)"),
     "launch": ("gmeta.launch", "horovodrun for a gmeta command, ending a failed job with its rank's error"),
@@ -80,6 +81,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # TensorFlow's C++ start-up chatter hides the progress lines users need.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # MLflow's INFO lines (database set-up, system metrics, input-example checks) likewise; its
+    # warnings still show. Either variable set by the user wins.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     full = build_parser_for(argv)
     command = command_of(argv)
     if command is not None and command not in SUBCOMMANDS:

@@ -90,7 +90,7 @@ class ValueCounter:
     def _merged(self) -> pa.Table:
         if not self._parts:
             return pa.table({"value": pa.array([], KINDS[self.kind]), "count": pa.array([], pa.int64())})
-        t = pa.concat_tables(self._parts).group_by("value").aggregate([("count", "sum")])
+        t = pa.concat_tables(self._parts).group_by("value", use_threads=False).aggregate([("count", "sum")])
         return pa.table({"value": t.column("value"), "count": t.column("count_sum")})
 
     def counts(self) -> pa.Table:

@@ -153,9 +153,12 @@ def test_every_module_imports_in_a_fresh_interpreter():
     assert proc.stdout.split() == ["ok", str(len(names))]
 
 
-def test_defaults_are_declared_once_and_reach_every_part():
+def test_defaults_are_declared_once_and_reach_every_part(monkeypatch):
     """The CLI's defaults are TrainConfig's, and each part's config receives the run's values: a
-    part built in code trains what the command line trains."""
+    part built in code trains what the command line trains. (The tracking flags' defaults come
+    from MLflow's variables when set, by design; MLflow sets one in-process, so they are cleared.)"""
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
     args = build_parser_for(["train"]).parse_args(["train", "--model", "melu", "--data", "d"])
     cfg = config_from_args(args)
     assert cfg == TrainConfig(model="melu", data="d").validate()

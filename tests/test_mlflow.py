@@ -33,6 +33,8 @@ def test_two_worker_run_is_logged_registered_and_evaluated(tiny_synth, tmp_path)
     run_id = _run_id(proc)
     assert trained["run_id"] == run_id and trained["report_artifact"] == f"runs:/{run_id}/eval_results.json"
     assert "tiering item_id: " in proc.stdout + proc.stderr and " hot rows of " in proc.stdout + proc.stderr
+    # normal output is gmeta's own: no MLflow INFO banners (database set-up, system metrics)
+    assert " INFO mlflow" not in proc.stdout + proc.stderr
 
     from mlflow import MlflowClient
     client = MlflowClient(uri)

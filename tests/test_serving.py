@@ -5,6 +5,7 @@ and the registered MLflow model answers over HTTP (`mlflow models serve`) with t
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -174,36 +175,19 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-def test_registered_model_served_over_http_adapts_like_gmeta_evaluate(trained, evaluated, tiny_synth):
-    """mlflow models serve -m models:/coldstart@champion; POST one cold user's support and query
-    rows; the adapted scores equal gmeta evaluate's for that user."""
-    import pyarrow as pa
-    import pyarrow.orc as orc
-
+@contextlib.contextmanager
+def mlflow_server(model_uri: str, root, tracking_uri: str, log_name: str = "serve.log"):
+    """``mlflow models serve -m MODEL_URI`` on a free port, answering /ping; yields its base URL
+    and stops it (its whole process group) on exit. Its output goes to ``root/log_name``."""
     port = _free_port()
-    log = open(trained["root"] / "serve.log", "w")
+    log_path = root / log_name
+    log = open(log_path, "w")
     server = subprocess.Popen(
-        [str(BIN / "mlflow"), "models", "serve", "-m", "models:/coldstart@champion", "--env-manager", "local",
+        [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=trained["root"], env=_env(MLFLOW_TRACKING_URI=trained["uri"],
-                                      PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"),
+        cwd=root, env=_env(MLFLOW_TRACKING_URI=tracking_uri, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"),
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        results, reference = evaluated
-        # a cold user whose support and query rows all fit the trained caps, so evaluate saw them all
-        meta = json.load(open(os.path.join(trained["exports"]["melu"], "saved_model", "gmeta_serving.json")))
-        table = pa.concat_tables(orc.read_table(f) for f in sorted(glob.glob(f"{tiny_synth}/user_cold/*.orc")))
-        frame = table.to_pandas()
-        sizes = frame.groupby("task_id").is_query.agg(["sum", "size"])
-        fits = sizes[(sizes["size"] - sizes["sum"] <= meta["support_size"])
-                     & (sizes["sum"] <= meta["query_size"]) & (sizes["sum"] >= 3)].index
-        user = int(fits[0])
-        rows = frame[frame.task_id == user]
-        columns = ["task_id", "is_query", *meta["labels"], *(f["name"] for f in meta["sparse"]), *meta["dense"]]
-        data = [[v.tolist() if isinstance(v, np.ndarray) else v for v in row]
-                for row in rows[columns].astype(object).itertuples(index=False)]
-        body = {"dataframe_split": {"columns": columns, "data": data}}
-
         deadline = time.time() + 120
         while True:
             try:
@@ -213,22 +197,9 @@ def test_registered_model_served_over_http_adapts_like_gmeta_evaluate(trained, e
             except OSError:
                 pass
             if server.poll() is not None or time.time() > deadline:
-                pytest.fail("mlflow models serve did not answer /ping within 120 s:\n"
-                            + (trained["root"] / "serve.log").read_text()[-3000:])
+                pytest.fail("mlflow models serve did not answer /ping within 120 s:\n" + log_path.read_text()[-3000:])
             time.sleep(0.5)
-
-        answer = pd_frame(_post(f"http://127.0.0.1:{port}/invocations", body))
-        ref = reference[(reference.split == "user_cold") & (reference.task == user)].sort_values("query_position")
-        query_rows = np.flatnonzero(rows.is_query.to_numpy() == 1)
-        assert answer["row"].tolist() == query_rows.tolist() and (answer["task_id"] == user).all()
-        np.testing.assert_allclose(answer["score_adapted"], ref["score_adapted"], atol=TOL)
-        np.testing.assert_allclose(answer["score_unadapted"], ref["score_unadapted"], atol=TOL)
-        assert np.abs(answer["score_adapted"] - answer["score_unadapted"]).max() > 1e-3
-        # params: zero inner steps is the unadapted model
-        zero = pd_frame(_post(f"http://127.0.0.1:{port}/invocations", {**body, "params": {"steps": 0}}))
-        np.testing.assert_allclose(zero["score_adapted"], ref["score_unadapted"], atol=TOL)
-        # loading the model and answering printed no warning
-        assert "WARNING" not in (trained["root"] / "serve.log").read_text()
+        yield f"http://127.0.0.1:{port}"
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -237,6 +208,42 @@ def test_registered_model_served_over_http_adapts_like_gmeta_evaluate(trained, e
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=20)
         log.close()
+
+
+def test_registered_model_served_over_http_adapts_like_gmeta_evaluate(trained, evaluated, tiny_synth):
+    """mlflow models serve -m models:/coldstart@champion; POST one cold user's support and query
+    rows; the adapted scores equal gmeta evaluate's for that user."""
+    import pyarrow as pa
+    import pyarrow.orc as orc
+
+    results, reference = evaluated
+    # a cold user whose support and query rows all fit the trained caps, so evaluate saw them all
+    meta = json.load(open(os.path.join(trained["exports"]["melu"], "saved_model", "gmeta_serving.json")))
+    table = pa.concat_tables(orc.read_table(f) for f in sorted(glob.glob(f"{tiny_synth}/user_cold/*.orc")))
+    frame = table.to_pandas()
+    sizes = frame.groupby("task_id").is_query.agg(["sum", "size"])
+    fits = sizes[(sizes["size"] - sizes["sum"] <= meta["support_size"])
+                 & (sizes["sum"] <= meta["query_size"]) & (sizes["sum"] >= 3)].index
+    user = int(fits[0])
+    rows = frame[frame.task_id == user]
+    columns = ["task_id", "is_query", *meta["labels"], *(f["name"] for f in meta["sparse"]), *meta["dense"]]
+    data = [[v.tolist() if isinstance(v, np.ndarray) else v for v in row]
+            for row in rows[columns].astype(object).itertuples(index=False)]
+    body = {"dataframe_split": {"columns": columns, "data": data}}
+
+    with mlflow_server("models:/coldstart@champion", trained["root"], trained["uri"]) as url:
+        answer = pd_frame(_post(f"{url}/invocations", body))
+        ref = reference[(reference.split == "user_cold") & (reference.task == user)].sort_values("query_position")
+        query_rows = np.flatnonzero(rows.is_query.to_numpy() == 1)
+        assert answer["row"].tolist() == query_rows.tolist() and (answer["task_id"] == user).all()
+        np.testing.assert_allclose(answer["score_adapted"], ref["score_adapted"], atol=TOL)
+        np.testing.assert_allclose(answer["score_unadapted"], ref["score_unadapted"], atol=TOL)
+        assert np.abs(answer["score_adapted"] - answer["score_unadapted"]).max() > 1e-3
+        # params: zero inner steps is the unadapted model
+        zero = pd_frame(_post(f"{url}/invocations", {**body, "params": {"steps": 0}}))
+        np.testing.assert_allclose(zero["score_adapted"], ref["score_unadapted"], atol=TOL)
+        # loading the model and answering printed no warning
+        assert "WARNING" not in (trained["root"] / "serve.log").read_text()
 
 
 def pd_frame(response: dict):

@@ -1,6 +1,7 @@
 """gmeta.trainer: the commands over the parts of a training run.
 
-Commands (flags, one frozen config, main): train, evaluate, tune, predict, register, compare.
+Commands (flags, one frozen config, main): train, evaluate, tune, predict, register, promote,
+compare.
 The parts, lowest first: a part imports only those before it in ``LAYERS`` (and gmeta.io,
 gmeta.models); a command imports any (``tests/test_layout.py`` checks both).
   parallel    the communicator (the only Horovod import), the guarded process launcher, stop
@@ -8,7 +9,7 @@ gmeta.models); a command imports any (``tests/test_layout.py`` checks both).
   embedding   the sharding plan, the embedding backends (hybrid, naive, tiered, SOK), row-wise
               optimizers, tiering, building a plan's tables
   evaluation  metrics, baselines, the keys of evaluation rows, per-split reports, the support
-              curve, plots
+              curve, plots, the champion/challenger rule
   meta        the meta-learner (one meta-step), the dense optimizer, extra training phases, the
               run state by name
   serving     export, the SavedModel, the serving runtime and the MLflow pyfunc model
@@ -21,4 +22,4 @@ gmeta.models); a command imports any (``tests/test_layout.py`` checks both).
 
 LAYERS = ("parallel", "embedding", "evaluation", "meta", "serving", "tracking", "config", "checkpoint", "run",
           "tuning")
-COMMANDS = ("train", "evaluate", "tune", "predict", "register", "compare")
+COMMANDS = ("train", "evaluate", "tune", "predict", "register", "promote", "compare")

@@ -64,22 +64,39 @@ def main(args) -> int:
 def evaluate(cfg: EvaluateConfig) -> dict:
     source = cfg.export or cfg.model_uri or cfg.run
     learner, meta = load_model(resolve_export_dir(source, cfg.tracking_uri))
-    run = meta.get("run_config", {})
-    steps = cfg.inner_steps if cfg.inner_steps >= 0 else (
-        run.get("inner_steps", 1) if run.get("eval_inner_steps", -1) < 0 else run["eval_inner_steps"])
-    reader_kwargs = {"tasks_per_batch": cfg.tasks_per_batch,
-                     "support_size": run.get("support_size", 40), "query_size": run.get("query_size", 10)}
-    schema = learner.model.schema
-    splits = evaluation_splits(schema, cfg.eval_splits)
     plain = load_plain_baseline(cfg.plain_baseline, cfg.tracking_uri) if cfg.plain_baseline else None
-    baselines = item_baselines(cfg.data, learner.model) if "train" in schema.splits else {}
     rows = {}
-    results, _ = evaluate_splits(learner, cfg.data, splits, learner.comm, reader_kwargs, steps,
-                                 log=lambda m: print(f"[gmeta] {m}", file=sys.stderr, flush=True),
-                                 plain=plain, baselines=baselines, rows_out=rows)
+    results, _ = score(learner, meta, cfg.data, cfg.eval_splits, cfg.tasks_per_batch, cfg.inner_steps,
+                       plain=plain, rows_out=rows)
     if cfg.predictions_out:
-        write_eval_predictions(rows, cfg.predictions_out,
-                               log=lambda m: print(f"[gmeta] {m}", file=sys.stderr, flush=True))
+        write_eval_predictions(rows, cfg.predictions_out, log=_log)
     print_report(results, sys.stderr)
     print(json.dumps(results, sort_keys=True), flush=True)
     return results
+
+
+def trained_caps(meta: dict) -> tuple:
+    """``(support, query)``: the row caps the exported model was trained with."""
+    run = meta.get("run_config", {})
+    return run.get("support_size", 40), run.get("query_size", 10)
+
+
+def score(learner, meta: dict, data: str, splits, tasks_per_batch: int, inner_steps: int, caps=None,
+          plain=None, rows_out=None) -> tuple:
+    """``(report, per_task)`` of a loaded model (``load_model``) on ``data``'s splits, as ``gmeta
+    evaluate`` reports them: its own inner steps unless ``inner_steps >= 0``, its trained row caps
+    unless ``caps`` (``gmeta promote`` scores two models on the same rows), the item baselines
+    fitted on the training split when the dataset has one."""
+    run = meta.get("run_config", {})
+    steps = inner_steps if inner_steps >= 0 else (
+        run.get("inner_steps", 1) if run.get("eval_inner_steps", -1) < 0 else run["eval_inner_steps"])
+    support, query = caps or trained_caps(meta)
+    reader_kwargs = {"tasks_per_batch": tasks_per_batch, "support_size": support, "query_size": query}
+    schema = learner.model.schema
+    baselines = item_baselines(data, learner.model) if "train" in schema.splits else {}
+    return evaluate_splits(learner, data, evaluation_splits(schema, splits), learner.comm, reader_kwargs, steps,
+                           log=_log, plain=plain, baselines=baselines, rows_out=rows_out)
+
+
+def _log(message: str) -> None:
+    print(f"[gmeta] {message}", file=sys.stderr, flush=True)

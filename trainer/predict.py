@@ -6,9 +6,12 @@
 The input is a Parquet, ORC or CSV file (or a directory of them, e.g. a dataset split) with the
 dataset's columns: the task column, ``is_query`` (0 support, 1 query), the labels the inner
 loop needs on support rows, and the model's features (list features as list columns; in CSV as
-ids joined by ``|``). The output holds the same rows in the same order with ``score_adapted``
-and ``score_unadapted`` (and ``score_<head>_...`` per extra head) filled on query rows and empty
-on support rows, written as Parquet, ORC or CSV by the extension of ``--out``.
+ids joined by ``|``): the team's raw ids for a feature whose table has a vocabulary (an unseen
+id is scored on the out-of-vocabulary row), table rows for any other. A column the model cannot
+use stops it with one line naming the column and what to send (``runtime.InputError``). The
+output holds the same rows in the same order with ``score_adapted`` and ``score_unadapted`` (and
+``score_<head>_...`` per extra head) filled on query rows and empty on support rows, written as
+Parquet, ORC or CSV by the extension of ``--out``.
 
 Scoring runs through the export's SavedModel (``gmeta.trainer.serving.savedmodel``; built on the fly
 into a temporary directory when the export has none) with ``gmeta.trainer.serving.runtime``'s runtime:
@@ -37,7 +40,7 @@ import pyarrow.parquet as pq
 
 from gmeta.trainer.evaluation.rows import SCORES, heads_of, label_key, score_key
 from gmeta.trainer.parallel.launch import run_guarded
-from gmeta.trainer.serving.runtime import ServingRuntime
+from gmeta.trainer.serving.runtime import InputError, ServingRuntime
 from gmeta.trainer.serving.savedmodel import DEFAULT_MAX_TABLE_BYTES, output_name, saved_model_of, write_saved_model
 from gmeta.trainer.tracking.mlflow_run import add_tracking_arguments, resolve_export_dir
 
@@ -93,7 +96,7 @@ def predict(cfg: PredictConfig) -> dict:
             saved = write_saved_model(export_dir, os.path.join(tmp, "saved_model"),
                                       max_table_bytes=cfg.max_serving_table_bytes)
         runtime = ServingRuntime(saved, tasks_per_call=cfg.tasks_per_call)
-        table = read_table(cfg.input)
+        table = read_table(cfg.input, text_columns(runtime))
         cols = columns_from_arrow(table, runtime)
         t1 = time.time()
         scores = runtime.score(cols, steps=None if cfg.steps < 0 else cfg.steps,
@@ -126,14 +129,21 @@ def _format(path: str) -> str:
     return FORMATS[ext]
 
 
-def read_table(path: str):
-    """A Parquet/ORC/CSV file, or every such file of a directory (sorted by name), as one table."""
+def text_columns(runtime) -> list:
+    """Columns CSV must read as text: lists (ids joined by "|") and string raw ids (which CSV
+    would read as numbers when they look like numbers)."""
+    return [n for n, max_len in runtime.sparse.items() if max_len > 1 or runtime.raw_kind(n) == "string"]
+
+
+def read_table(path: str, text=()):
+    """A Parquet/ORC/CSV file, or every such file of a directory (sorted by name), as one table;
+    ``text``: columns a CSV file holds as text."""
     if os.path.isdir(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path)
                        if os.path.splitext(f)[1].lower() in FORMATS)
         if not files:
             raise FileNotFoundError(f"{path}: no {sorted(FORMATS)} files in this directory")
-        return pa.concat_tables([read_table(f) for f in files])
+        return pa.concat_tables([read_table(f, text) for f in files])
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
     fmt = _format(path)
@@ -141,7 +151,7 @@ def read_table(path: str):
         return pq.read_table(path)
     if fmt == "orc":
         return orc.read_table(path)
-    return csv.read_csv(path)
+    return csv.read_csv(path, convert_options=csv.ConvertOptions(column_types={n: pa.string() for n in text}))
 
 
 def write_table(table, path: str, fmt: str | None = None) -> None:
@@ -160,39 +170,44 @@ def write_table(table, path: str, fmt: str | None = None) -> None:
 
 
 def columns_from_arrow(table, runtime) -> dict:
-    """An Arrow table -> ``ServingRuntime.score``'s columns, vectorized (no Python loop over rows)."""
-    missing = [c for c in [runtime.task_column, runtime.query_column] + runtime.feature_columns()
-               if c not in table.column_names]
-    if missing:
-        raise ValueError(f"input is missing columns {missing}; expected {runtime.input_columns()}")
+    """An Arrow table -> ``ServingRuntime.score``'s columns, vectorized (no Python loop over rows);
+    the runtime checks every id column (``ids`` / ``id_lists``), as it does for the MLflow model."""
+    runtime.check_columns(table.column_names)
 
     def ints(name):
         col = table.column(name)
         if col.null_count:
-            raise ValueError(f"column {name!r} has {col.null_count} empty values")
+            raise InputError(f"column {name!r} has {col.null_count} empty values")
         return col.cast(pa.int64()).to_numpy()
 
     cols = {runtime.task_column: ints(runtime.task_column), runtime.query_column: ints(runtime.query_column)}
     for name, max_len in runtime.sparse.items():
         if max_len == 1:
-            cols[name] = ints(name)
-            continue
-        col = table.column(name).combine_chunks() if table.num_rows else pa.array([], pa.list_(pa.int64()))
-        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-            col = pc.split_pattern(pc.if_else(pc.equal(col, ""), pa.scalar(None, col.type), col), LIST_SEPARATOR)
-        col = col.cast(pa.list_(pa.int64()))
-        lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy().astype(np.int64)
-        flat = pc.list_flatten(col).to_numpy()
-        row = np.repeat(np.arange(table.num_rows), lengths)
-        pos = np.arange(flat.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        keep = pos < max_len
-        padded = np.full((table.num_rows, max_len), -1, np.int64)
-        padded[row[keep], pos[keep]] = flat[keep]
-        cols[name] = padded
+            cols[name] = runtime.ids(name, _numpy(table.column(name)))
+        else:
+            cols[name] = runtime.id_lists(name, *_flat_lists(table, name))
     for name in runtime.dense + [lab for lab in runtime.labels if lab in table.column_names]:
         col = pc.fill_null(table.column(name).cast(pa.float32()), float("nan"))
         cols[name] = col.to_numpy().astype(np.float32)
     return cols
+
+
+def _numpy(col) -> np.ndarray:
+    """A column's values as numpy (strings as objects, nulls as None or NaN)."""
+    if pa.types.is_dictionary(col.type):
+        col = col.cast(col.type.value_type)
+    return col.to_numpy(zero_copy_only=False)
+
+
+def _flat_lists(table, name: str) -> tuple:
+    """A list column (in CSV: ids joined by "|") -> (every id in order, each row's count)."""
+    col = table.column(name).combine_chunks() if table.num_rows else pa.array([], pa.list_(pa.int64()))
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        col = pc.split_pattern(pc.if_else(pc.equal(col, ""), pa.scalar(None, col.type), col), LIST_SEPARATOR)
+    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
+        raise InputError(f"column {name!r}: expected a list of ids in every row, got {col.type}")
+    lengths = pc.fill_null(pc.list_value_length(col), 0).to_numpy().astype(np.int64)
+    return _numpy(pc.list_flatten(col)), lengths
 
 
 # ----------------------------------------------------------------------------- gmeta evaluate

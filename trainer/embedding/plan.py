@@ -12,7 +12,7 @@ The plan is built from the dataset schema in one call (``ShardingPlan.from_schem
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -162,6 +162,12 @@ class ShardingPlan:
 
     def with_world_size(self, world_size: int) -> "ShardingPlan":
         return ShardingPlan.build(self.tables, dict(self.feature_tables), world_size)
+
+    def with_num_rows(self, num_rows: Mapping[str, int]) -> "ShardingPlan":
+        """The same plan with other sizes for the named tables: where a run whose vocabularies
+        were smaller (the source of a warm start) placed its rows."""
+        tables = [replace(t, num_rows=int(num_rows[t.name])) if t.name in num_rows else t for t in self.tables]
+        return ShardingPlan.build(tables, dict(self.feature_tables), self.world_size)
 
     def _check_rank(self, rank: int) -> None:
         if not 0 <= int(rank) < self.world_size:

@@ -9,7 +9,11 @@ labels of the support rows and the model's features; each task adapts on its sup
 the SavedModel and every query row gets its adapted and unadapted score. It returns one row per
 query row: the task id, ``row`` (the row's position in the input) and ``score_adapted``,
 ``score_unadapted`` (plus ``score_<head>_...`` for extra heads, e.g. MAML-ESMM's pCTCVR).
-``params={"steps": k}`` adapts with k inner steps instead of the trained number.
+``params={"steps": k}`` adapts with k inner steps instead of the trained number. Rows it cannot
+score (a missing column, an id of the wrong type, a negative or out-of-range row, a support row
+without its label) raise an ``MlflowException`` with INVALID_PARAMETER_VALUE, which
+``mlflow models serve`` answers with HTTP 400 and the runtime's message (any other exception
+would reach the client as MLflow's generic "unexpected error", the cause only in the trace).
 """
 
 import importlib.util
@@ -18,6 +22,7 @@ from typing import Any, Optional
 
 import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
 
 
@@ -32,11 +37,15 @@ class GmetaColdStartModel(PythonModel):
         runtime = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(runtime)
         self.runtime = runtime.ServingRuntime(saved_model)
+        self.input_error = runtime.InputError
 
     def predict(self, context, model_input: pd.DataFrame,
                 params: Optional[dict[str, Any]] = None) -> pd.DataFrame:
         steps = (params or {}).get("steps")
-        return self.runtime.predict_frame(model_input, steps=None if steps is None else int(steps))
+        try:
+            return self.runtime.predict_frame(model_input, steps=None if steps is None else int(steps))
+        except self.input_error as exc:
+            raise MlflowException.invalid_parameter_value(str(exc)) from None
 
 
 mlflow.models.set_model(GmetaColdStartModel())

@@ -6,7 +6,9 @@ TensorFlow alone (no gmeta, no Horovod, no custom Python objects). Signatures (T
 rows, Q query rows, N rows, L list length: all ``None``, any size works):
 
 ``predict``                  the global (unadapted) model on plain rows
-    inputs   ``<sparse feature>`` int64 [N] (list features [N, L], padded with -1),
+    inputs   ``<sparse feature>`` int64 rows [N] (list features [N, L], padded with -1), or for
+             a feature whose table has a vocabulary its raw ids, string or int64 as the
+             vocabulary's kind (padded with ``runtime.RAW_PAD``: "" or -2**63),
              ``<dense feature>`` float32 [N]
     outputs  ``score`` float32 [N] (and ``score_<head>`` for extra heads, e.g. ``score_ctcvr``)
 ``adapt_and_predict``        the trained inner loop on each task's support rows, then its query
@@ -25,7 +27,11 @@ variables, which hold the whole table with one process) by the embedding's own i
 (``embedding.base.clean_rows``, as training's lookups), zero vectors for ids < 0, so no
 collective (and no Horovod op) is ever traced; ``write_saved_model`` checks the saved graph for
 Horovod ops anyway. MetaEmb's generated embeddings for unseen items are part of
-``build_inputs`` and so part of the graph.
+``build_inputs`` and so part of the graph. When the export carries the training dataset's
+vocabularies (``export.copy_vocabularies``), raw ids become rows first, in the graph
+(``VocabularyTable``: a ``tf.lookup.StaticHashTable`` of the vocabulary's values; an unseen id ->
+the out-of-vocabulary row 0, as the dataset's converter maps it), so a client sends the team's
+own ids; features without a vocabulary take rows exactly as before.
 
 ``gmeta_serving.json`` next to the SavedModel describes it for the runtime (``gmeta.trainer.
 serving.runtime``, which imports no gmeta) and for the MLflow model (``pyfunc_log_kwargs``).
@@ -42,10 +48,11 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
+from gmeta.io.vocab import OOV_ROW
 from gmeta.trainer.embedding.base import clean_rows
-from gmeta.trainer.serving.export import EXPORT_FILE, load_model
-from gmeta.trainer.serving.runtime import (OUTPUT_KINDS, ROW_COLUMN, SERVING_META, output_column,
-                                           output_columns)
+from gmeta.trainer.serving.export import EXPORT_FILE, load_export_vocabularies, load_model
+from gmeta.trainer.serving.runtime import (OUTPUT_KINDS, RAW_PAD, ROW_COLUMN, ROW_PAD, SERVING_META,
+                                           output_column, output_columns)
 
 SAVED_MODEL_DIR = "saved_model"
 DEFAULT_MAX_TABLE_BYTES = 2 * 1024 ** 3
@@ -136,14 +143,59 @@ def head_names(learner) -> list:
     return list(model.scores(model.forward(learner.params(), x), part))
 
 
+class VocabularyTable(tf.Module):
+    """A vocabulary inside the graph: raw ids -> rows, an id it never saw -> the out-of-vocabulary
+    row (a cold id is the normal case), the padding ``RAW_PAD`` -> -1 (no row, as for row inputs)."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.dtype = tf.string if vocab.kind == "string" else tf.int64
+        self.pad = RAW_PAD[vocab.kind]
+        known = vocab.values[1:].to_numpy(zero_copy_only=False)  # row 0 (OOV) holds no value
+        self.table = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(tf.constant(known, self.dtype),
+                                                tf.range(1, vocab.size, dtype=tf.int64)),
+            default_value=tf.constant(OOV_ROW, tf.int64))
+
+    def rows(self, raw):
+        return tf.where(tf.equal(raw, self.pad), tf.constant(ROW_PAD, tf.int64), self.table.lookup(raw))
+
+
+def _check_fits(vocab, table) -> None:
+    """Every row of a vocabulary exists in its table (unless the table is hashed)."""
+    if not table.hashed and vocab.size > table.num_rows:
+        raise ValueError(f"vocabulary {vocab.table} has {vocab.size} rows, table {table.name} only "
+                         f"{table.num_rows}: the dataset's schema and vocabulary disagree; rewrite the "
+                         f"dataset (gmeta convert) and retrain")
+
+
 class ServingTables(tf.Module):
     """Full tables as plain variables, looked up without a collective: ids -> rows by the
-    embedding's own rule (``clean_rows``), zero vectors for ids < 0."""
+    embedding's own rule (``clean_rows``), zero vectors for ids < 0. Features with a vocabulary
+    (``{feature: Vocabulary}``) take raw ids, mapped to rows first (``rows``)."""
 
-    def __init__(self, embedding):
+    def __init__(self, embedding, vocabularies: dict):
         super().__init__(name="serving_tables")
         self._plan = embedding.plan  # plain data: not saved
         self.tables = [self._full_table(embedding, table) for table in self._plan.tables]
+        self.vocabularies = self._vocabulary_tables(vocabularies)
+
+    def _vocabulary_tables(self, vocabularies: dict) -> dict:
+        """``{feature: VocabularyTable}`` of the features the plan embeds, one table per vocabulary."""
+        built = {}
+        for feature, vocab in vocabularies.items():
+            if feature in self._plan.features and vocab.table not in built:
+                _check_fits(vocab, self._plan.table_of(feature))
+                built[vocab.table] = VocabularyTable(vocab)
+        return {f: built[v.table] for f, v in vocabularies.items() if f in self._plan.features}
+
+    def input_dtype(self, feature: str):
+        """What a signature takes for a feature: its vocabulary's raw ids, or int64 rows."""
+        return self.vocabularies[feature].dtype if feature in self.vocabularies else tf.int64
+
+    def rows(self, feature: str, ids):
+        """A signature's ids of a feature -> table rows (raw ids through its vocabulary)."""
+        return self.vocabularies[feature].rows(ids) if feature in self.vocabularies else ids
 
     def _full_table(self, embedding, table) -> tf.Variable:
         var = embedding.trainable_variables[self._plan.table_index(table.name)]
@@ -165,11 +217,12 @@ class ServingTables(tf.Module):
 
 
 class ServingModule(tf.Module):
-    """What the SavedModel holds: variables only (the traced signatures capture them)."""
+    """What the SavedModel holds: variables and vocabulary tables (the traced signatures capture
+    them)."""
 
-    def __init__(self, learner):
+    def __init__(self, learner, vocabularies: dict):
         super().__init__(name="gmeta_serving")
-        self.lookup = ServingTables(learner.embedding)
+        self.lookup = ServingTables(learner.embedding, vocabularies)
         self.dense = list(learner.model.state_variables().values()) + learner.adaptation_variables()
 
 
@@ -216,7 +269,7 @@ class ServingGraph:
         specs = {}
         for f in self.model.sparse_features:
             shape = lead + ([None] if self.schema.feature(f).is_list else [])
-            specs[prefix + f] = tf.TensorSpec(shape, tf.int64, name=prefix + f)
+            specs[prefix + f] = tf.TensorSpec(shape, self.module.lookup.input_dtype(f), name=prefix + f)
         for d in self.model.dense_features:
             specs[prefix + d] = tf.TensorSpec(lead, tf.float32, name=prefix + d)
         return specs
@@ -229,7 +282,7 @@ class ServingGraph:
             ids = inputs[prefix + f]
             if self.schema.feature(f).is_list:  # the reader keeps the first max_len ids
                 ids = ids[..., :self.schema.feature(f).max_len]
-            part[f] = ids
+            part[f] = self.module.lookup.rows(f, ids)
         for d in self.model.dense_features:
             part[d] = inputs[prefix + d]
         part["mask"] = inputs[prefix + "mask"]
@@ -298,13 +351,14 @@ class ServingGraph:
         return lambda: [self._adapted(task, k)[n] for n in names]
 
 
-def build_module(learner, steps: int, max_steps: int):
-    """``(module, signatures, labels)``: the ``tf.Module`` to save (variables only), its three
-    traced signatures (module docstring) and the labels the inner loop reads from support rows."""
+def build_module(learner, steps: int, max_steps: int, vocabularies: dict):
+    """``(module, signatures, labels)``: the ``tf.Module`` to save (variables and vocabulary
+    tables), its three traced signatures (module docstring) and the labels the inner loop reads
+    from support rows. ``vocabularies``: ``{feature: Vocabulary}`` of the features that take raw ids."""
     if learner.comm.size != 1:
         raise ValueError("write the SavedModel from a loaded export (one process, full tables)")
     labels = needed_labels(learner)
-    module = ServingModule(learner)
+    module = ServingModule(learner, vocabularies)
     return module, ServingGraph(learner, module, labels, steps, max_steps).signatures(), labels
 
 
@@ -335,14 +389,15 @@ def write_saved_model(export_dir: str, out_dir: str | None = None,
     max_steps = max(4, steps + 3) if max_steps is None else int(max_steps)
     if max_steps < steps:
         raise ValueError(f"max_steps={max_steps} is below the trained {steps} inner steps")
-    module, signatures, labels = build_module(learner, steps, max_steps)
+    vocabularies = load_export_vocabularies(export_dir, meta)
+    module, signatures, labels = build_module(learner, steps, max_steps, vocabularies)
     out_dir = out_dir or os.path.join(export_dir, SAVED_MODEL_DIR)
     _clear_out_dir(out_dir)
     tf.saved_model.save(module, out_dir, signatures=signatures)
     bad = horovod_ops(out_dir)
     if bad:
         raise RuntimeError(f"{out_dir}: the serving graph holds Horovod ops {bad}")
-    serving = serving_meta(learner, meta, signatures, labels, steps, max_steps, total)
+    serving = serving_meta(learner, meta, signatures, labels, steps, max_steps, total, vocabularies)
     with open(os.path.join(out_dir, SERVING_META), "w") as f:
         json.dump(serving, f, indent=2, sort_keys=True)
     return out_dir
@@ -357,7 +412,7 @@ def _clear_out_dir(out_dir: str) -> None:
 
 
 def serving_meta(learner, meta: dict, signatures: dict, labels: list, steps: int, max_steps: int,
-                 total: int) -> dict:
+                 total: int, vocabularies: dict) -> dict:
     """``gmeta_serving.json``: what the runtime (which imports no gmeta) and the MLflow model
     need to know about the SavedModel."""
     model, schema = learner.model, learner.model.schema
@@ -369,7 +424,7 @@ def serving_meta(learner, meta: dict, signatures: dict, labels: list, steps: int
         "target": model.target,
         "task_column": schema.task_column,
         "query_column": schema.query_column,
-        "sparse": [{"name": f, "max_len": schema.feature(f).max_len} for f in model.sparse_features],
+        "sparse": [_sparse_meta(schema, f, vocabularies.get(f)) for f in model.sparse_features],
         "dense": list(model.dense_features),
         "labels": labels,
         "item_feature": schema.item_id_feature,
@@ -383,6 +438,26 @@ def serving_meta(learner, meta: dict, signatures: dict, labels: list, steps: int
         "signatures": {name: {"inputs": sorted(fn.structured_input_signature[0][0]),
                               "outputs": sorted(fn.structured_outputs)} for name, fn in signatures.items()},
     }
+
+
+def _sparse_meta(schema, feature: str, vocab) -> dict:
+    """What the runtime checks a sparse input against: its table's rows (ids of a feature without
+    a vocabulary must be rows of it) or its vocabulary (kind, version, the padding, an example id)."""
+    f = schema.feature(feature)
+    table = schema.table(f.table)
+    entry = {"name": feature, "max_len": f.max_len, "table": table.name, "num_rows": table.num_rows,
+             "hashed": table.hashed, "vocabulary": None}
+    if vocab is not None:
+        entry["vocabulary"] = {"name": vocab.table, "kind": vocab.kind, "version": vocab.version,
+                               "size": vocab.size, "pad": RAW_PAD[vocab.kind], "example": _example_id(vocab)}
+    return entry
+
+
+def _example_id(vocab):
+    """A raw id the vocabulary knows (the input example's), or one it never saw when it knows none."""
+    if vocab.size > 1:
+        return vocab.raw_values([1])[0]
+    return "unseen" if vocab.kind == "string" else 0
 
 
 def _size_setting(run: dict, key: str) -> int:
@@ -450,13 +525,11 @@ def pyfunc_log_kwargs(export_dir: str) -> dict:
 
 def _signature(serving: dict):
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
-    from mlflow.types.schema import Array
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     inputs = [ColSpec("long", serving["task_column"]), ColSpec("long", serving["query_column"])]
     inputs += [ColSpec("double", lab, required=False) for lab in serving["labels"]]
-    inputs += [ColSpec(Array(DataType.long) if f["max_len"] > 1 else DataType.long, f["name"])
-               for f in serving["sparse"]]
+    inputs += [ColSpec(_id_type(f), f["name"]) for f in serving["sparse"]]
     inputs += [ColSpec("double", d) for d in serving["dense"]]
     outputs = [ColSpec("long", serving["task_column"]), ColSpec("long", ROW_COLUMN)]
     outputs += [ColSpec("float", column) for column in output_columns(serving["outputs"])]
@@ -464,8 +537,23 @@ def _signature(serving: dict):
     return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs), params=params)
 
 
+def _id_type(feature: dict):
+    """The MLflow type of a sparse column: long (lists: an array of long) for rows and integer raw
+    ids; Any for string raw ids, which the runtime checks: MLflow's parser would turn any JSON
+    value sent for a string column into a string, so an integer id would be looked up as its
+    digits instead of answering 400."""
+    from mlflow.types import DataType
+    from mlflow.types.schema import AnyType, Array
+
+    vocab = feature.get("vocabulary")
+    if vocab and vocab["kind"] == "string":
+        return AnyType()
+    return Array(DataType.long) if feature["max_len"] > 1 else DataType.long
+
+
 def _input_example(serving: dict):
-    """One task: two support rows and two query rows, every id 0 (valid in any table)."""
+    """One task: two support rows and two query rows, every row id 0 (valid in any table) and
+    every raw id a known one of its vocabulary."""
     import pandas as pd
 
     n = 4
@@ -473,7 +561,8 @@ def _input_example(serving: dict):
     for lab in serving["labels"]:
         frame[lab] = [1.0, 0.0, 0.0, 0.0]
     for f in serving["sparse"]:
-        frame[f["name"]] = [[0] for _ in range(n)] if f["max_len"] > 1 else [0] * n
+        value = f["vocabulary"]["example"] if f.get("vocabulary") else 0
+        frame[f["name"]] = [[value] for _ in range(n)] if f["max_len"] > 1 else [value] * n
     for d in serving["dense"]:
         frame[d] = [0.0] * n
     return pd.DataFrame(frame)

@@ -9,6 +9,7 @@ of the same size is the one change it misses.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import warnings
@@ -84,3 +85,19 @@ def mlflow_dataset(data_dir: str, schema):
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(os.path.abspath(data_dir) if not fs.is_remote(data_dir) else data_dir)
     return MetaDataset(source=source, name=name, digest=digest, schema=MlflowSchema(columns))
+
+
+def training_data(run) -> str:
+    """Where an MLflow run of ``gmeta train`` read its dataset: the source of its ``training``
+    dataset input (an absolute path), else its ``data`` parameter (as it was typed); "" when
+    neither was logged."""
+    for inp in run.inputs.dataset_inputs if run.inputs else ():
+        if any(t.key == "mlflow.data.context" and t.value == "training" for t in inp.tags):
+            try:
+                source = json.loads(inp.dataset.source)
+            except (TypeError, ValueError):
+                continue
+            where = (source.get("uri") or source.get("path")) if isinstance(source, dict) else None
+            if where:
+                return str(where)
+    return run.data.params.get("data", "")
