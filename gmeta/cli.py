@@ -18,7 +18,7 @@ SUBCOMMANDS = {
     "env": ("gmeta.tools.env", "print versions of the stack and Horovod's build capabilities"),
     "datagen": ("gmeta.tools.datagen.generate", "write a synthetic cold-start dataset with planted structure"),
     "profile": ("gmeta.tools.profile", "how skewed a dataset's id access is; writes the profile --tiering reads"),
-    "convert": ("gmeta.tools.convert", "convert a public dataset (movielens) into the Meta-IO format"),
+    "convert": ("gmeta.tools.convert", "convert MovieLens or any event table (Parquet, ORC, CSV; a spec file) into the Meta-IO format"),
     "train": ("gmeta.trainer.train", "meta-train a zoo model (run under horovodrun for many workers)"),
     "tune": ("gmeta.trainer.tune", "hyper-parameter search (Optuna) on validation GAUC adapted; resumable"),
     "evaluate": ("gmeta.trainer.evaluate", "evaluate a logged run or a registered model on a dataset"),

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -40,11 +41,41 @@ class OutputConfig:
         }
 
 
-def run_command(name: str, config_cls, args, run, error, format_summary, summary_file: str) -> int:
-    """``gmeta NAME``'s main: its config from the parsed flags (every flag's dest is a field's
-    name), validated, then ``run(cfg)``. ``error`` (a bad flag or input) is printed, exit status 2."""
+class Progress:
+    """Rows done and rows/s of the current part (a split, a pass) on stderr, at most every
+    ``every`` seconds; ``force`` prints the part's last line, which is its row count. ``extra()``
+    adds to each line (e.g. the peak memory)."""
+
+    def __init__(self, prog: str, quiet: bool, every: float = 2.0, unit: str = "rows", width: int = 15,
+                 extra=lambda: ""):
+        self.prog, self.quiet, self.every, self.unit, self.width, self.extra = prog, quiet, every, unit, width, extra
+        self.t0 = self.last = time.perf_counter()
+        self.rows = 0
+
+    def begin(self) -> None:
+        """A new part: its own count and rate."""
+        self.rows, self.t0 = 0, time.perf_counter()
+
+    def tick(self, what: str, rows: int, force: bool = False) -> None:
+        self.rows += rows
+        now = time.perf_counter()
+        if self.quiet or not (force or now - self.last >= self.every):
+            return
+        self.last = now
+        rate = self.rows / max(now - self.t0, 1e-9)
+        print(f"{self.prog}: {what:<{self.width}} {self.rows:>12,} {self.unit}  {rate:>12,.0f} rows/s{self.extra()}",
+              file=sys.stderr, flush=True)
+
+
+def run_command(name: str, make_config, args, run, error, format_summary, summary_file: str) -> int:
+    """``gmeta NAME``'s main: its config from the parsed flags (``make_config``: a config class
+    whose fields are the flags' dests, or a function of the flags), validated, then ``run(cfg)``.
+    ``error`` (a bad flag or input; a class or a tuple) is printed, exit status 2."""
     try:
-        cfg = config_cls(**{f.name: getattr(args, f.name) for f in fields(config_cls)}).validate()
+        if isinstance(make_config, type):
+            cfg = make_config(**{f.name: getattr(args, f.name) for f in fields(make_config)}).validate()
+        else:
+            cfg = make_config(args)
         summary = run(cfg)
     except error as exc:
         print(f"gmeta {name}: error: {exc}", file=sys.stderr)

@@ -6,6 +6,7 @@ import importlib
 
 CONVERTERS = {
     "movielens": "gmeta.tools.movielens",   # MovieLens-100K / -1M, MeLU protocol
+    "table": "gmeta.tools.table.command",   # any event table (Parquet, ORC, CSV) described by a spec
 }
 
 

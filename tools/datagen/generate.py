@@ -90,7 +90,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -100,7 +99,8 @@ from gmeta.io.fs import join, write_text
 from gmeta.io.schema import DenseFeature, Schema, SparseFeature, TableSpec
 from gmeta.io.tables import arrow_table
 from gmeta.io.writer import TaskWriter
-from gmeta.tools.common import OutputConfig, add_output_arguments, check_flags, group_arange, prepare_out, run_command
+from gmeta.tools.common import (OutputConfig, Progress, add_output_arguments, check_flags, group_arange, prepare_out,
+                                run_command)
 from gmeta.trainer.evaluation.metrics import auc, per_task_metrics, summarize
 
 # ---- fixed "physics" of the world; flags scale the world, these shape it ----
@@ -777,30 +777,6 @@ class SplitStats:
 
 
 # ----------------------------------------------------------------------------- driver
-class _Progress:
-    """The split's rows written so far and its rows/s on stderr, at most every ``every`` seconds
-    (the last line of a split is its row count, as in the summary)."""
-
-    def __init__(self, quiet: bool, every: float = 2.0):
-        self.quiet, self.every = quiet, every
-        self.t0 = self.last = time.perf_counter()
-        self.rows = 0
-
-    def begin(self) -> None:
-        """A new split: its own count and rate."""
-        self.rows, self.t0 = 0, time.perf_counter()
-
-    def tick(self, split: str, rows: int, force: bool = False) -> None:
-        self.rows += rows
-        now = time.perf_counter()
-        if self.quiet or not (force or now - self.last >= self.every):
-            return
-        self.last = now
-        rate = self.rows / max(now - self.t0, 1e-9)
-        print(f"datagen: {split:<15} {self.rows:>12,} rows written  {rate:>12,.0f} rows/s",
-              file=sys.stderr, flush=True)
-
-
 def generate(cfg: DatagenConfig) -> dict:
     """Write the dataset; return the summary that also goes to ``DIR/datagen.json``."""
     cfg = cfg.validate()
@@ -809,7 +785,7 @@ def generate(cfg: DatagenConfig) -> dict:
     t0 = time.perf_counter()
     world = World(cfg)
     schema = build_schema(cfg)
-    progress = _Progress(cfg.quiet)
+    progress = Progress("datagen", cfg.quiet, unit="rows written")
     splits = {}
     for spec in specs:
         stats = SplitStats(np.random.default_rng([cfg.seed, _SUMMARY, spec.index]), posterior=world.posterior_click)
