@@ -8,7 +8,7 @@ NP ?= 2
 MODEL ?= melu
 export PYTHONUNBUFFERED := 1
 
-.PHONY: venv demo test test-slow test-all bench clean
+.PHONY: venv demo daily-demo test test-slow test-all bench clean
 
 venv:
 	@bash tools/bootstrap.sh
@@ -17,6 +17,9 @@ demo: venv
 	@test -f $(DATA)/schema.json || $(BIN)/gmeta datagen --out $(DATA) --seed 0
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/horovodrun -np $(NP) -H localhost:$(NP) --gloo \
 	    $(BIN)/gmeta train --model $(MODEL) --data $(DATA) --tracking-uri sqlite:///mlflow.db
+
+daily-demo: venv
+	BIN=$(BIN) bash tools/daily_demo.sh daily-demo
 
 test: venv
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests
@@ -41,4 +44,4 @@ bench: venv
 	$(BIN)/gmeta bench coldstart --json
 
 clean:
-	rm -rf $(VENV) data mlflow.db mlruns .pytest_cache
+	rm -rf $(VENV) data mlflow.db mlruns .pytest_cache daily-demo

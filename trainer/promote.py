@@ -113,7 +113,8 @@ def _score(models: dict, data: str, choice, tracking_uri: str) -> tuple:
     """``({who: (report, per-task metrics of the chosen scorer)}, caps)``: each model scored as
     ``gmeta evaluate`` scores it, on the same rows: the larger of their trained caps, so neither
     loses rows it was built for."""
-    loaded = {who: load_model(model_dir_from_uri(uri, tracking_uri)) for who, (_, uri) in models.items()}
+    dirs = {who: model_dir_from_uri(uri, tracking_uri) for who, (_, uri) in models.items()}
+    loaded = {who: load_model(d) for who, d in dirs.items()}
     caps = tuple(max(c) for c in zip(*(trained_caps(meta) for _, meta in loaded.values())))
     scored = {}
     for who, (learner, meta) in loaded.items():
@@ -121,7 +122,7 @@ def _score(models: dict, data: str, choice, tracking_uri: str) -> tuple:
         print(f"[gmeta] scoring the {who} ({label}) on {data} split {choice.split}", file=sys.stderr, flush=True)
         try:
             results, per_task = score(learner, meta, data, (choice.split,), EvaluateConfig.tasks_per_batch,
-                                      inner_steps=-1, caps=caps)
+                                      inner_steps=-1, caps=caps, export_dir=dirs[who])
         except Exception as exc:  # noqa: BLE001 - say which model could not be scored, keep the cause
             raise ValueError(f"the {who} ({label}) could not be scored on {data} split {choice.split}: "
                              f"{one_line(exc)}; is it a model of this dataset's schema? (--data)") from exc
@@ -194,6 +195,8 @@ def _summary(record: dict) -> dict:
         else record["champion_version"]
     out.update({k: paired.get(k) for k in ("gain", "lo", "hi", "tasks")})
     out.update({f"{who}_value": paired.get(who) for who in ("challenger", "champion")})
+    if not paired:   # no champion: the challenger was still scored; its value as its headline names it
+        out["challenger_value"] = (record["challenger"] or {}).get(record["metric"].partition("/")[2])
     return out
 
 

@@ -73,7 +73,8 @@ def item_baselines(dataset_dir: str, model) -> dict:
 
 
 def evaluate_splits(learner, dataset_dir: str, splits, comm, reader_kwargs: dict, inner_steps: int,
-                    log=print, plain=None, baselines=None, n_boot: int = 1000, rows_out=None) -> tuple:
+                    log=print, plain=None, baselines=None, n_boot: int = 1000, rows_out=None,
+                    unseen_past=None) -> tuple:
     """``(report, per_task)``: the JSON-able report per split (module docstring) and the per-task
     arrays behind it (``{split: {"<head>/<scorer>": per-task dict}}``) for paired comparisons.
 
@@ -81,13 +82,15 @@ def evaluate_splits(learner, dataset_dir: str, splits, comm, reader_kwargs: dict
     ``baselines``: fitted item baselines from ``item_baselines`` (or None).
     ``rows_out``: a dict that receives, per split, the gathered per-query-row arrays (for
     ``gmeta evaluate --predictions-out``, so the rows are not computed twice).
+    ``unseen_past``: ``{feature: rows}``: the model sees ids >= rows as the out-of-vocabulary row 0
+    (a dataset whose vocabularies grew since the model was trained; the baselines keep the ids).
     """
     report, per_task = {}, {}
     for split in splits:
         t0 = time.time()
         reader = MetaReader(dataset_dir, split=split, rank=comm.rank, world_size=comm.size,
                             shuffle=False, seed=0, **reader_kwargs)
-        rows, support = _collect(learner, plain, reader, inner_steps, learner.model.schema.oracle)
+        rows, support = _collect(learner, plain, reader, inner_steps, learner.model.schema.oracle, unseen_past or {})
         gathered = comm.allgather_object((rows, support, reader.stats.get("tasks_read", 0)))
         merged, support = (_concat([g[k] for g in gathered if g[k]]) for k in (0, 1))
         tasks = int(sum(g[2] for g in gathered))
@@ -104,7 +107,19 @@ def _concat(parts: list) -> dict:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
 
 
-def _collect(learner, plain, reader, inner_steps: int, oracle_columns) -> tuple:
+def _unseen_to_oov(batch: dict, unseen_past: dict) -> dict:
+    """The batch with ids >= ``unseen_past[feature]`` set to the out-of-vocabulary row 0 (list
+    padding, -1, stays)."""
+    if not unseen_past:
+        return batch
+    out = dict(batch)
+    for part in ("support", "query"):
+        out[part] = {k: np.where(v.numpy() >= unseen_past[k], 0, v.numpy()) if k in unseen_past else v
+                     for k, v in batch[part].items()}
+    return out
+
+
+def _collect(learner, plain, reader, inner_steps: int, oracle_columns, unseen_past: dict) -> tuple:
     """This rank's real query rows of one split (the model's and the plain network's scores,
     labels, task and item ids, oracle columns) and its real support positives (task, item: what
     the item-kNN baseline scores from)."""
@@ -122,12 +137,15 @@ def _collect(learner, plain, reader, inner_steps: int, oracle_columns) -> tuple:
                      & (np.asarray(model.relevance(s)) > 0.5))
             supports.append({"task": np.broadcast_to(batch["task_id"].numpy()[:, None], liked.shape)[liked],
                              "item": s[item].numpy()[liked]})
-        out = fn(batch)
+        seen = _unseen_to_oov(batch, unseen_past)
+        out = fn(seen)
         keep = out.pop("mask").numpy() > 0
         row = {k: v.numpy()[keep] for k, v in out.items()}
+        if "item" in row:          # the baselines score the dataset's own item ids
+            row["item"] = batch["query"][item].numpy()[keep]
         row["query_position"] = np.broadcast_to(np.arange(keep.shape[1]), keep.shape)[keep]
         if plain_fn is not None:
-            p = plain_fn(batch)
+            p = plain_fn(seen)
             for k, v in p.items():
                 if is_score_key(k):
                     row[plain_of(k)] = v.numpy()[keep]
