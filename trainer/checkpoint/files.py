@@ -47,7 +47,6 @@ META = "meta.json"
 DENSE = "dense.npz"
 FINISHED = "FINISHED"
 ROWS = "@rows/"
-LEARNERS = ("model", "plain")
 _CKPT_RE = re.compile(r"^ckpt-(\d+)$")
 PARTIAL_RE = re.compile(r"^\.ckpt-(\d+)\.partial-[0-9a-f]+$")
 
