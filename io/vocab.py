@@ -185,6 +185,12 @@ class Vocabulary:
         return self.values.take(pa.array(np.asarray(rows, np.int64))).to_pylist()
 
 
+def keeps_rows(old: Vocabulary, new: Vocabulary) -> bool:
+    """``new`` maps every value of ``old`` to the same row (it extends it, or is it): what a
+    model trained on ``old`` needs of a later dataset to reuse its rows."""
+    return new.kind == old.kind and new.size >= old.size and new.values.slice(0, old.size).equals(old.values)
+
+
 def save_vocabularies(directory: str, vocabs: dict) -> str:
     """Write ``vocabs`` ({table: Vocabulary}) under ``DIR/_vocab``; returns the index path."""
     root = fs.join(directory, VOCAB_DIR)

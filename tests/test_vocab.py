@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from gmeta.io.errors import DataError
-from gmeta.io.vocab import OOV_ROW, ValueCounter, Vocabulary, kind_of, load_vocabularies, save_vocabularies
+from gmeta.io.vocab import OOV_ROW, ValueCounter, Vocabulary, keeps_rows, kind_of, load_vocabularies, save_vocabularies
+from gmeta.trainer.checkpoint.init_from import vocabulary_problem
 
 
 def test_build_maps_sorted_values_after_the_oov_row_and_unknowns_to_it():
@@ -55,3 +56,17 @@ def test_only_strings_and_integers_are_ids():
     assert kind_of(pa.array(["a"]).dictionary_encode()) == "string"
     with pytest.raises(DataError, match="column 'price'.*cannot hold ids"):
         kind_of(pa.array([1.5]), "price")
+
+
+def test_a_vocabulary_built_afresh_does_not_keep_yesterdays_rows():
+    """Only an extension keeps every known id on its row: the condition warm starts and promote check."""
+    day1 = Vocabulary.build("item", pa.array(["b", "d"]), "string")
+    extended = day1.extend(pa.array(["a", "c"]))
+    afresh = Vocabulary.build("item", pa.array(["a", "b", "c", "d"]), "string")
+    assert keeps_rows(day1, day1) and keeps_rows(day1, extended)
+    assert not keeps_rows(day1, afresh) and not keeps_rows(extended, day1)
+    assert not keeps_rows(Vocabulary.build("item", pa.array([1]), "int"), Vocabulary.build("item", pa.array(["1"]), "string"))
+    assert vocabulary_problem("item", {"item": day1}, {"item": extended}) is None
+    assert vocabulary_problem("item", {"item": day1}, {}) is None   # nothing to check against
+    problem = vocabulary_problem("item", {"item": day1}, {"item": afresh})
+    assert "table item" in problem and "--vocab-from" in problem

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 
 from gmeta.io.schema import Schema
-from gmeta.io.vocab import OOV_ROW, load_vocabularies
+from gmeta.io.vocab import OOV_ROW, keeps_rows, load_vocabularies
 from gmeta.trainer.evaluation.report import print_report
 from gmeta.trainer.evaluation.splits import evaluate_splits, evaluation_splits, item_baselines
 from gmeta.trainer.parallel.launch import run_guarded
@@ -100,7 +100,7 @@ def grown_tables(export_dir: str, meta: dict, schema, data: str) -> dict:
         if rows.get(table, 0) <= schema.table(table).num_rows:
             continue
         grown = theirs.get(vocab.table)
-        if grown is None or not grown.values.slice(0, vocab.size).equals(vocab.values):
+        if grown is None or not keeps_rows(vocab, grown):
             raise ValueError(f"{data}: table {table} has {rows[table]:,} rows, the model {vocab.size:,}, and its "
                              f"vocabulary does not keep the model's values on their rows: convert it with "
                              f"--vocab-from the dataset the model was trained on")

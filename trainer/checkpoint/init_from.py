@@ -9,8 +9,9 @@ row and new ids get new rows at the end, so a table may grow. Its rows ``[0, old
 from the source, re-sharded for this run's workers by the plan's placement rule; the new rows
 keep what the embedding gave them, the initial rows of their global ids
 (``gmeta.trainer.embedding.initial``), the same for any worker count. A table that shrank,
-changed its dimension, or is hashed with another bucket count cannot be mapped row for row: the
-error names it before anything is copied.
+changed its dimension, is hashed with another bucket count, or whose vocabulary (where the source
+and today's dataset both keep one) does not keep the source's ids on their rows cannot be mapped
+row for row: the error names it before anything is copied.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import os
 import numpy as np
 
 from gmeta.io import fs
+from gmeta.io.errors import DataError
+from gmeta.io.vocab import keeps_rows, load_vocabularies
 from gmeta.trainer.checkpoint.assemble import assemble_rows
 from gmeta.trainer.checkpoint.files import (
     DENSE,
@@ -32,7 +35,7 @@ from gmeta.trainer.checkpoint.files import (
     read_checkpoint_meta,
 )
 from gmeta.trainer.meta.state import OPTIMIZER_PREFIXES, run_state
-from gmeta.trainer.serving.export import EXPORT_FILE
+from gmeta.trainer.serving.export import EXPORT_FILE, load_export_vocabularies
 from gmeta.trainer.tracking.mlflow_run import resolve_export_dir
 
 
@@ -60,6 +63,7 @@ class _WeightSource:
             self.values = {k[len("model/"):]: v for k, v in dense.items() if k.startswith("model/")}
             self.tables = {name: tuple(shape) for name, shape in self.meta.get("tables", {}).items()}
             self.hashed = _hashed_tables(self.meta.get("schema"))
+            self.vocabularies = _dataset_vocabularies(self.meta.get("config", {}).get("data", ""))
             return
 
         self.kind, self.where = "export", resolve_export_dir(source, tracking_uri)
@@ -69,6 +73,7 @@ class _WeightSource:
             meta = json.load(f)
         self.tables = {n: tuple(s) for n, s in meta.get("tables", {}).items()}
         self.hashed = _hashed_tables(meta.get("schema"))
+        self.vocabularies = {v.table: v for v in load_export_vocabularies(self.where, meta).values()}
         self._embeddings = None
 
     def table_rows(self, wanted: dict, plan) -> dict:
@@ -129,13 +134,15 @@ def _place(var, old: np.ndarray, values: np.ndarray) -> None:
     var.assign(full)
 
 
-def _rows_to_load(src: _WeightSource, plan) -> tuple:
+def _rows_to_load(src: _WeightSource, plan, vocabularies: dict) -> tuple:
     """({table: its rows in the source}, tables the source lacks); raises, naming every table
-    whose rows cannot be mapped one to one, before anything is copied."""
+    whose rows cannot be mapped one to one, before anything is copied. ``vocabularies``: this
+    run's dataset's; where both sides keep one, today's must keep the source's values on their rows."""
     counts, left, problems = {}, [], []
     for t in plan.tables:
         shape = src.tables.get(t.name)
-        problem = None if shape is None else table_problem(t, shape, src.hashed.get(t.name, False))
+        problem = None if shape is None else (table_problem(t, shape, src.hashed.get(t.name, False))
+                                              or vocabulary_problem(t.name, src.vocabularies, vocabularies))
         if shape is None:
             left.append(f"table/{t.name}")
         elif problem:
@@ -145,6 +152,26 @@ def _rows_to_load(src: _WeightSource, plan) -> tuple:
     if problems:
         raise CheckpointError(f"--init-from {src.source}: {'; '.join(problems)} (or start without --init-from)")
     return counts, left
+
+
+def vocabulary_problem(table: str, before: dict, now: dict) -> str | None:
+    """Why the source's rows of ``table`` would land on other ids today (None: they would not, or
+    one side keeps no vocabulary to tell): a dataset converted without ``--vocab-from`` numbers
+    its ids afresh, and copying rows by position would give every id another id's vector."""
+    old, new = before.get(table), now.get(table)
+    if old is None or new is None or keeps_rows(old, new):
+        return None
+    return (f"table {table}: today's vocabulary (version {new.version}, {new.size:,} rows) does not keep the "
+            f"source's values on their rows (version {old.version}, {old.size:,} rows): convert today's data "
+            f"with --vocab-from the dataset the source was trained on")
+
+
+def _dataset_vocabularies(data: str) -> dict:
+    """A checkpoint's training dataset's vocabularies, where that dataset can still be read."""
+    try:
+        return load_vocabularies(data) if data else {}
+    except (OSError, DataError):
+        return {}
 
 
 def _copy_tables(src: _WeightSource, emb, counts: dict) -> None:
@@ -165,15 +192,17 @@ def _grown(plan, counts: dict) -> dict:
             if t.name in counts and counts[t.name] < t.num_rows}
 
 
-def init_from(source: str, learners: dict, tracking_uri, log) -> dict:
+def init_from(source: str, learners: dict, tracking_uri, log, data: str = "") -> dict:
     """Copy the model variables and tables of ``source`` into each learner (module docstring);
-    optimizer state stays fresh. Returns ``{learner: {"loaded": [...], "left": [...], "grown":
+    ``data``: this run's dataset, whose vocabularies must keep the source's rows; optimizer state
+    stays fresh. Returns ``{learner: {"loaded": [...], "left": [...], "grown":
     {table: [rows loaded, rows now]}}}`` and logs what was loaded, grown and left at initial values."""
     src = _WeightSource(source, tracking_uri)
+    today = _dataset_vocabularies(data)
     report = {}
     for prefix, learner in learners.items():
         state = run_state(learner)
-        counts, missing = _rows_to_load(src, learner.embedding.plan)
+        counts, missing = _rows_to_load(src, learner.embedding.plan, today)
         loaded, left = _copy_dense(src, state)
         _copy_tables(src, learner.embedding, counts)
         loaded += [f"table/{t}" for t in counts]

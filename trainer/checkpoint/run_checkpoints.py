@@ -188,7 +188,7 @@ class RunCheckpoints:
         if self.enabled and not cfg.checkpoint_dir:  # (an explicit directory was checked by open)
             _refuse_old_checkpoints(comm, self.directory)
         if cfg.init_from:
-            init_from(cfg.init_from, self.learners, cfg.tracking_uri, self.log)
+            init_from(cfg.init_from, self.learners, cfg.tracking_uri, self.log, data=cfg.data)
 
     def _config(self) -> dict:
         return normal_json(config_dict(self.cfg))
