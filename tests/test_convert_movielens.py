@@ -1,10 +1,13 @@
-"""``gmeta convert movielens`` on tiny fixtures written in both raw layouts (100K and 1M).
+"""``gmeta convert movielens`` on tiny fixtures written in the three raw layouts (100K, 1M, latest).
 
 The fixture is built so every split is non-empty and the expected result can be computed
 independently here with plain Python: 45 users rate 16 old and 15 new movies each (timestamps
 spread so the last 9 users to arrive are the cold ones; some timestamps tie), one user has too
 few ratings and one too many. Of the 36 warm users, round(0.1 * 36) = 4 (a seeded draw, read back
-from the output) are held out as the val split.
+from the output) are held out as the val split. Ids are read back to raw values through the
+dataset's vocabularies (``DIR/_vocab``), so the checks say what the protocol says, in raw ids.
+The command is a spec over ``gmeta convert table``: the last tests show the shipped spec
+``tools/specs/movielens-latest.json`` gives the identical dataset from the raw CSV files.
 """
 
 from __future__ import annotations
@@ -12,15 +15,18 @@ from __future__ import annotations
 import glob
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.orc as orc
+import pyarrow.parquet as pq
 import pytest
 
 from gmeta.cli import main as gmeta
 from gmeta.io.schema import Schema
-from gmeta.tools.movielens import GENRES
+from gmeta.io.vocab import load_vocabularies
+from gmeta.tools.movielens import AGE_GROUPS, GENRES
 
 N_ITEMS, N_COLD_ITEMS = 120, 24          # the 24 latest-released items (20%) are cold
 N_USERS, N_COLD_USERS = 45, 9            # of the 45 kept users, the 9 that arrive last are cold
@@ -28,6 +34,9 @@ N_VAL_USERS = 4                          # round(--val-fraction 0.1 * 36 warm us
 OCCUPATIONS = ("artist", "doctor", "engineer", "student", "writer")
 AGE_1M = {10: 1, 20: 18, 30: 25, 40: 35, 47: 45, 52: 50, 60: 56}
 SPLITS = ("train", "user_cold", "item_cold", "user_item_cold", "val")
+WRITTEN = ("train", "val", "user_cold", "item_cold", "user_item_cold")     # the order schema.json lists them
+REPO = Path(__file__).resolve().parents[1]
+DEV_DATA = REPO.parent / "shared" / "data" / "ml-latest-small"
 
 
 def _fixture():
@@ -134,15 +143,25 @@ def read_split(d, split):
     return pa.concat_tables([orc.ORCFile(f).read() for f in files])
 
 
-def val_raw_users(d, items, users, ratings):
-    """Raw ids of the users in ``d``'s val split (warm users, val included, take ids in raw-id order)."""
-    _, cold_users, _ = expected_tasks(items, users, ratings)
-    per_user = {}
-    for u, *_ in ratings:
-        per_user[u] = per_user.get(u, 0) + 1
-    warm = sorted(u for u, n in per_user.items() if 13 <= n <= 100 and u not in cold_users)
-    ids = set(read_split(d, "val").column("user_id").to_pylist())
-    return {warm[k] for k in ids}
+def raw_split(d, split) -> dict:
+    """A split's columns with every vocabulary-mapped feature read back to its raw value (lists
+    of raw values for list features); ``task_id`` as written."""
+    vocabs = load_vocabularies(d)
+    schema = Schema.load(d)
+    t = read_split(d, split).to_pydict()
+    for f in schema.sparse:
+        values = vocabs[f.table].values.to_pylist()
+        t[f.name] = [[values[r] for r in v] if isinstance(v, list) else values[v] for v in t[f.name]]
+    return t
+
+
+def summary_of(d) -> dict:
+    return json.loads(open(os.path.join(d, "convert.json")).read())
+
+
+def val_raw_users(d, items=None, users=None, ratings=None):
+    """Raw ids of the users in ``d``'s val split."""
+    return set(raw_split(d, "val")["user_id"])
 
 
 @pytest.fixture(scope="module")
@@ -163,23 +182,21 @@ def converted(tmp_path_factory):
 def test_tasks_match_the_protocol(converted, layout):
     """Every task: 13..100 rows, the 10 most recent ratings as query after the support rows, exact
     items and ratings as recomputed by hand (the val users' warm-item ratings in val, their
-    cold-item ratings nowhere); click = rating >= 4; cold ids come after warm ids."""
+    cold-item ratings nowhere); click = rating >= 4."""
     outs, (items, users, ratings) = converted
     d = outs[layout]
-    val_users = val_raw_users(d, items, users, ratings)
+    val_users = val_raw_users(d)
     expected, cold_users, cold_items = expected_tasks(items, users, ratings, val_users)
     schema = Schema.load(d)
-    assert schema.splits == SPLITS and schema.labels == ("click", "rating")
-    summary = json.loads(open(os.path.join(d, "convert.json")).read())
+    assert schema.splits == WRITTEN and schema.labels == ("click", "rating")
+    summary = summary_of(d)
     assert summary["layout"] == layout
-    assert summary["counts"]["users_kept"] == N_USERS and summary["counts"]["users_dropped"] == 2
-    assert summary["counts"]["val_users"] == len(val_users) == N_VAL_USERS
-    assert summary["counts"]["ratings_of_val_users_on_cold_items"] == 15 * N_VAL_USERS
-    warm_items = sorted(it["id"] for it in items if it["id"] not in cold_items)
-    item_new = {raw: k for k, raw in enumerate(warm_items + sorted(cold_items))}
+    assert summary["tasks"]["kept"] == N_USERS and summary["tasks"]["dropped"] == 2
+    assert summary["tasks"]["val"] == len(val_users) == N_VAL_USERS
+    assert summary["rows"]["rows_of_val_tasks_on_cold"] == 15 * N_VAL_USERS
     for split in SPLITS:
-        t = read_split(d, split).to_pydict()
-        assert summary["splits"][split]["users"] == len(expected[split]) > 0
+        t = raw_split(d, split)
+        assert summary["splits"][split]["tasks"] == len(expected[split]) > 0
         assert summary["splits"][split]["rows"] == len(t["task_id"]) == sum(map(len, expected[split].values()))
         assert np.array_equal(t["click"], (np.array(t["rating"]) >= 4).astype(np.float32))
         tid = np.array(t["task_id"])
@@ -189,89 +206,72 @@ def test_tasks_match_the_protocol(converted, layout):
         for a, b in zip(starts, np.r_[starts[1:], len(tid)]):
             q = np.array(t["is_query"][a:b])
             assert q.sum() == 10 and np.all(q[:b - a - 10] == 0) and 13 <= b - a <= 100
-            got[int(tid[a])] = [(t["item_id"][k], t["rating"][k]) for k in range(a, b)]
-        # map our expected raw ids to the converted ids and compare the exact sequences
-        want = sorted([item_new[i], float(r)] for u in expected[split] for i, r in expected[split][u])
-        have = sorted([i, r] for v in got.values() for i, r in v)
-        assert have == want
-        per_task_lengths = sorted(map(len, got.values()))
-        assert per_task_lengths == sorted(map(len, expected[split].values()))
-        queries = sorted(tuple(sorted(item_new[i] for i, _ in v[-10:])) for v in expected[split].values())
-        assert queries == sorted(tuple(sorted(i for i, _ in v[-10:])) for v in got.values())
+            assert len(set(t["user_id"][a:b])) == 1
+            got[t["user_id"][a]] = [(t["item_id"][k], t["rating"][k]) for k in range(a, b)]
+        # the exact sequences, in time order (ties by item id), per raw user
+        assert got == {u: [(i, float(r)) for i, r in v] for u, v in expected[split].items()}
 
 
 @pytest.mark.parametrize("layout", ["100k", "1m", "latest"])
 def test_cold_users_and_items_are_separated(converted, layout):
-    """Cold items never occur in train or user_cold; cold users never in train or item_cold; cold
-    ids are >= every warm id; item_cold users are existing (train) users; val users are warm users
-    found in no other split, on warm items only."""
-    d = converted[0][layout]
-    t = {s: read_split(d, s).to_pydict() for s in SPLITS}
+    """Cold items never occur in train or user_cold; cold users never in train or item_cold;
+    item_cold users are existing (train) users; val users are warm users found in no other
+    split, on warm items only."""
+    outs, (items_, users_, ratings) = converted
+    d = outs[layout]
+    _, cold_users, cold_items = expected_tasks(items_, users_, ratings)
+    t = {s: raw_split(d, s) for s in SPLITS}
     users = {s: set(t[s]["user_id"]) for s in SPLITS}
     items = {s: set(t[s]["item_id"]) for s in SPLITS}
     assert not (users["train"] | users["item_cold"]) & (users["user_cold"] | users["user_item_cold"])
     assert not (items["train"] | items["user_cold"]) & (items["item_cold"] | items["user_item_cold"])
     assert users["item_cold"] <= users["train"] and users["user_item_cold"] <= users["user_cold"]
-    assert max(items["train"] | items["user_cold"]) < N_ITEMS - N_COLD_ITEMS <= min(items["item_cold"])
-    assert max(users["train"]) < N_USERS - N_COLD_USERS <= min(users["user_cold"])
+    assert items["item_cold"] | items["user_item_cold"] <= cold_items
+    assert not (items["train"] | items["user_cold"] | items["val"]) & cold_items
+    assert users["user_cold"] == cold_users and not users["train"] & cold_users
     assert len(users["train"]) == N_USERS - N_COLD_USERS - N_VAL_USERS and len(users["user_cold"]) == N_COLD_USERS
-    assert len(users["val"]) == N_VAL_USERS and max(users["val"]) < N_USERS - N_COLD_USERS
+    assert len(users["val"]) == N_VAL_USERS and not users["val"] & cold_users
     assert not users["val"] & set().union(*(users[s] for s in SPLITS if s != "val"))
-    assert items["val"] <= set(range(N_ITEMS - N_COLD_ITEMS))
-    for s in SPLITS:
-        assert t[s]["task_id"] == t[s]["user_id"]
 
 
 def test_layouts_give_the_same_dataset(converted):
-    """The same logical data in the 100K and the 1M layout converts to identical columns; the
-    latest layout to the same columns but the demographics (it has none) and genre ids (its
-    vocabulary is the file's own sorted names)."""
+    """The same logical data in the 100K and the 1M layout converts to identical columns (but
+    occupation: names in 100K, codes in 1M); the latest layout to the same columns but the
+    demographics (it has none) and genre rows (its vocabulary holds only the genres it names)."""
     outs = converted[0]
     latest = Schema.load(outs["latest"])
     assert [f.name for f in latest.sparse] == ["user_id", "item_id", "genres", "year"]
-    names = json.loads(open(os.path.join(outs["latest"], "convert.json")).read())["counts"]["genre_vocabulary"]
-    assert names == sorted(names) and latest.table("genre").num_rows == len(names)
     for s in SPLITS:
-        a, b, c = read_split(outs["100k"], s), read_split(outs["1m"], s), read_split(outs["latest"], s)
+        a, b = read_split(outs["100k"], s), read_split(outs["1m"], s)
         for col in ("task_id", "is_query", "click", "rating", "user_id", "age", "gender", "item_id",
                     "genres", "year", "zip"):
             assert a.column(col).to_pylist() == b.column(col).to_pylist(), (s, col)
+        a, c = raw_split(outs["100k"], s), raw_split(outs["latest"], s)
         for col in ("task_id", "is_query", "click", "rating", "user_id", "item_id", "year"):
-            assert a.column(col).to_pylist() == c.column(col).to_pylist(), (s, col)
-        assert ([sorted(GENRES[g] for g in gs) for gs in a.column("genres").to_pylist()]
-                == [sorted(names[g] for g in gs) for gs in c.column("genres").to_pylist()])
+            assert a[col] == c[col], (s, col)
+        assert [sorted(g) for g in a["genres"]] == [sorted(g) for g in c["genres"]]
 
 
 def test_features(converted):
-    """Side features decoded as documented (age groups, gender, genres, release decade, zip)."""
+    """Side features decoded as documented (age groups, gender, occupation, genres, release
+    decade, zip), read back through the vocabularies."""
     outs, (items, users, ratings) = converted
-    t = read_split(outs["100k"], "train").to_pydict()
-    raw_users = sorted(u["id"] for u in users[:N_USERS])       # warm + cold, kept
-    by_row = {}
-    for split in ("train", "val"):                             # the warm users
-        v = read_split(outs["100k"], split).to_pydict()
-        for k in range(len(v["task_id"])):
-            by_row.setdefault(v["user_id"][k], (v["age"][k], v["gender"][k], v["occupation"][k]))
-    ages = sorted(AGE_1M)
-    age_group = {a: ages.index(a) for a in ages}
-    # warm users (train and val) in raw-id order take ids 0..35
-    _, cold_users, cold_items = expected_tasks(items, users, ratings)
-    warm_raw = [u for u in raw_users if u not in cold_users]
     info = {u["id"]: u for u in users}
-    for new_id, raw in enumerate(warm_raw):
-        u = info[raw]
-        assert by_row[new_id] == (age_group[u["age"]], int(u["gender"] == "F"),
-                                  sorted(OCCUPATIONS).index(OCCUPATIONS[u["occupation"]]))
-    warm_items = sorted(it["id"] for it in items if it["id"] not in cold_items)
     item_info = {it["id"]: it for it in items}
-    for k in range(len(t["item_id"])):
-        it = item_info[warm_items[t["item_id"][k]]]
-        assert t["genres"][k] == sorted(it["genres"])
-        want_year = 0 if not it["year"] else min(max((it["year"] - 1930) // 10, 1), 8)
-        assert t["year"][k] == want_year
+    for split in SPLITS:
+        t = raw_split(outs["100k"], split)
+        for k in range(len(t["task_id"])):
+            u = info[t["user_id"][k]]
+            group = AGE_GROUPS[max(i for i, a in enumerate(AGE_GROUPS) if a <= u["age"])]
+            assert (t["age"][k], t["gender"][k], t["occupation"][k], t["zip"][k]) == (
+                group, u["gender"], OCCUPATIONS[u["occupation"]], u["zip"][0].upper())
+            it = item_info[t["item_id"][k]]
+            assert sorted(t["genres"][k]) == sorted(GENRES[g] for g in it["genres"])
+            want_year = None if not it["year"] else min(max((it["year"] - 1930) // 10, 1), 8)
+            assert t["year"][k] == want_year
     schema = Schema.load(outs["100k"])
-    assert schema.table("zip").num_rows == len({u["zip"][0] for u in users[:N_USERS]})
-    assert schema.feature("genres").max_len == 2 and schema.table("item_id").num_rows == N_ITEMS
+    assert schema.table("zip").num_rows == 1 + len({u["zip"][0] for u in users})     # row 0: out of vocabulary
+    assert schema.feature("genres").max_len == 2 and schema.table("item_id").num_rows == 1 + N_ITEMS
 
 
 def test_reader_reads_every_split(converted):
@@ -342,13 +342,12 @@ def test_val_split_is_seeded_and_optional(converted, tmp_path):
     for name, flags in (("again", []), ("seed1", ["--seed", "1"]), ("noval", ["--val-fraction", "0"])):
         runs[name] = str(tmp_path / name)
         assert gmeta(["convert", "movielens", "--src", str(src), "--out", runs[name], "--quiet", *flags]) == 0
-    val = {k: val_raw_users(d, items, users, ratings) for k, d in (("default", outs["1m"]), ("again", runs["again"]),
-                                                                  ("seed1", runs["seed1"]))}
+    val = {k: val_raw_users(d) for k, d in (("default", outs["1m"]), ("again", runs["again"]), ("seed1", runs["seed1"]))}
     assert val["default"] == val["again"] and val["seed1"] != val["default"]
     assert len(val["seed1"]) == N_VAL_USERS
-    assert Schema.load(runs["noval"]).splits == SPLITS[:4] and not os.path.exists(os.path.join(runs["noval"], "val"))
-    counts = json.loads(open(os.path.join(runs["noval"], "convert.json")).read())["counts"]
-    assert counts["val_users"] == counts["ratings_of_val_users_on_cold_items"] == 0
+    assert set(Schema.load(runs["noval"]).splits) == set(SPLITS[:4]) and not os.path.exists(os.path.join(runs["noval"], "val"))
+    summary = summary_of(runs["noval"])
+    assert summary["tasks"]["val"] == summary["rows"]["rows_of_val_tasks_on_cold"] == 0
     noval = {s: read_split(runs["noval"], s).to_pydict() for s in SPLITS[:4]}
     assert len(set(noval["train"]["user_id"])) == N_USERS - N_COLD_USERS
     val_ids = set(read_split(outs["1m"], "val")["user_id"].to_pylist())
@@ -398,44 +397,41 @@ def test_implicit_protocol_negatives(converted, tmp_path):
     explicit = str(tmp_path / "explicit")
     assert gmeta(["convert", "movielens", "--src", str(src), "--out", explicit, "--quiet", "--val-fraction", "0"]) == 0
     rated = {}
+    for u, i, *_ in ratings:
+        rated.setdefault(u, set()).add(i)
+    _, _, cold_items = expected_tasks(items, users, ratings)
+    warm_items = {it["id"] for it in items} - cold_items
+    short = 0
     for s in SPLITS[:4]:
-        e = read_split(explicit, s).to_pydict()
-        for u, i in zip(e["user_id"], e["item_id"]):
-            rated.setdefault(u, set()).add(i)
-    # (a user's ids are the same in every split, so rated[u] holds its warm and its cold items)
-    n_warm, short = N_ITEMS - N_COLD_ITEMS, 0
-    for s in SPLITS[:4]:
-        t = read_split(runs["a"], s).to_pydict()
-        e = read_split(explicit, s).to_pydict()
-        assert t == read_split(runs["b"], s).to_pydict()
-        assert t["item_id"] != read_split(runs["c"], s)["item_id"].to_pylist()
-        tid, click, q, item = (np.array(t[k]) for k in ("task_id", "click", "is_query", "item_id"))
+        t, e = raw_split(runs["a"], s), raw_split(explicit, s)
+        assert t == raw_split(runs["b"], s)
+        assert t["item_id"] != raw_split(runs["c"], s)["item_id"]
+        tid, click, q, item, user = (np.array(t[k]) for k in ("task_id", "click", "is_query", "item_id", "user_id"))
         for task in np.unique(tid):
             rows = tid == task
+            u = user[rows][0]
             pos, neg = rows & (click == 1), rows & (click == 0)
-            want = [(i, qq) for u, i, qq in zip(e["task_id"], e["item_id"], e["is_query"]) if u == task]
+            want = [(i, qq) for uu, i, qq in zip(e["user_id"], e["item_id"], e["is_query"]) if uu == u]
             assert sorted(zip(item[pos].tolist(), q[pos].tolist())) == sorted(want)
-            negs = item[neg]
-            assert len(set(negs.tolist())) == len(negs) and not set(negs.tolist()) & rated[task]
-            cold_pool = s in ("item_cold", "user_item_cold")
-            assert np.all(negs >= n_warm) if cold_pool else np.all(negs < n_warm)
-            pool = set(range(n_warm, N_ITEMS)) if cold_pool else set(range(n_warm))
+            negs = set(item[neg].tolist())
+            assert len(negs) == neg.sum() and not negs & rated[u]
+            pool = cold_items if s in ("item_cold", "user_item_cold") else warm_items
+            assert negs <= pool
             need = 6 + (pos & (q == 0)).sum()
-            if len(pool - rated[task]) < need:   # a pool that runs out gives what it has, support first
+            if len(pool - rated[u]) < need:   # a pool that runs out gives what it has
                 short += 1
-                assert len(negs) == len(pool - rated[task])
+                assert negs == pool - rated[u]
                 continue
             assert (neg & (q == 1)).sum() == 6 and (neg & (q == 0)).sum() == (pos & (q == 0)).sum()
             support = click[rows][q[rows] == 0]
             assert np.array_equal(support, np.tile([1.0, 0.0], len(support) // 2))
             assert np.all(q[rows][:-16] == 0) and np.all(q[rows][-16:] == 1)
-    counts = json.loads(open(os.path.join(runs["a"], "convert.json")).read())["counts"]
-    assert counts["tasks_short_of_negatives"] == short > 0
+    assert summary_of(runs["a"])["rows"]["tasks_short_of_negatives"] == short > 0
 
 
 def test_cold_users_at_random(converted, tmp_path):
     """--cold-users random: as many cold users as the time rule, a seeded draw that differs
-    from the latest arrivals; ids still put every cold user after every warm one."""
+    from the latest arrivals."""
     outs, (items, users, ratings) = converted
     src = tmp_path / "src"
     write_raw(str(src), "1m", items, users, ratings)
@@ -445,19 +441,11 @@ def test_cold_users_at_random(converted, tmp_path):
         assert gmeta(["convert", "movielens", "--src", str(src), "--out", runs[name], "--quiet",
                       "--cold-users", "random", "--seed", seed]) == 0
     _, cold_by_time, _ = expected_tasks(items, users, ratings)
-    counts = json.loads(open(os.path.join(runs["a"], "convert.json")).read())["counts"]
-    assert counts["cold_users"] == N_COLD_USERS
-    cold_sets = {}
-    for name, d in runs.items():
-        t = read_split(d, "user_cold").to_pydict()
-        cold_sets[name] = sorted(set(t["task_id"]))
-        assert min(cold_sets[name]) >= N_USERS - N_COLD_USERS
-    assert cold_sets["a"] == cold_sets["b"]
-    a = read_split(runs["a"], "user_cold").to_pydict()
-    c = read_split(runs["c"], "user_cold").to_pydict()
-    assert a["item_id"] != c["item_id"]
-    time_run = read_split(outs["1m"], "user_cold").to_pydict()
-    assert a["item_id"] != time_run["item_id"]
+    assert summary_of(runs["a"])["tasks"]["cold"] == N_COLD_USERS
+    cold_sets = {name: set(raw_split(d, "user_cold")["user_id"]) for name, d in runs.items()}
+    assert cold_sets["a"] == cold_sets["b"] != cold_sets["c"]
+    assert len(cold_sets["a"]) == len(cold_sets["c"]) == N_COLD_USERS
+    assert cold_sets["a"] != cold_by_time
 
 
 # Bad flags of `gmeta convert movielens`: tests/test_datagen.py::test_bad_flags_are_named, one test
@@ -473,3 +461,43 @@ def test_refuses_to_overwrite_without_flag(converted, tmp_path, capsys):
     assert gmeta(["convert", "movielens", "--src", str(src), "--out", str(out), "--quiet"]) == 2
     assert "pass --overwrite" in capsys.readouterr().err
     assert gmeta(["convert", "movielens", "--src", str(src), "--out", str(out), "--quiet", "--overwrite"]) == 0
+
+
+# ---------------------------------------------------------------------------------- a spec over convert table
+def _same_dataset(a, b) -> None:
+    """Two dataset directories hold the same splits, rows, vocabularies and schema (but its
+    ``meta``, which names how each was made)."""
+    sa, sb = (json.loads(open(os.path.join(d, "schema.json")).read()) for d in (a, b))
+    sa.pop("meta"), sb.pop("meta")
+    assert sa == sb
+    for split in sa["splits"]:
+        assert read_split(a, split).equals(read_split(b, split)), split
+    for table in os.listdir(os.path.join(a, "_vocab")):
+        if table.endswith(".parquet"):
+            assert pq.read_table(os.path.join(a, "_vocab", table)).equals(pq.read_table(os.path.join(b, "_vocab", table)))
+
+
+@pytest.mark.parametrize("implicit", [False, True])
+def test_movielens_is_the_shipped_spec_over_convert_table(tmp_path, implicit):
+    """``gmeta convert movielens`` on the latest layout and ``gmeta convert table --spec
+    tools/specs/movielens-latest.json`` on the same raw CSV files write the identical dataset,
+    explicit and implicit (the same flags on both)."""
+    items, users, ratings = _fixture()
+    src = tmp_path / "src"
+    write_raw(str(src), "latest", items, users, ratings)
+    flags = (["--negatives", "6", "--support-negatives", "1"]) if implicit else []
+    labels = ["--label", "click=rating > 0"] if implicit else []
+    assert gmeta(["convert", "movielens", "--src", str(src), "--out", str(tmp_path / "ml"), "--quiet", *flags]) == 0
+    assert gmeta(["convert", "table", "--spec", str(REPO / "tools" / "specs" / "movielens-latest.json"),
+                  "--src", str(src), "--out", str(tmp_path / "tb"), "--quiet", *flags, *labels]) == 0
+    _same_dataset(tmp_path / "ml", tmp_path / "tb")
+
+
+@pytest.mark.skipif(not (DEV_DATA / "ratings.csv").exists(), reason=f"the development set is not at {DEV_DATA}")
+def test_movielens_and_the_spec_agree_on_the_development_set(tmp_path):
+    """The same on the real ratings (ml-latest-small: 100,836 ratings, every split non-empty)."""
+    assert gmeta(["convert", "movielens", "--src", str(DEV_DATA), "--out", str(tmp_path / "ml"), "--quiet"]) == 0
+    assert gmeta(["convert", "table", "--spec", str(REPO / "tools" / "specs" / "movielens-latest.json"),
+                  "--src", str(DEV_DATA), "--out", str(tmp_path / "tb"), "--quiet"]) == 0
+    _same_dataset(tmp_path / "ml", tmp_path / "tb")
+    assert all(summary_of(tmp_path / "ml")["splits"][s]["tasks"] > 0 for s in WRITTEN)

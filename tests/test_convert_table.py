@@ -138,6 +138,60 @@ def test_partitions_and_re_splitting_give_the_same_tasks(parquet_events, tmp_pat
     assert content(tmp_path / "p1") == content(tmp_path / "p5") == content(tmp_path / "split")
 
 
+def test_negatives_are_the_same_whatever_the_partitions(parquet_events, tmp_path):
+    """--negatives: each task's sampled label-0 rows are distinct items it never had an event
+    with, and the draws (a hash of seed, task and attempt) give the same tasks in 1 or 5
+    partitions; a negative's context features are those of the event it follows."""
+    events, out = parquet_events
+    src = str(Path(out).parent / "events.parquet")
+    base = ["convert", "table", "--input", src, "--task", "user", "--order", "ts", "--label", "click=rating > 0",
+            "--sparse", "user", "--sparse", "item", "--item", "item", "--query-last", "2", "--negatives", "3",
+            "--support-negatives", "1", "--quiet"]
+    for n in (1, 5):
+        assert gmeta(base + ["--partitions", str(n), "--out", str(tmp_path / f"p{n}")]) == 0
+    one, five = read_split(tmp_path / "p1", "train"), read_split(tmp_path / "p5", "train")
+
+    def by_task(t):
+        return {tid: [(t["item"][r], t["click"][r], t["is_query"][r]) for r in rows] for tid, rows in tasks_of(t).items()}
+
+    assert by_task(one) == by_task(five)
+    vocabs = load_vocabularies(str(tmp_path / "p1"))
+    had = {}
+    for u, i in zip(events["user"], events["item"]):
+        had.setdefault(u, set()).add(i)
+    for rows in tasks_of(one).values():
+        user = raw(vocabs["user"], [one["user"][rows[0]]])[0]
+        negatives = [raw(vocabs["item"], [one["item"][r]])[0] for r in rows if one["click"][r] == 0]
+        queries = [one["click"][r] for r in rows if one["is_query"][r]]
+        assert queries.count(0.0) == 3 and len(set(negatives)) == len(negatives) and not set(negatives) & had[user]
+    # a context feature of a negative is the one of the event it follows
+    assert gmeta(base + ["--sparse", "tags", "--out", str(tmp_path / "tags")]) == 0
+    t = read_split(tmp_path / "tags", "train")
+    for rows in tasks_of(t).values():
+        for a, b in zip(rows, rows[1:]):
+            if t["click"][b] == 0 and not t["is_query"][b]:
+                assert t["tags"][b] == t["tags"][a]
+
+
+def test_negatives_and_buckets_errors_name_the_field(parquet_events, tmp_path, capsys):
+    _, out = parquet_events
+    src = str(Path(out).parent / "events.parquet")
+    base = ["convert", "table", "--input", src, "--task", "user", "--order", "ts", "--sparse", "item", "--item", "item",
+            "--query-last", "2", "--out", str(tmp_path / "o")]
+    assert gmeta(base + ["--label", "rating=rating", "--negatives", "3"]) == 2
+    assert "no value for the label(s) ['rating']; use event labels" in capsys.readouterr().err
+    spec = tmp_path / "s.json"
+    spec.write_text(json.dumps({"sparse": [{"name": "tags", "column": "tags", "group": "item"}]}))
+    assert gmeta(base + ["--spec", str(spec), "--label", "click=rating > 0", "--negatives", "3"]) == 2
+    assert "item feature 'tags' reads column 'tags', which is neither the item id column" in capsys.readouterr().err
+    spec.write_text(json.dumps({"derive": [{"name": "b", "column": "price", "buckets": [0.5, 0.2]}]}))
+    assert gmeta(base + ["--spec", str(spec), "--label", "click=rating > 0"]) == 2
+    assert "derive 'b': buckets [0.5, 0.2] must be ascending numbers" in capsys.readouterr().err
+    spec.write_text(json.dumps({"cold": {"items": {"after": 5, "by": "price"}}}))
+    assert gmeta(base + ["--spec", str(spec), "--label", "click=rating > 0"]) == 2
+    assert "cold.items.by ranks the items by 'price'" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------- spec, CSV, side table, splits
 N_USERS, N_COLD, WARM_ITEMS, COLD_ITEMS = 40, 10, 25, (26, 27, 28, 29)
 T_COLD_ITEMS = 100 * DAY

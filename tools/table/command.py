@@ -31,9 +31,10 @@ from gmeta.io.writer import TaskWriter
 from gmeta.tools.common import OutputConfig, Progress, add_output_arguments, prepare_out, run_command
 from gmeta.tools.table.config import build_config, flag_fields, read_spec
 from gmeta.tools.table.encode import Encoder, build_schema, build_vocabularies, kind_name, raw_values
-from gmeta.tools.table.extract import ORDER, OTHER, TASK, Extractor, feature_col, plan_columns
+from gmeta.tools.table.extract import BY_OTHER, BY_TASK, ORDER, OTHER, TASK, Extractor, feature_col, plan_columns
 from gmeta.tools.table.partition import (MAX_PARTITIONS, MIB, MemoryPlan, Partitioner, choose_partitions,
                                          read_partition, return_freed_memory, split_again, trim)
+from gmeta.tools.table.negatives import add_negatives, build_pool, rated_keys
 from gmeta.tools.table.protocol import arrange, decide
 from gmeta.tools.table.source import EventFiles, load_side
 from gmeta.tools.table.spec import SPLITS, TASK_KINDS, SpecError, TableConfig
@@ -62,6 +63,10 @@ def state_bytes(decisions, vocabs: dict) -> float:
     held += decisions.cold_others.nbytes if decisions.cold_others is not None else 0
     held += sum(v.values.nbytes for v in vocabs.values())
     return STATE_FACTOR * held
+
+
+def pool_bytes(pool) -> float:
+    return pool.keys.nbytes + sum(c.nbytes for c in pool.columns.values())
 
 
 # ---------------------------------------------------------------------------------- pass 1
@@ -96,10 +101,14 @@ class PassOne:
 
     def _count(self, part: pa.RecordBatch) -> None:
         order = part.column(ORDER).to_numpy(zero_copy_only=False)
-        self.tasks.add(part.column(TASK), order)
-        if OTHER in part.schema.names:
+        names = part.schema.names
+        ranked = {k: part.column(k).to_numpy(zero_copy_only=False) if k in names else None for k in (BY_TASK, BY_OTHER)}
+        self.tasks.add(part.column(TASK), order, ranked[BY_TASK])
+        if OTHER in names:
             valid = part.column(OTHER).is_valid()
-            self.others.add(part.column(OTHER).filter(valid), order[valid.to_numpy(zero_copy_only=False)])
+            keep = valid.to_numpy(zero_copy_only=False)
+            by = ranked[BY_OTHER]
+            self.others.add(part.column(OTHER).filter(valid), order[keep], None if by is None else by[keep])
         for f in self.cfg.sparse:
             column = part.column(feature_col(f.name))
             if pa.types.is_list(column.type):
@@ -141,8 +150,8 @@ class PassTwo:
     """One partition at a time: arrange, encode, write; a partition over the memory limit is
     split again with another hash first."""
 
-    def __init__(self, cfg, decisions, encoder, schema, limit: float, buffer_bytes: int, tmp: str):
-        self.cfg, self.decisions, self.encoder, self.schema = cfg, decisions, encoder, schema
+    def __init__(self, cfg, decisions, encoder, schema, limit: float, buffer_bytes: int, tmp: str, pool=None):
+        self.cfg, self.decisions, self.encoder, self.schema, self.pool = cfg, decisions, encoder, schema, pool
         self.limit, self.buffer_bytes, self.tmp = limit, buffer_bytes, tmp
         self.writers = {}
         self.stats = SplitStats([lab.name for lab in cfg.labels])
@@ -183,8 +192,11 @@ class PassTwo:
         os.remove(path)
         if part.num_rows == 0:        # no task hashed here
             return
+        rated = rated_keys(part, self.decisions, self.pool) if self.pool is not None else None
         arranged = arrange(part, self.decisions, self.cfg)
         del part
+        if self.pool is not None:
+            arranged = add_negatives(arranged, rated, self.pool, self.cfg)
         for k, v in arranged.counts.items():
             self.counts[k] = self.counts.get(k, 0) + v
         table = self.encoder.table(arranged)
@@ -234,21 +246,23 @@ def convert(cfg: TableConfig) -> dict:
         partitions = one.run(plan.read, progress)
         t1 = time.perf_counter()
         tasks = one.tasks.finish()
-        others = one.others.finish() if cfg.other_rule.active else None
+        others = one.others.finish() if cfg.needs_other else None
         decisions = decide(cfg, tasks, others, extractor.order_kind)
         vocabs = build_vocabularies(cfg, one.counters, extractor.kinds, previous)
         one.counters, one.tasks, one.others = {}, None, None
         side_on = {c: sides[k].join.on for c, k in plan.side_of.items()}
         groups = {f.name: cfg.group_of(f, side_on) for f in cfg.sparse}
+        pool = (build_pool(decisions, others, lambda keys: extractor.other_side(keys, groups))
+                if cfg.negatives or cfg.support_negatives else None)
         schema = build_schema(cfg, vocabs, one.max_lens, groups)
-        state = state_bytes(decisions, vocabs)
+        state = state_bytes(decisions, vocabs) + (STATE_FACTOR * pool_bytes(pool) if pool is not None else 0)
         trim()
         if state > 0.75 * cfg.memory_mb * MIB and not cfg.quiet:
             print(f"convert table: the vocabularies and per-task facts take {state / MIB:,.0f} MB of --memory-mb "
                   f"{cfg.memory_mb}; peak memory will exceed it (give more)", file=sys.stderr, flush=True)
         progress.begin()
         two = PassTwo(cfg, decisions, Encoder(cfg, vocabs, schema), schema, memory.partition_limit(state),
-                      memory.buffer_bytes, tmp)
+                      memory.buffer_bytes, tmp, pool)
         two.run(partitions, progress)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -356,6 +370,10 @@ def add_arguments(parser) -> None:
     a("--split-column", help="each event's split is in this column (train, val, user_cold, item_cold, "
                              "user_item_cold); replaces the cold and val rules")
     a("--val-fraction", type=float, help="a seeded fraction of the warm tasks held out as split val")
+    a("--negatives", type=int, help="implicit feedback: add this many sampled label-0 rows per query set, of items "
+                                    "the task never had an event with (spec: negatives.query)")
+    a("--support-negatives", type=float, help="with negatives: sampled label-0 rows per support event "
+                                              "(spec: negatives.support)")
     a("--seed", type=int, help=f"seed of the val and random cold draws (default: {d.seed})")
     a("--vocab-from", help="a previous dataset: its values keep their rows, new ones are appended")
     a("--memory-mb", type=int, help=f"memory for rows held at once (default: {d.memory_mb}); chooses the number "

@@ -18,7 +18,7 @@ except ImportError:  # YAML specs need PyYAML (MLflow brings it along); JSON alw
 
 SPEC_KEYS = ("input", "format", "csv_delimiter", "task", "task_kind", "order", "timestamp_format", "query",
              "min_events", "max_events", "labels", "join", "derive", "sparse", "min_count", "dense",
-             "item_id_feature", "cold", "split_column", "val_fraction", "seed")
+             "item_id_feature", "cold", "split_column", "val_fraction", "negatives", "seed")
 
 
 def _known(d: dict, keys, where: str) -> dict:
@@ -71,7 +71,7 @@ def _build(cls, d, where: str, required=()):
     missing = [k for k in required if k not in d]
     if missing:
         raise SpecError(f"{where}: missing {missing}")
-    for k in ("drop", "columns"):
+    for k in ("drop", "columns", "buckets"):
         if k in d:
             d[k] = tuple(_list(d[k], f"{where}.{k}"))
     try:
@@ -103,7 +103,8 @@ def _cold(d, where: str) -> ColdRule:
     d = _known(d, [f.name for f in fields(ColdRule)], where)
     try:
         return ColdRule(after=d.get("after"), fraction=float(d.get("fraction", 0.0)),
-                        random=bool(d.get("random", False)), column=str(d.get("column", "")))
+                        random=bool(d.get("random", False)), column=str(d.get("column", "")),
+                        by=str(d.get("by", "")))
     except (TypeError, ValueError) as exc:
         raise SpecError(f"{where}: {exc}") from None
 
@@ -138,11 +139,18 @@ def spec_fields(spec: dict) -> dict:
         labels = _known(spec["labels"], LABEL_NAMES, "spec: labels")
         out["labels"] = tuple(Label.parse(k, v, "spec: labels") for k, v in labels.items())
     out_lists = {"join": ("joins", lambda d, w: _build(Join, d, w, required=("path", "on"))),
-                 "derive": ("derive", lambda d, w: _build(Derive, d, w, required=("name", "column", "regex"))),
+                 "derive": ("derive", lambda d, w: _build(Derive, d, w, required=("name", "column"))),
                  "sparse": ("sparse", _feature), "dense": ("dense", _dense)}
     for key, (name, make) in out_lists.items():
         if key in spec:
             out[name] = tuple(make(d, f"spec: {key}[{k}]") for k, d in enumerate(_list(spec[key], f"spec: {key}")))
+    if "negatives" in spec:
+        n = spec["negatives"]
+        n = _known({"query": n} if isinstance(n, (int, float)) else n, ("query", "support"), "spec: negatives")
+        try:
+            out.update(negatives=int(n.get("query", 0)), support_negatives=float(n.get("support", 0.0)))
+        except (TypeError, ValueError) as exc:
+            raise SpecError(f"spec: negatives: {exc}") from None
     if "cold" in spec:
         cold = _known(spec["cold"], ("users", "items"), "spec: cold")
         out.update(cold_users=_cold(cold.get("users"), "spec: cold.users"),
@@ -171,7 +179,7 @@ def flag_fields(args) -> dict:
              "query_last": "query_last", "query_fraction": "query_fraction", "min_events": "min_events",
              "max_events": "max_events", "min_count": "min_count", "val_fraction": "val_fraction", "seed": "seed",
              "vocab_from": "vocab_from", "memory_mb": "memory_mb", "partitions": "partitions", "tmp_dir": "tmp_dir",
-             "csv_delimiter": "csv_delimiter"}
+             "csv_delimiter": "csv_delimiter", "negatives": "negatives", "support_negatives": "support_negatives"}
     for dest, name in plain.items():
         value = getattr(args, dest, None)
         if value is not None:
@@ -241,7 +249,8 @@ def build_config(spec: dict, flags: dict, output: dict) -> TableConfig:
     kw["sparse"] = tuple(sparse)
     for side, rule in cold.items():
         old = kw.get(f"cold_{side}", ColdRule())
-        kw[f"cold_{side}"] = ColdRule(after=rule.after, fraction=rule.fraction, random=rule.random, column=old.column)
+        kw[f"cold_{side}"] = ColdRule(after=rule.after, fraction=rule.fraction, random=rule.random, column=old.column,
+                                      by="" if rule.after is not None or rule.random else old.by)
     try:
         return TableConfig(**kw, **output).validate()
     except TypeError as exc:

@@ -4,7 +4,8 @@ a ``DataError`` naming the file, the column and the row (1-based, header not cou
 
 Partition columns: ``t`` task, ``o`` order (int64 or float64; timestamps as int64 microseconds),
 ``k0..`` tie-breakers, ``q`` query flag, ``s`` split code, ``e`` the other side's entity (for its
-cold rule), ``L.<label>`` float32, ``F.<feature>`` raw ids (string or int64, or lists of them),
+cold rule and negatives), ``bt`` / ``be`` the value a task / other-side cold rule ranks ``by``
+(float64, -inf for null), ``L.<label>`` float32, ``F.<feature>`` raw ids (string or int64, or lists of them),
 ``D.<dense>`` float32. Their types are fixed by the first batch; later batches are cast to them.
 """
 
@@ -18,9 +19,10 @@ import pyarrow.compute as pc
 
 from gmeta.io.errors import DataError
 from gmeta.tools.table.source import check_type, derive_column
-from gmeta.tools.table.spec import SPLITS, TableConfig
+from gmeta.tools.table.spec import SPLITS, SpecError, TableConfig
 
 TASK, ORDER, QUERY, SPLIT, OTHER = "t", "o", "q", "s", "e"
+BY_TASK, BY_OTHER = "bt", "be"
 US_PER = {"s": 1_000_000, "ms": 1_000, "us": 1, "ns": 1}   # ns: divided, see _timestamps
 
 
@@ -62,7 +64,8 @@ def uses_of(cfg: TableConfig) -> list:
     uses += [(cfg.split_column, "split")] if cfg.split_column else []
     uses += [(f.column, "delimited" if f.delimiter else "id") for f in cfg.sparse]
     uses += [(d.column, "dense") for d in cfg.dense]
-    uses += [(cfg.other_column(), "task")] if cfg.other_rule.active else []
+    uses += [(cfg.other_column(), "task")] if cfg.needs_other else []
+    uses += [(rule.by, "by") for rule in (cfg.task_rule, cfg.other_rule) if rule.by]
     return uses
 
 
@@ -179,8 +182,11 @@ class Extractor:
             out[QUERY] = self._query(cols[cfg.query_column], cfg.query_column)
         if cfg.split_column:
             out[SPLIT] = self._split(cols[cfg.split_column], cfg.split_column)
-        if cfg.other_rule.active:
+        if cfg.needs_other:
             out[OTHER] = self._kind(OTHER, _ids(cols[cfg.other_column()]), cfg.other_column())
+        for key, rule in ((BY_TASK, cfg.task_rule), (BY_OTHER, cfg.other_rule)):
+            if rule.by:
+                out[key] = _ranked(cols[rule.by])
         for lab in cfg.labels:
             out[label_col(lab.name)] = self._label(cols[lab.column], lab)
         for f in cfg.sparse:
@@ -191,6 +197,33 @@ class Extractor:
         if self.schema is None:
             self.schema = part.schema
         return part
+
+    def other_side(self, keys: pa.Array, groups: dict) -> dict:
+        """The partition columns of the other side's features for each of ``keys`` (what a
+        sampled negative item carries): features read from the other side's id column, or from a
+        side table joined on it (and columns derived from those)."""
+        cfg, other = self.cfg, self.cfg.other_column()
+        self._file, self._first = f"the {cfg.other_kind}s sampled as negatives", 0
+        cols = {other: keys}
+        for side in self.sides:
+            if side.join.on == other:
+                cols.update(side.take(keys, side.columns)[0])
+        for d in cfg.derive:
+            if d.name not in cols and d.column in cols:
+                cols[d.name] = derive_column(cols[d.column], d, self._file)
+        out = {}
+        for f in [f for f in cfg.sparse if groups[f.name] == cfg.other_kind] + \
+                 [d for d in cfg.dense if d.group == cfg.other_kind]:
+            if f.column not in cols:
+                raise SpecError(f"negatives: {cfg.other_kind} feature {f.name!r} reads column {f.column!r}, which is "
+                                f"neither the {cfg.other_kind} id column {other!r} nor in a side table joined on it, "
+                                f"so a sampled {cfg.other_kind} has no value for it; join its side table on {other!r} "
+                                f"or give the feature another group")
+            if f in cfg.dense:
+                out[dense_col(f.name)] = self._dense(cols[f.column], f)
+            else:
+                out[feature_col(f.name)] = self._feature(cols[f.column], f)
+        return out
 
     def _kind(self, key, values: pa.Array, column: str) -> pa.Array:
         """``values`` cast to the type the first batch gave ``key``."""
@@ -346,6 +379,14 @@ class Extractor:
         if bad.any():
             self._fail(bad, d.column, lambda i: f"non-finite value {x[i]} for dense feature {d.name!r}")
         return pa.array(x.astype(np.float32))
+
+
+def _ranked(values) -> pa.Array:
+    """A cold rule's ``by`` column as float64 (dates and timestamps as microseconds), null -inf."""
+    values = _decoded(values)
+    if pa.types.is_timestamp(values.type) or pa.types.is_date(values.type):
+        values = _timestamps(values)
+    return pc.fill_null(values.cast(pa.float64()), -np.inf)
 
 
 def _dropped(ids: pa.Array, drop) -> np.ndarray:

@@ -40,7 +40,8 @@ class Decisions:
 
 def _cold(rule: ColdRule, keys: KeyTable, eligible: np.ndarray, seed: int, stream: int, order_kind: str) -> tuple:
     """(cold mask over ``keys``, the threshold used): first seen after ``after``, or the
-    ``fraction`` of the eligible keys seen last (ties by key), or a seeded draw of them."""
+    ``fraction`` of the eligible keys seen last (ties by key), or a seeded draw of them, or the
+    fraction with the largest ``by`` value (ties by first seen, then key; threshold: that value)."""
     cold = np.zeros(len(keys), bool)
     if rule.after is not None:
         t = threshold(rule.after, order_kind)
@@ -52,6 +53,10 @@ def _cold(rule: ColdRule, keys: KeyTable, eligible: np.ndarray, seed: int, strea
     if rule.random:
         cold[idx[np.random.default_rng([seed, 2, stream]).permutation(idx.size)[:k]]] = True
         return cold, None
+    if rule.by:
+        latest = idx[np.lexsort((keys.first[idx], keys.by[idx]))[idx.size - k:]]
+        cold[latest] = True
+        return cold, float(keys.by[latest].min())
     latest = idx[np.argsort(keys.first[idx], kind="stable")[idx.size - k:]]
     cold[latest] = True
     return cold, float(keys.first[latest].min())

@@ -36,7 +36,9 @@ USES = {
            "string or integer ids, or lists of them"),
     "delimited": (lambda t: _is_string(t), "strings to split on the delimiter"),
     "dense": (lambda t: _is_number(t), "numbers"),
-    "derive": (lambda t: _is_string(t), "strings (a regex reads them)"),
+    "derive": (lambda t: _is_string(t) or _is_number(t), "strings (a regex reads them) or numbers (buckets)"),
+    "by": (lambda t: _is_number(t) or pa.types.is_timestamp(t) or pa.types.is_date(t),
+           "numbers or dates (a cold rule ranks by them)"),
     "key": (lambda t: _is_id(t), "string or integer keys"),
 }
 SAMPLE_BYTES = 1 << 20
@@ -298,20 +300,31 @@ def load_side(join: Join, src: str, delimiter: str, derive=()) -> Side:
 
 
 def derive_column(values, d: Derive, file: str) -> pa.Array:
-    """The first regex group of each value (null where it does not match), as string or int."""
+    """The first regex group of each value (null where it does not match), as string or int;
+    with ``buckets``, the bucket of each number (null stays null)."""
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
     if pa.types.is_dictionary(values.type):
         values = values.dictionary_decode()
-    pattern = _named_first_group(d.regex)
-    found = pc.struct_field(pc.extract_regex(values.cast(pa.string()), pattern), "value")
+    found = values
+    if d.regex:
+        found = pc.struct_field(pc.extract_regex(values.cast(pa.string()), _named_first_group(d.regex)), "value")
+    if d.buckets:
+        try:
+            x = found.cast(pa.float64())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise DataError(f"derived column {d.name!r}: buckets need numbers: {exc}", file=file,
+                            column=d.column) from None
+        bucket = np.searchsorted(np.asarray(d.buckets, float), x.fill_null(0).to_numpy(zero_copy_only=False),
+                                 side="right") + 1
+        return pa.array(bucket.astype(np.int64), mask=x.is_null().to_numpy(zero_copy_only=False))
     if d.type == "int":
         try:
             return found.cast(pa.int64())
         except pa.ArrowInvalid as exc:
             raise DataError(f"derived column {d.name!r}: {exc}; make the regex group match digits only",
                             file=file, column=d.column) from None
-    return found
+    return found.cast(pa.string()) if d.regex else found
 
 
 def _named_first_group(regex: str) -> str:

@@ -113,25 +113,31 @@ class Join:
 
 @dataclass(frozen=True)
 class Derive:
-    """A column made from another with a regular expression (RE2) whose first group is the value,
-    e.g. the year in a title: ``"\\((\\d{4})\\)\\s*$"``; no match is a null."""
+    """A column made from another: a regular expression (RE2) whose first group is the value,
+    e.g. the year in a title: ``"\\((\\d{4})\\)\\s*$"`` (no match is a null), and/or numeric
+    ``buckets`` (ascending boundaries b1 < b2 < ...; a value below b1 is bucket 1, one in
+    [b_i, b_i+1) bucket i + 1, a null stays null), e.g. decades of a year or age groups."""
 
     name: str
     column: str
-    regex: str
-    type: str = "string"       # string | int
+    regex: str = ""            # "" = the value itself
+    type: str = "string"       # string | int (buckets are int)
+    buckets: tuple = ()
 
 
 @dataclass(frozen=True)
 class ColdRule:
     """Who is cold: first event after ``after`` (a number in the order column's units, or an ISO
-    date), or the ``fraction`` that arrived last (or a seeded draw with ``random``). ``column``
-    names the entity for the side that is not the task (default: the item id feature's column)."""
+    date), or the ``fraction`` that arrived last (or a seeded draw with ``random``, or the
+    fraction with the largest ``by``, e.g. a release year; ties by first event, then key).
+    ``column`` names the entity for the side that is not the task (default: the item id
+    feature's column)."""
 
     after: Union[None, float, str] = None
     fraction: float = 0.0
     random: bool = False
     column: str = ""
+    by: str = ""               # with fraction: the keys with the largest value of this column are cold
 
     @property
     def active(self) -> bool:
@@ -167,6 +173,8 @@ class TableConfig(OutputConfig):
     cold_items: ColdRule = ColdRule()
     split_column: str = ""
     val_fraction: float = 0.0
+    negatives: int = 0         # > 0: implicit feedback, this many sampled label-0 rows per query set
+    support_negatives: float = 0.0   # sampled label-0 rows per support event (with negatives)
     seed: int = 0
     vocab_from: str = ""
     memory_mb: int = 512
@@ -189,6 +197,11 @@ class TableConfig(OutputConfig):
     @property
     def min_task_events(self) -> int:
         return self.min_events or (self.query_last + 1 if self.query_last else 2)
+
+    @property
+    def needs_other(self) -> bool:
+        """The other side's entity is needed per event: for its cold rule or for negatives."""
+        return self.other_rule.active or self.negatives > 0 or self.support_negatives > 0
 
     def other_column(self) -> str:
         """The column of the entity that is not the task (for its cold rule)."""
@@ -258,6 +271,9 @@ class TableConfig(OutputConfig):
              "--split-column", "(spec: split_column) replaces the cold and val rules; give one or the other",
              repr(self.split_column)),
             (0 <= self.val_fraction < 1, "--val-fraction", "(spec: val_fraction) must be in [0, 1)", self.val_fraction),
+            (self.negatives >= 0, "--negatives", "(spec: negatives.query) must be >= 0", self.negatives),
+            (self.support_negatives >= 0, "--support-negatives", "(spec: negatives.support) must be >= 0",
+             self.support_negatives),
             (self.seed >= 0, "--seed", "(spec: seed) must be >= 0", self.seed),
             (self.memory_mb >= MIN_MEMORY_MB, "--memory-mb", f"must be >= {MIN_MEMORY_MB}", self.memory_mb),
             (self.partitions >= 0, "--partitions", "must be >= 0 (0: from --memory-mb)", self.partitions),
@@ -270,9 +286,21 @@ class TableConfig(OutputConfig):
             if not 0 <= rule.fraction < 1:
                 raise SpecError(f"spec: cold.{name}.fraction (--cold-{name}-fraction) must be in [0, 1) "
                                 f"(got {rule.fraction})")
+        for rule, name in ((self.cold_users, "users"), (self.cold_items, "items")):
+            if rule.by and (rule.after is not None or rule.random or not rule.fraction):
+                raise SpecError(f"spec: cold.{name}.by ranks the {name} by {rule.by!r} and makes the largest "
+                                f"'fraction' cold; give a fraction, not 'after' or 'random'")
         if self.other_rule.active and not self.other_column():
             raise SpecError(f"spec: cold.{self.other_kind}s needs a 'column' naming the {self.other_kind} ids "
                             f"(or an item_id_feature / --item for user tasks)")
+        if self.negatives or self.support_negatives:
+            if not self.other_column():
+                raise SpecError(f"spec: negatives are {self.other_kind}s the task never had an event with: name the "
+                                f"{self.other_kind} ids (item_id_feature / --item, or cold.{self.other_kind}s.column)")
+            not_events = [lab.name for lab in self.labels if not lab.is_event]
+            if not_events:
+                raise SpecError(f"spec: negatives are sampled label-0 rows, which have no value for the label(s) "
+                                f"{not_events}; use event labels (click, conversion) with negatives")
         for f in self.sparse:
             if f.group and f.group not in GROUPS:
                 raise SpecError(f"spec: sparse feature {f.name!r}: group {f.group!r} is not one of {GROUPS}")
@@ -289,6 +317,16 @@ class TableConfig(OutputConfig):
         for d in self.derive:
             if d.type not in ("string", "int"):
                 raise SpecError(f"spec: derive {d.name!r}: type {d.type!r} must be string or int")
+            try:
+                b = np.asarray(d.buckets, dtype=float)
+            except (TypeError, ValueError):
+                b = np.full(1, np.nan)
+            if d.buckets and (b.ndim != 1 or not np.all(np.isfinite(b)) or np.any(np.diff(b) <= 0)):
+                raise SpecError(f"spec: derive {d.name!r}: buckets {list(d.buckets)} must be ascending numbers")
+            if not d.regex and not d.buckets:
+                raise SpecError(f"spec: derive {d.name!r}: give a regex, buckets, or both")
+            if not d.regex:
+                continue
             try:
                 groups = re.compile(d.regex).groups
             except re.error as exc:
