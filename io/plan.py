@@ -186,6 +186,38 @@ def read_columns(dataset_dir: str, split: str, columns) -> dict:
     return {name: np.concatenate(p) for name, p in parts.items()}
 
 
+def first_values_by_key(dataset_dir: str, splits, key: str, columns, max_lens: dict) -> tuple:
+    """``(keys, {column: values})``: each distinct id of the ``key`` column (sorted) with the
+    values ``columns`` had on its first row (splits in the order given, rows in file order);
+    list columns as ``[n, max_lens[c]]`` int64 padded with -1. What a model that generates an
+    item's embedding from its side features needs for items it has not seen."""
+    names = list(dict.fromkeys([key, *columns]))
+    keys, parts = [], {c: [] for c in columns}
+    for split in splits:
+        for path, _, batch in iter_stripes(orc_paths(fs.join(dataset_dir, split)), names, lambda *a: None):
+            check_no_nulls({key: batch.column(key)}, path, 0)
+            keys.append(batch.column(key).to_numpy())
+            for c in columns:
+                col = batch.column(c)
+                if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+                    width = max_lens[c]
+                    lengths = np.minimum(col.value_lengths().fill_null(0).to_numpy(zero_copy_only=False), width)
+                    flat = col.flatten().to_numpy(zero_copy_only=False)
+                    offsets = col.offsets.to_numpy()
+                    starts = offsets[:-1] - offsets[0]
+                    out = np.full((len(col), width), -1, np.int64)
+                    row, pos = np.nonzero(np.arange(width)[None, :] < lengths[:, None])
+                    out[row, pos] = flat[starts[row] + pos]
+                    parts[c].append(out)
+                else:
+                    parts[c].append(col.to_numpy(zero_copy_only=False))
+    if not keys:
+        return np.zeros(0, np.int64), {c: np.zeros(0) for c in columns}
+    all_keys = np.concatenate(keys)
+    uniq, first = np.unique(all_keys, return_index=True)
+    return uniq.astype(np.int64), {c: np.concatenate(p)[first] for c, p in parts.items()}
+
+
 def _is_id_type(t: pa.DataType) -> bool:
     if pa.types.is_list(t) or pa.types.is_large_list(t):
         t = t.value_type

@@ -81,6 +81,21 @@ class TrainingPhase:
     needs_values: tuple = ()
 
 
+@dataclass(frozen=True)
+class RowGenerator:
+    """A model that can make a table's row from other features (MetaEmb: an item's id
+    embedding from its side features) says which: a warm start (``--init-from``) whose
+    vocabulary grew gives the new rows of ``table`` what ``generate(vectors, part)`` makes of
+    each new id's first row in the data (``key``: the id feature; ``sparse``/``dense``: the
+    features it reads), instead of random initial rows."""
+
+    table: str
+    key: str
+    sparse: tuple
+    dense: tuple
+    generate: Callable
+
+
 class ZooModel(tf.Module):
     """Base class. Subclasses set ``name``/``paper``, create ``self.params`` and ``self.adapted``."""
 
@@ -312,6 +327,10 @@ class ZooModel(tf.Module):
     def training_phases(self) -> tuple:
         """Extra ``TrainingPhase``s run after meta-training (none by default)."""
         return ()
+
+    def row_generator(self):
+        """A ``RowGenerator`` for new rows of a grown table, or None (initial rows)."""
+        return None
 
     # ---- forward ----
     def build_inputs(self, vectors: dict, part: dict):

@@ -14,7 +14,8 @@ has two phases:
    embeddings. The generator minimises ``alpha * L_a + (1 - alpha) * L_b``, summed over tasks.
 
 At evaluation an item that never appeared in the training split uses its generated embedding;
-seen items keep their trained one. Defaults: embeddings 16, MLP 64-64, generator one hidden layer
+seen items keep their trained one. A warm start (``--init-from``) whose item vocabulary grew
+starts the new items' rows from their generated embeddings (``row_generator``). Defaults: embeddings 16, MLP 64-64, generator one hidden layer
 of 32, alpha 0.1, warm-up step size 0.1 (``--extra alpha=..,warmup_lr=..``).
 """
 
@@ -24,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from gmeta.models import layers
-from gmeta.models.base import TrainingPhase, resolve_target
+from gmeta.models.base import RowGenerator, TrainingPhase, resolve_target
 from gmeta.models.mlp_head import MLPHeadModel
 
 
@@ -78,6 +79,11 @@ class MetaEmb(MLPHeadModel):
         return (TrainingPhase(name="generator", variables=tuple(self.gen_params.values()),
                               loss_sum=self.generator_loss_sum, finish=self._finish_generator,
                               needs_values=(self.item_feature,)),)
+
+    def row_generator(self) -> RowGenerator:
+        """A warm start gives new items generated embeddings (the paper's warm-up) rather than noise."""
+        return RowGenerator(table=self.item_table.name, key=self.item_feature, sparse=self.side_features,
+                            dense=self.side_dense, generate=self.generate)
 
     def _finish_generator(self, trained: bool, values: dict) -> None:
         """Unseen items use generated embeddings only when a generator was really trained."""

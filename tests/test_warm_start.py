@@ -1,8 +1,9 @@
 """Warm starts onto a grown vocabulary: a daily retrain's dataset has the same tables with more
 rows (every known id keeps its row, new ids are appended), and `gmeta train --init-from SOURCE`
 starts from the source's rows in their places while the new rows keep the embedding's initial
-rows, on any worker count. A table that shrank, changed its dimension or its hash bucket count
-cannot be mapped row for row and is refused, naming it.
+rows, on any worker count (MetaEmb's new item rows: generated from their side features). A table
+that shrank, changed its dimension or its hash bucket count cannot be mapped row for row and is
+refused, naming it.
 
 Today's dataset is yesterday's with larger `num_rows` in schema.json (ids past the data's are
 never looked up); runs use `--epochs 0`, so a run's export IS its state right after --init-from."""
@@ -12,9 +13,13 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import BIN, horovodrun, last_json, run_gmeta
+from test_daily_loop import SPEC, T0, events
 
+from gmeta.io.vocab import load_vocabularies
 from gmeta.trainer.embedding.build import INIT_STDDEV
 from gmeta.trainer.embedding.initial import initial_rows
 
@@ -154,3 +159,60 @@ def test_a_shrunk_table_another_dim_or_other_hash_buckets_are_refused_naming_the
     rebucketed = _refused(data["rebucketed"], source["export"], tmp_path)
     assert "table tag is hashed and its bucket count changed ([200, 16] there, [256, 16] here)" in rebucketed, \
         rebucketed[-3000:]
+
+
+# ---------------------------------------------------------------------------------- MetaEmb: generated new rows
+@pytest.fixture(scope="module")
+def two_days(tmp_path_factory):
+    """Day 1 and day 2 of the daily loop's events (new items on day 2, each with a genre from
+    the items file), converted with --vocab-from; MetaEmb trained on day 1 (both phases)."""
+    root = tmp_path_factory.mktemp("metaemb")
+    frame, side = events()
+    (root / "spec.json").write_text(json.dumps(SPEC))
+    for day in (1, 2):
+        d = root / f"events-day{day}"
+        d.mkdir()
+        pq.write_table(pa.Table.from_pandas(frame[frame.ts < T0 + day * 86400], preserve_index=False),
+                       d / "events.parquet")
+        pq.write_table(pa.Table.from_pandas(side, preserve_index=False), d / "items.parquet")
+        vocab = ["--vocab-from", root / "day1"] if day == 2 else []
+        run_gmeta("convert", "table", "--spec", root / "spec.json", "--src", d, "--out", root / f"day{day}",
+                  "--quiet", *vocab, cwd=root)
+    flags = ["--model", "metaemb", "--tasks-per-batch", "8", "--no-saved-model", "--log-every", "0",
+             "--eval-splits", "user_cold", "--plain-baseline", "off", "--tracking-uri", "none",
+             "--support-curve", "none", "--validation-split", "none", "--checkpoint-dir", "none"]
+    proc = run_gmeta("train", *flags, "--epochs", "1", "--data", root / "day1", "--output-dir", root / "runs",
+                     cwd=root)
+    return root, flags, Path(last_json(proc)["export"]), side
+
+
+def test_metaemb_warm_start_generates_new_item_rows_from_side_features(two_days, tmp_path):
+    """MetaEmb's new item rows start from the source generator's output for each item's genre,
+    not from noise: new items of one genre get the one same row, unlike the initial rows; the
+    loaded rows are the source's; two workers give one worker's rows."""
+    root, flags, source, side = two_days
+    exports = {}
+    for np_ in (1, 2):
+        argv = ["train", *flags, "--epochs", "0", "--init-from", source, "--data", root / "day2",
+                "--output-dir", tmp_path / f"np{np_}"]
+        proc = (run_gmeta(*argv, cwd=tmp_path) if np_ == 1 else
+                horovodrun(2, [BIN / "gmeta", *argv], timeout=240))
+        exports[np_] = _tables(Path(last_json(proc)["export"]))
+    before = _tables(source)["item_id"]
+    after = exports[1]["item_id"]
+    old = before.shape[0]
+    new_rows = np.arange(old, after.shape[0])
+    assert new_rows.size > 0
+    assert f"table item_id: {old:,} rows loaded, {new_rows.size:,} new rows initialised ({new_rows.size:,} generated " \
+           f"from side features)" in proc.stderr, proc.stderr[-3000:]
+    np.testing.assert_array_equal(after[:old], before)
+    np.testing.assert_array_equal(exports[2]["item_id"], after)
+    genre_of = dict(zip(side["item"], side["genre"]))
+    vocab = load_vocabularies(str(root / "day2"))["item_id"].values.to_pylist()
+    genres = np.array([genre_of[vocab[r]] for r in new_rows])
+    for g in np.unique(genres):
+        rows = after[new_rows[genres == g]]
+        assert np.all(rows == rows[0]), g
+    assert len({tuple(after[r]) for r in new_rows}) == len(np.unique(genres)) > 1
+    noise = initial_rows(0, "item_id", new_rows, after.shape[1], INIT_STDDEV)
+    assert not np.allclose(after[new_rows], noise)

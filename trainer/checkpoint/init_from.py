@@ -8,7 +8,10 @@ Tables follow the vocabulary rule of a daily retrain (``--vocab-from``): a known
 row and new ids get new rows at the end, so a table may grow. Its rows ``[0, old_rows)`` come
 from the source, re-sharded for this run's workers by the plan's placement rule; the new rows
 keep what the embedding gave them, the initial rows of their global ids
-(``gmeta.trainer.embedding.initial``), the same for any worker count. A table that shrank,
+(``gmeta.trainer.embedding.initial``), the same for any worker count, unless the model
+generates them (MetaEmb: an item's embedding from its side features, read from the first row of
+that item in today's dataset, with the source's generator; every rank computes the same rows,
+so the lookups it makes are the same collectives on every rank). A table that shrank,
 changed its dimension, is hashed with another bucket count, or whose vocabulary (where the source
 and today's dataset both keep one) does not keep the source's ids on their rows cannot be mapped
 row for row: the error names it before anything is copied.
@@ -23,6 +26,7 @@ import numpy as np
 
 from gmeta.io import fs
 from gmeta.io.errors import DataError
+from gmeta.io.plan import first_values_by_key
 from gmeta.io.vocab import keeps_rows, load_vocabularies
 from gmeta.trainer.checkpoint.assemble import assemble_rows
 from gmeta.trainer.checkpoint.files import (
@@ -186,6 +190,43 @@ def _copy_tables(src: _WeightSource, emb, counts: dict) -> None:
     emb.after_load()
 
 
+def _generate_rows(learner, grown: dict, data: str) -> dict:
+    """{table: rows generated}: the new rows of the table the model generates (``RowGenerator``),
+    from each new id's first row in ``data``; the others keep their initial values."""
+    gen = learner.model.row_generator()
+    if gen is None or gen.table not in grown or not data:
+        return {}
+    old = grown[gen.table][0]
+    schema = learner.model.schema
+    max_lens = {f: schema.feature(f).max_len for f in gen.sparse if schema.feature(f).is_list}
+    keys, values = first_values_by_key(data, schema.splits, gen.key, (*gen.sparse, *gen.dense), max_lens)
+    table = schema.table(schema.feature(gen.key).table)
+    rows = np.asarray(table.rows_of(keys), np.int64)
+    new = rows >= old
+    rows = rows[new]
+    # every rank runs the same lookup (a collective under the hybrid embedding), even with no new rows
+    part = {c: v[new][None] for c, v in values.items()}
+    part.update({d: part[d].astype(np.float32) for d in gen.dense})
+    vectors = learner.embedding.lookup({f: part[f] for f in gen.sparse})
+    made = gen.generate(vectors, part)[0].numpy()
+    emb = learner.embedding
+    held = np.asarray(emb.state_rows(gen.table), np.int64)
+    mine = np.isin(held, rows)
+    if mine.any():
+        var = emb.state_variables()[f"table/{gen.table}"]
+        full = var.numpy()
+        full[mine] = made[_positions(rows, held[mine])]
+        var.assign(full)
+        emb.after_load()
+    return {gen.table: int(rows.size)}
+
+
+def _positions(rows: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Index in ``rows`` (distinct) of each of ``wanted`` (all present)."""
+    order = np.argsort(rows)
+    return order[np.searchsorted(rows[order], wanted)]
+
+
 def _grown(plan, counts: dict) -> dict:
     """{table: [rows loaded, rows now]} of the tables whose vocabulary grew."""
     return {t.name: [counts[t.name], t.num_rows] for t in plan.tables
@@ -209,11 +250,13 @@ def init_from(source: str, learners: dict, tracking_uri, log, data: str = "") ->
         left += missing
         who = "model" if prefix == "model" else "plain baseline (trained alongside)"
         grown = _grown(learner.embedding.plan, counts)
+        generated = _generate_rows(learner, grown, data)
         for t, (old, new) in grown.items():
-            log(f"--init-from into the {who}: table {t}: {old:,} rows loaded, {new - old:,} new rows initialised")
+            how = f" ({generated[t]:,} generated from side features)" if t in generated else ""
+            log(f"--init-from into the {who}: table {t}: {old:,} rows loaded, {new - old:,} new rows initialised{how}")
         unused = sorted(n for n in set(src.values) - set(state.model_variables())
                         if not n.startswith(OPTIMIZER_PREFIXES))
-        report[prefix] = {"loaded": loaded, "left": left, "grown": grown}
+        report[prefix] = {"loaded": loaded, "left": left, "grown": grown, "generated": generated}
         log(f"--init-from {source} ({src.kind} {src.where}) into the {who}: loaded {len(loaded)} "
             f"[{', '.join(loaded)}]; left at initial values: {', '.join(left) or 'none'}"
             + (f"; not in this model: {', '.join(unused)}" if unused else ""))
