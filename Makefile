@@ -22,12 +22,15 @@ daily-demo: venv
 	BIN=$(BIN) bash tools/daily_demo.sh daily-demo
 
 test: venv
+	-@bash tools/cluster/install_sshd.sh
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 
 test-slow: venv
+	-@bash tools/cluster/install_sshd.sh
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m slow tests
 
 test-all: venv
+	-@bash tools/cluster/install_sshd.sh
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 bench: venv

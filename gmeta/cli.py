@@ -28,6 +28,7 @@ SUBCOMMANDS = {
     "predict": ("gmeta.trainer.predict", "adapt to each task's support rows and score its query rows (file in, file out)"),
     "bench": ("gmeta.tools.bench.cli", "benchmarks: io, step, meta, memory, projection, movielens, breakdown, hot, coldstart (see gmeta bench -h)"),
     "launch": ("gmeta.launch", "horovodrun for a gmeta command, ending a failed job with its rank's error"),
+    "cluster": ("gmeta.tools.cluster.cli", "a cluster of network-namespace hosts on this machine (root): up, run, down, status"),
 }
 
 

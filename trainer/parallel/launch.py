@@ -6,14 +6,15 @@ and leaves with ``os._exit(1)``; horovodrun then sees a non-zero exit and termin
 workers, so the job ends with that message instead of hanging.
 
 Also the one ``horovodrun`` command line every launcher builds (``horovodrun_command``), the
-environment its workers get (``horovodrun_env``) and the one test for running under it
-(``launched_by_horovodrun``).
+environment its workers get (``horovodrun_env``), the one test for running under it
+(``launched_by_horovodrun``), and which host a rank is on (``worker_host``, ``check_visible``).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sys
 import time
 import traceback
@@ -31,10 +32,29 @@ def launched_by_horovodrun() -> bool:
     return any(k in os.environ for k in RANK_VARIABLES)
 
 
-def horovodrun_command(workers: int, argv, hosts: str | None = None) -> list:
+def worker_host() -> str:
+    """The host this rank runs on, as the launch named it: horovodrun's ``-H`` name
+    (``HOROVOD_HOSTNAME``, set in every Gloo worker), else the machine's host name. (Two hosts
+    that share a kernel, such as network namespaces, report one ``socket.gethostname()``.)"""
+    return os.environ.get("HOROVOD_HOSTNAME") or socket.gethostname()
+
+
+def check_visible(flag: str, path: str, rank: int) -> None:
+    """Under horovodrun, a local ``path`` this rank's host does not see is an error naming the
+    host and the path (each rank checks its own; ``hdfs://`` and other URIs are not checked here)."""
+    if not launched_by_horovodrun() or "://" in str(path) or os.path.exists(path):
+        return
+    raise FileNotFoundError(f"{flag} {path}: not found on host {worker_host()} (rank {rank}); every host must see it "
+                            f"at the same path (a shared disk, NFS, or hdfs://)")
+
+
+def horovodrun_command(workers: int, argv, hosts: str | None = None, *, network_interface: str | None = None,
+                       ssh_port: int | None = None, ssh_identity_file: str | None = None) -> list:
     """``horovodrun -np N -H localhost:N --gloo ARGV`` as strings (``hosts`` replaces
     ``localhost:N``). The horovodrun beside this Python comes first, so a virtualenv launches its
-    own Horovod whatever the PATH says."""
+    own Horovod whatever the PATH says. Across hosts: ``network_interface`` (horovodrun's
+    ``--network-interface``: Gloo binds it on every host, and the driver advertises its address),
+    ``ssh_port`` and ``ssh_identity_file`` (its ``-p`` and ``-i``)."""
     found = os.path.join(os.path.dirname(sys.executable), "horovodrun")
     if not os.path.exists(found):
         found = shutil.which("horovodrun")
@@ -42,7 +62,11 @@ def horovodrun_command(workers: int, argv, hosts: str | None = None) -> list:
         raise FileNotFoundError(f"horovodrun not found beside {sys.executable} nor on PATH: install Horovod in "
                                 "this environment (pip install horovod, built against TensorFlow) or build the "
                                 "virtualenv with `make venv`")
-    return [found, "-np", str(workers), "-H", hosts or f"localhost:{workers}", "--gloo", *map(str, argv)]
+    options = [*(["--network-interface", network_interface] if network_interface else []),
+               *(["-p", str(ssh_port)] if ssh_port else []),
+               *(["-i", str(ssh_identity_file)] if ssh_identity_file else [])]
+    return [found, "-np", str(workers), "-H", hosts or f"localhost:{workers}", *options, "--gloo",
+            *map(str, argv)]
 
 
 def horovodrun_env(extra: dict | None = None, base: dict | None = None, one_thread: bool = False) -> dict:

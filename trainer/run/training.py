@@ -41,7 +41,7 @@ from gmeta.trainer.evaluation.splits import evaluate_splits, evaluation_splits, 
 from gmeta.trainer.evaluation.support_curve import support_curve
 from gmeta.trainer.meta.phases import run_phases
 from gmeta.trainer.parallel.comm import init_communicator
-from gmeta.trainer.parallel.launch import collective_aborted
+from gmeta.trainer.parallel.launch import check_visible, collective_aborted
 from gmeta.trainer.run.build import build_learner, load_plain_baseline, plan_run_tiering
 from gmeta.trainer.run.early_stopping import EarlyStopping
 from gmeta.trainer.run.input import TrainInput
@@ -97,6 +97,7 @@ def train(cfg: TrainConfig, on_epoch=None) -> dict:
     tf.random.set_seed(cfg.seed)
     comm = init_communicator(cfg.comm, one_gpu_per_process=resolve_mode(cfg.parallel) == "sok")
     log = Log(comm.rank == 0)
+    check_visible("--data", cfg.data, comm.rank)
     check_writable(cfg, comm.rank)
     schema = Schema.load(cfg.data)
     splits = evaluation_splits(schema, cfg.eval_splits)
