@@ -13,6 +13,8 @@ import importlib
 import os
 import sys
 
+from gmeta.trainer.parallel.launch import worker_threads
+
 # name -> (module, one-line help)
 SUBCOMMANDS = {
     "env": ("gmeta.tools.env", "print versions of the stack and Horovod's build capabilities"),
@@ -85,6 +87,8 @@ def main(argv=None) -> int:
     # MLflow's INFO lines (database set-up, system metrics, input-example checks) likewise; its
     # warnings still show. Either variable set by the user wins.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # Workers sharing a host split its cores (set before TensorFlow starts its thread pools).
+    os.environ.update(worker_threads(os.environ, len(os.sched_getaffinity(0))))
     full = build_parser_for(argv)
     command = command_of(argv)
     if command is not None and command not in SUBCOMMANDS:

@@ -169,13 +169,15 @@ def _ranges(starts: np.ndarray, lens: np.ndarray):
     return np.repeat(starts - excl, lens) + np.arange(total), excl
 
 
-def gather_tasks(pool: Block, sel: np.ndarray, n_batches: int, T: int, S: int, Q: int, lay: Layout) -> dict:
+def gather_packed(pool: Block, sel: np.ndarray, n_batches: int, T: int, S: int, Q: int) -> dict:
     """Tasks ``pool[sel]`` as ``n_batches`` meta-batches of T tasks (slots past ``len(sel)`` are
-    padding tasks), in the interface's nested dict with a leading [n_batches] axis.
+    padding tasks), packed: per side one int64 array ``ints`` [int_width, n_batches, T, cap] and
+    one float32 array ``floats`` [n_floats, n_batches, T, cap] (the ``Layout``'s rows), and the
+    row ``mask`` [n_batches, T, cap]. Few large arrays, so handing a batch to TensorFlow costs a
+    few tensors, not one per feature (``unpack_numpy`` / ``MetaReader.unpack`` name them).
 
     Every output position [task, pos] gets a source column by broadcasting (``start + pos`` while
-    ``pos < count``, else the pad column), so each dtype of each side is one ``np.take``; the
-    features are then contiguous views of its rows.
+    ``pos < count``, else the pad column), so each dtype of each side is one ``np.take``.
     """
     k, slots = sel.size, n_batches * T
     task_id = np.full(slots, -1, np.int64)
@@ -190,17 +192,31 @@ def gather_tasks(pool: Block, sel: np.ndarray, n_batches: int, T: int, S: int, Q
         first[:k, 0] = start[sel]
         pos = np.arange(cap)
         real = pos < lens                                        # [slots, cap]
-        src = np.where(real, first + pos, pool.rows)             # its row, or the pad column
-        x_int = np.take(pool.ints, src.ravel(), axis=1).reshape(-1, n_batches, T, cap)
-        x_flt = np.take(pool.flts, src.ravel(), axis=1).reshape(-1, n_batches, T, cap)
+        src = np.where(real, first + pos, pool.rows).ravel()     # its row, or the pad column
+        out[side] = {"ints": np.take(pool.ints, src, axis=1).reshape(-1, n_batches, T, cap),
+                     "floats": np.take(pool.flts, src, axis=1).reshape(-1, n_batches, T, cap),
+                     "mask": real.reshape(n_batches, T, cap).astype(np.float32)}
+    return out
+
+
+def unpack_numpy(packed: dict, lay: Layout) -> dict:
+    """A packed chunk (``gather_packed``) as the interface's nested dict, features as views."""
+    out = {"task_id": packed["task_id"], "task_mask": packed["task_mask"]}
+    for side in ("support", "query"):
+        x_int, x_flt = packed[side]["ints"], packed[side]["floats"]
         d = {}
         for name, slot in lay.slots.items():
             d[name] = np.moveaxis(x_int[slot], 0, -1) if isinstance(slot, slice) else x_int[slot]
         for j, name in enumerate(lay.float_names):
             d[name] = x_flt[j]
-        d["mask"] = real.reshape(n_batches, T, cap).astype(np.float32)
+        d["mask"] = packed[side]["mask"]
         out[side] = d
     return out
+
+
+def gather_tasks(pool: Block, sel: np.ndarray, n_batches: int, T: int, S: int, Q: int, lay: Layout) -> dict:
+    """``gather_packed`` in the interface's nested dict with a leading [n_batches] axis."""
+    return unpack_numpy(gather_packed(pool, sel, n_batches, T, S, Q), lay)
 
 
 def compact(pool: Block, sel: np.ndarray) -> Block:

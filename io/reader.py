@@ -27,7 +27,8 @@ import numpy as np
 import pyarrow as pa
 
 from gmeta.io import fs
-from gmeta.io.assemble import STAT_KEYS, Block, Layout, batch_of, build_block, compact, empty_block, gather_tasks
+from gmeta.io.assemble import (STAT_KEYS, Block, Layout, batch_of, build_block, compact, empty_block, gather_packed,
+                               gather_tasks)
 from gmeta.io.errors import DataError
 from gmeta.io.index import INDEX_FILE
 from gmeta.io.plan import Unit, load_schema, plan_units, shard_tasks
@@ -153,9 +154,10 @@ class MetaReader:
     def _rng(self, epoch: int, stream: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, int(epoch), self.rank, stream])
 
-    def chunks(self, epoch: int = 0) -> Iterator[dict]:
+    def chunks(self, epoch: int = 0, packed: bool = False) -> Iterator[dict]:
         """This rank's epoch as numpy chunks of up to ``batches_per_chunk`` meta-batches each
-        (the interface dict with a leading [B] axis); together exactly ``steps_per_epoch``.
+        (the interface dict with a leading [B] axis, or with ``packed`` the few arrays of
+        ``gather_packed``); together exactly ``steps_per_epoch``.
 
         Stripe decoding and chunk assembly both run on the thread pool (numpy and pyarrow
         release the GIL), so they overlap with each other and with tf.data's own work.
@@ -164,8 +166,9 @@ class MetaReader:
         ahead = deque()
         try:
             for pool, sel, n_batches in self._chunk_plan(epoch, executor):
-                ahead.append((executor.submit(gather_tasks, pool, sel, n_batches, self.T, self.S, self.Q,
-                                              self._layout), n_batches, sel.size))
+                work = (executor.submit(gather_packed, pool, sel, n_batches, self.T, self.S, self.Q) if packed else
+                        executor.submit(gather_tasks, pool, sel, n_batches, self.T, self.S, self.Q, self._layout))
+                ahead.append((work, n_batches, sel.size))
                 if len(ahead) > 2 * self.num_parallel_reads:
                     yield self._collect(epoch, *ahead.popleft())
             while ahead:
@@ -253,6 +256,50 @@ class MetaReader:
             spec[side] = d
         return spec
 
+    def packed_element_spec(self, leading=()) -> dict:
+        """``tf.TensorSpec``s of one packed meta-batch (``dataset(packed=True)``): per side the
+        int64 rows [int_width, T, cap], the float32 rows [n_floats, T, cap] and the mask [T, cap]."""
+        import tensorflow as tf
+
+        lead, T, lay = list(leading), self.T, self._layout
+        spec = {"task_id": tf.TensorSpec(lead + [T], tf.int64), "task_mask": tf.TensorSpec(lead + [T], tf.float32)}
+        for side, cap in (("support", self.S), ("query", self.Q)):
+            spec[side] = {"ints": tf.TensorSpec(lead + [lay.int_width, T, cap], tf.int64),
+                          "floats": tf.TensorSpec(lead + [len(lay.float_names), T, cap], tf.float32),
+                          "mask": tf.TensorSpec(lead + [T, cap], tf.float32)}
+        return spec
+
+    def unpack(self, packed: dict) -> dict:
+        """A packed meta-batch as the interface's dict (TensorFlow ops: inside a traced step they
+        are slices, so the batch crosses from Python to the graph as 8 tensors, not one per
+        feature: an eager hand-off of 32 tensors measured 0.75 ms, of one 0.03 ms)."""
+        import tensorflow as tf
+
+        out = {"task_id": packed["task_id"], "task_mask": packed["task_mask"]}
+        for side in ("support", "query"):
+            x_int, x_flt = packed[side]["ints"], packed[side]["floats"]
+            d = {}
+            for name, slot in self._layout.slots.items():
+                d[name] = tf.transpose(x_int[slot], [1, 2, 0]) if isinstance(slot, slice) else x_int[slot]
+            for j, name in enumerate(self._layout.float_names):
+                d[name] = x_flt[j]
+            d["mask"] = packed[side]["mask"]
+            out[side] = d
+        return out
+
+    @staticmethod
+    def slice_tasks(batch: dict, lo: int, hi: int, packed: bool = False) -> dict:
+        """Tasks ``[lo, hi)`` of a meta-batch (the task axis is 1 in a packed batch's rows)."""
+        import tensorflow as tf
+
+        if not packed:
+            return tf.nest.map_structure(lambda t: t[lo:hi], batch)
+        out = {"task_id": batch["task_id"][lo:hi], "task_mask": batch["task_mask"][lo:hi]}
+        for side in ("support", "query"):
+            d = batch[side]
+            out[side] = {"ints": d["ints"][:, lo:hi], "floats": d["floats"][:, lo:hi], "mask": d["mask"][lo:hi]}
+        return out
+
     def surfacing_errors(self, batches):
         """Iterate ``batches`` (this reader's ``dataset``); a DataError met while reading is
         raised as itself (file, stripe, column) instead of the tf.data error that carried it."""
@@ -265,21 +312,45 @@ class MetaReader:
                 raise self.error from None
             raise
 
-    def dataset(self, epoch: int = 0):
-        """A ``tf.data.Dataset`` of exactly ``steps_per_epoch`` meta-batches (static shapes).
+    def dataset(self, epoch: int = 0, packed: bool = False):
+        """A ``tf.data.Dataset`` of exactly ``steps_per_epoch`` meta-batches (static shapes):
+        interface dicts, or with ``packed`` the packed batches ``unpack`` turns into them.
 
         The generator hands over chunks of ``batches_per_chunk`` meta-batches (one Python call
-        and one conversion per feature per chunk, not per batch); ``unbatch`` splits them.
+        and one conversion per array per chunk, not per batch); ``unbatch`` splits them.
         A DataError met while reading surfaces from the iterator as a TensorFlow error whose
         message carries the DataError text; it is also kept in ``reader.error``.
         """
         import tensorflow as tf
 
-        ds = tf.data.Dataset.from_generator(lambda: self.chunks(epoch),
-                                            output_signature=self.element_spec(leading=(None,)))
+        if packed:
+            # the generator's row arrays are [rows, B, T, cap]; the chunk axis goes first for unbatch
+            spec = self.packed_element_spec(leading=(None,))
+            chunk_spec = dict(spec)
+            for side in ("support", "query"):
+                chunk_spec[side] = {k: (tf.TensorSpec([v.shape[1], None, *v.shape[2:]], v.dtype)
+                                        if k in ("ints", "floats") else v) for k, v in spec[side].items()}
+            ds = tf.data.Dataset.from_generator(lambda: self.chunks(epoch, packed=True), output_signature=chunk_spec)
+            ds = ds.map(_chunk_axis_first)
+        else:
+            ds = tf.data.Dataset.from_generator(lambda: self.chunks(epoch),
+                                                output_signature=self.element_spec(leading=(None,)))
         ds = ds.unbatch()
         ds = ds.apply(tf.data.experimental.assert_cardinality(self.steps_per_epoch))
         if self.prefetch:
             ds = ds.prefetch(self.prefetch)
         return ds
 
+
+
+def _chunk_axis_first(chunk: dict) -> dict:
+    """A packed chunk's row arrays [rows, B, T, cap] -> [B, rows, T, cap] (the batch axis first)."""
+    import tensorflow as tf
+
+    out = dict(chunk)
+    for side in ("support", "query"):
+        d = dict(chunk[side])
+        for k in ("ints", "floats"):
+            d[k] = tf.transpose(d[k], [1, 0, 2, 3])
+        out[side] = d
+    return out

@@ -40,9 +40,14 @@ class TrainInput:
     def epoch_stats(self, epoch: int) -> dict:
         return self.reader.epoch_stats(epoch)
 
-    def dataset(self, epoch: int):
-        ds = self.reader.dataset(epoch=epoch)
+    def dataset(self, epoch: int, packed: bool = False):
+        """This rank's batches of ``epoch``; ``packed``: as the reader's packed batches (``unpack``
+        turns one into the interface dict inside a traced step)."""
+        ds = self.reader.dataset(epoch=epoch, packed=packed)
         if self.slice is None:
             return ds
         lo, hi = self.slice
-        return ds.map(lambda b: tf.nest.map_structure(lambda t: t[lo:hi], b))
+        return ds.map(lambda b: self.reader.slice_tasks(b, lo, hi, packed=packed))
+
+    def unpack(self, batch):
+        return self.reader.unpack(batch)

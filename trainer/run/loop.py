@@ -43,7 +43,7 @@ def fit(learner, reader, cfg, comm, log, tracker, plain=None, after_epoch=None, 
     state = EpochState(reader.steps_per_epoch, plain is not None,
                        checkpoints.resume_point if checkpoints is not None else None)
     history = state.history
-    batches = iter(all_epochs(reader, cfg.epochs, state.first_epoch, state.first_step))
+    batches = iter(all_epochs(reader, cfg.epochs, state.first_epoch, state.first_step, packed=True))
     clock = StepClock(cfg.log_every, comm.size)
     step_fn = plain_fn = None
     stop_requested = False
@@ -55,10 +55,10 @@ def fit(learner, reader, cfg, comm, log, tracker, plain=None, after_epoch=None, 
         while not state.epoch_done:
             clock.ask()
             batch = _next_batch(batches, reader)
-            clock.arrived()
+            clock.arrived(first_of_epoch=state.n == 0)
             if step_fn is None:
-                step_fn = learner.compiled_train_step(batch_spec(batch))
-                plain_fn = plain.compiled_train_step(batch_spec(batch)) if plain is not None else None
+                step_fn = unpacking(learner.compiled_train_step, reader.unpack, batch)
+                plain_fn = unpacking(plain.compiled_train_step, reader.unpack, batch) if plain is not None else None
             comm.stop.arm()
             out = step_fn(batch)
             loss = float(out["loss"])
@@ -98,6 +98,7 @@ def fit(learner, reader, cfg, comm, log, tracker, plain=None, after_epoch=None, 
     history["comm_per_step"] = {k: {"bytes": v["bytes"] / max(clock.steps, 1),
                                     "calls": v["calls"] / max(clock.steps, 1)} for k, v in snap.items()}
     history["input_wait_fraction"] = clock.input_wait_fraction
+    history["input_wait"] = clock.input_wait()
     history["steps"] = state.global_step
     history["step_log"] = clock.step_log
     tracker.log_metrics({"input_wait_fraction": history["input_wait_fraction"]})
@@ -148,7 +149,15 @@ def _check_rise(history: dict, mean: float, tolerance: float, epoch: int) -> Non
                 f"lower --outer-lr or --inner-lr, set --clip-norm / --inner-clip, or raise the tolerance")
 
 
-def all_epochs(reader, epochs: int, first_epoch: int = 0, skip: int = 0):
+def unpacking(compiled_step, unpack, packed_batch):
+    """The traced step of packed batches: ``unpack`` (slices) then the learner's own traced step
+    (``compiled_step(spec)``), so the batch enters the graph as the reader's few packed tensors."""
+    step = compiled_step(batch_spec(unpack(packed_batch)))
+    return tf.function(lambda packed: step(unpack(packed)), input_signature=[batch_spec(packed_batch)],
+                       autograph=False)
+
+
+def all_epochs(reader, epochs: int, first_epoch: int = 0, skip: int = 0, packed: bool = False):
     """Every epoch's batches from ``first_epoch`` on as one prefetched stream, so the next
     epoch's reading (shuffle buffer fill, first stripes) overlaps the last steps of the current
     one. ``skip``: batches of ``first_epoch`` already trained (a resumed run): an epoch's batch
@@ -156,11 +165,11 @@ def all_epochs(reader, epochs: int, first_epoch: int = 0, skip: int = 0):
     stream starts with the first batch the interrupted run had not trained."""
     if first_epoch >= epochs:
         return []
-    ds = reader.dataset(epoch=first_epoch)
+    ds = reader.dataset(epoch=first_epoch, packed=packed)
     if skip:
         ds = ds.skip(skip)
     for epoch in range(first_epoch + 1, epochs):
-        ds = ds.concatenate(reader.dataset(epoch=epoch))
+        ds = ds.concatenate(reader.dataset(epoch=epoch, packed=packed))
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
