@@ -111,7 +111,7 @@ def pytest_configure(config):
 HEAVY_FILES_FIRST = ("test_distributed.py", "test_mlflow.py", "test_serving.py", "test_checkpoint.py",
                      "test_embedding_dist.py", "test_failures.py", "test_foundation.py", "test_train_e2e.py",
                      "test_compare.py", "test_tune.py", "test_bad_input.py", "test_phases.py", "test_cluster.py",
-                     "test_daily_loop.py", "test_warm_start.py")
+                     "test_elastic.py", "test_daily_loop.py", "test_warm_start.py")
 
 
 def pytest_xdist_make_scheduler(config, log):

@@ -16,7 +16,7 @@ gmeta.models); a command imports any (``tests/test_layout.py`` checks both).
   tracking    MLflow runs (the Tracker), the model registry, run facts (tags, dataset inputs)
   config      the run's frozen config: every setting of gmeta train with its default, once
   checkpoint  checkpoints: the file format, shard assembly, resume and init-from
-  run         one training run: its context, input, loop, signals, early stopping
+  run         one training run: its context, input, loop, signals, early stopping, elastic resets
   tuning      gmeta tune's search space, argv round trip, trials and study
 """
 

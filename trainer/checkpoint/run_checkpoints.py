@@ -127,6 +127,7 @@ class RunCheckpoints:
         self.session = "0"
         self._last_save = time.monotonic()
         self._saved_steps = set()
+        self.on_commit = None  # called with the path after every step/epoch commit (elastic jobs)
 
     @classmethod
     def open(cls, cfg, comm, log, schema) -> "RunCheckpoints":
@@ -244,11 +245,15 @@ class RunCheckpoints:
                 late = time.monotonic() - self._last_save >= self.cfg.checkpoint_every_secs
                 due = any(self.comm.allgather_object(late)) or due
             if due:
-                self.save(snapshot())
+                self._committed(self.save(snapshot()))
 
     def epoch_done(self, snapshot) -> None:
         if self.enabled:
-            self.save(snapshot())
+            self._committed(self.save(snapshot()))
+
+    def _committed(self, path) -> None:
+        if path is not None and self.on_commit is not None:
+            self.on_commit(path)
 
     def save(self, snapshot: dict) -> str | None:
         step = int(snapshot["position"]["global_step"])

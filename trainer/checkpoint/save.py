@@ -39,6 +39,7 @@ def save_checkpoint(directory: str, step: int, learners: dict, comm, meta: dict,
                     session: str | None = None, log=None) -> str:
     """Write one checkpoint of ``learners`` ({"model": learner, "plain": learner}); every rank
     calls (one allgather_object). Returns the committed path (on every rank)."""
+    t0 = time.monotonic()
     name = checkpoint_name(step)
     session = session or "0"
     partial = fs.join(directory, f".{name}.partial-{session}")
@@ -76,7 +77,8 @@ def save_checkpoint(directory: str, step: int, learners: dict, comm, meta: dict,
         fsync_dir(directory)
         _prune(directory, keep, int(step), session)
         if log is not None:
-            log(f"checkpoint {final} (step {step}, {sum(f['bytes'] for f in files.values()) / 1e6:.2f} MB)")
+            log(f"checkpoint {final} (step {step}, {sum(f['bytes'] for f in files.values()) / 1e6:.2f} MB, "
+                f"{time.monotonic() - t0:.2f} s)")
     return final
 
 

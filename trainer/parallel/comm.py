@@ -30,6 +30,7 @@ ranks with nothing to send still call ``alltoall`` with zero splits.
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -201,6 +202,45 @@ class Communicator:
     def shutdown(self) -> None:
         pass
 
+    # ---- elastic jobs (horovodrun --min-np/--max-np/--host-discovery-script) ----
+    elastic = False
+
+    def check_membership(self) -> None:
+        """Elastic jobs: raise ``MembershipChanged`` on every rank when the driver announced added
+        or removed hosts (a collective: every rank calls it at the same point). Otherwise nothing."""
+
+    def rejoin(self) -> "Communicator":
+        raise RuntimeError("only a communicator of an elastic Horovod job can rejoin")
+
+
+class MembershipChanged(Exception):
+    """Hosts were added to or removed from an elastic job: every rank raises it at the same step,
+    then all of them leave the current world and rejoin the next (``Communicator.rejoin``)."""
+
+
+def elastic_launch() -> bool:
+    """True in a worker of an elastic horovodrun job (``--min-np``/``--max-np``/
+    ``--host-discovery-script``: horovodrun then sets HOROVOD_ELASTIC=1 in every worker)."""
+    return os.environ.get("HOROVOD_ELASTIC") == "1"
+
+
+def elastic_recoverable(exc: BaseException) -> bool:
+    """A failure an elastic job survives by forming a new world: a membership change, Horovod's own
+    recoverable errors, or a collective (in eager code or inside a tf.function: a TensorFlow error
+    from a Horovod op, or Horovod's shutdown after a peer vanished or Gloo timed out)."""
+    if isinstance(exc, MembershipChanged):
+        return True
+    try:
+        from horovod.common.exceptions import HorovodInternalError, HostsUpdatedInterrupt
+    except ImportError:
+        return False
+    if isinstance(exc, (HorovodInternalError, HostsUpdatedInterrupt)):
+        return True
+    text = str(exc)
+    return isinstance(exc, (tf.errors.OpError, RuntimeError, ValueError)) and (
+        "Horovod has been shut down" in text or "gloo" in text.lower()
+        or (isinstance(exc, tf.errors.OpError) and "Horovod" in text))
+
 
 def _identity_with_grad_count(tensor, counters):
     @tf.custom_gradient
@@ -229,13 +269,16 @@ class HorovodCommunicator(Communicator):
     which TensorFlow's devices are fixed). SOK needs it: one process per GPU.
     """
 
-    def __init__(self, one_gpu_per_process: bool = False):
+    def __init__(self, one_gpu_per_process: bool = False, elastic: bool = False, _listener=None):
         import horovod.tensorflow as hvd  # the only Horovod import in gmeta
 
-        hvd.init()
+        hvd.init()  # (elastic: blocks in the driver's rendezvous until the world is formed)
         if one_gpu_per_process:
             pin_gpu(hvd.local_rank())
         self._hvd = hvd
+        self._one_gpu = one_gpu_per_process
+        self.elastic = elastic
+        self._listener = _listener if _listener is not None or not elastic else _hosts_listener(hvd)
         super().__init__(rank=hvd.rank(), size=hvd.size(), local_rank=hvd.local_rank())
 
     def _grouped_allreduce(self, tensors, average):
@@ -261,6 +304,51 @@ class HorovodCommunicator(Communicator):
 
     def shutdown(self) -> None:
         self._hvd.shutdown()
+
+    def check_membership(self) -> None:
+        if self._listener is None:
+            return
+        from horovod.common.exceptions import HostsUpdatedInterrupt
+
+        try:
+            self._listener.check_host_updates()  # one broadcast of rank 0's view of the driver's news
+        except HostsUpdatedInterrupt as exc:
+            raise MembershipChanged("hosts were " + ("removed from" if exc.skip_sync else "added to")
+                                    + " the job") from None
+
+    def rejoin(self) -> "HorovodCommunicator":
+        """Leave this world and join the next one the elastic driver forms (what Horovod's own
+        ``hvd.elastic.run`` does between attempts): a new communicator, with this job's rank and
+        size in it, fresh counters and the same stop request (a signal noted stays noted)."""
+        self._hvd.shutdown()
+        self._listener.on_reset()  # news the reset has answered are dropped
+        twin = HorovodCommunicator(self._one_gpu, elastic=True, _listener=self._listener)
+        twin.stop = self.stop
+        return twin
+
+
+def _hosts_listener(hvd):
+    """The worker's ear for the elastic driver: it notifies rank 0 when hosts come or go, and
+    ``check_host_updates`` broadcasts rank 0's news so every rank decides alike."""
+    from horovod.common.elastic import State, notification_manager
+
+    class HostsListener(State):
+        def __init__(self):
+            super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank)
+
+        def save(self):  # gmeta's state lives in checkpoints, not in Horovod's in-memory copies
+            pass
+
+        def restore(self):
+            pass
+
+        def sync(self):
+            pass
+
+    listener = HostsListener()
+    notification_manager.init()
+    notification_manager.register_listener(listener)
+    return listener
 
 
 def pin_gpu(local_rank: int) -> None:
@@ -300,11 +388,12 @@ def horovod_build_info() -> dict:
     return info
 
 
-def init_communicator(backend: str = "auto", one_gpu_per_process: bool = False) -> Communicator:
+def init_communicator(backend: str = "auto", one_gpu_per_process: bool = False, elastic: bool = False) -> Communicator:
     """``auto``: Horovod when launched by horovodrun, else a local single-process communicator.
-    ``one_gpu_per_process``: see ``HorovodCommunicator`` (call before TensorFlow creates a tensor)."""
+    ``one_gpu_per_process``: see ``HorovodCommunicator`` (call before TensorFlow creates a tensor).
+    ``elastic``: a worker of an elastic job (``elastic_launch``): it listens for host changes."""
     if backend not in ("auto", "horovod", "local"):
         raise ValueError(f"--comm must be auto, horovod or local, got {backend!r}")
     if backend == "horovod" or (backend == "auto" and launched_by_horovodrun()):
-        return HorovodCommunicator(one_gpu_per_process)
+        return HorovodCommunicator(one_gpu_per_process, elastic=elastic)
     return LocalCommunicator()

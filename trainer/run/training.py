@@ -40,10 +40,11 @@ from gmeta.trainer.evaluation.rows import heads_of
 from gmeta.trainer.evaluation.splits import evaluate_splits, evaluation_splits, item_baselines
 from gmeta.trainer.evaluation.support_curve import support_curve
 from gmeta.trainer.meta.phases import run_phases
-from gmeta.trainer.parallel.comm import init_communicator
+from gmeta.trainer.parallel.comm import elastic_launch, init_communicator
 from gmeta.trainer.parallel.launch import check_visible, collective_aborted
 from gmeta.trainer.run.build import build_learner, load_plain_baseline, plan_run_tiering
 from gmeta.trainer.run.early_stopping import EarlyStopping
+from gmeta.trainer.run.elastic import run_elastic
 from gmeta.trainer.run.input import TrainInput
 from gmeta.trainer.run.loop import fit
 from gmeta.trainer.parallel.signals import Stopped, StopSignals
@@ -81,6 +82,7 @@ class RunContext:
     tracker: Tracker
     signals: StopSignals
     on_epoch: Optional[Callable] = None
+    elastic: Optional[object] = None  # gmeta.trainer.run.elastic.Elastic in an elastic job
 
     @property
     def is_chief(self) -> bool:
@@ -92,11 +94,21 @@ def train(cfg: TrainConfig, on_epoch=None) -> dict:
 
     ``on_epoch(epoch, report)`` is called on every rank after each epoch with the validation
     split's report (``gmeta.trainer.evaluation.splits``; None without a validation split); it may
-    raise to stop the run (e.g. a pruned tuning trial).
+    raise to stop the run (e.g. a pruned tuning trial). Under an elastic horovodrun the run is
+    built again after every reset, from the last commit (``gmeta.trainer.run.elastic``).
     """
+    one_gpu = resolve_mode(cfg.parallel) == "sok"
+    if elastic_launch():
+        return run_elastic(cfg, lambda comm, elastic: _train_on(cfg, on_epoch, comm, elastic), one_gpu)
     tf.random.set_seed(cfg.seed)
-    comm = init_communicator(cfg.comm, one_gpu_per_process=resolve_mode(cfg.parallel) == "sok")
+    return _train_on(cfg, on_epoch, init_communicator(cfg.comm, one_gpu_per_process=one_gpu))
+
+
+def _train_on(cfg: TrainConfig, on_epoch, comm, elastic=None) -> dict:
+    tf.random.set_seed(cfg.seed)
     log = Log(comm.rank == 0)
+    if elastic is not None:
+        cfg = elastic.agree(cfg, comm)  # after a reset: resume from the last commit
     check_visible("--data", cfg.data, comm.rank)
     check_writable(cfg, comm.rank)
     schema = Schema.load(cfg.data)
@@ -132,7 +144,8 @@ def train(cfg: TrainConfig, on_epoch=None) -> dict:
 
     signals = StopSignals(comm.stop, grace_s=cfg.stop_grace_secs, rank_label=f"rank {comm.rank}",
                           on_deadline=on_deadline)
-    ctx = RunContext(cfg, comm, log, schema, splits, learner, plain, reader, checkpoints, tracker, signals, on_epoch)
+    ctx = RunContext(cfg, comm, log, schema, splits, learner, plain, reader, checkpoints, tracker, signals, on_epoch,
+                     elastic)
     with signals:  # (still installed while a failure is recorded: a SIGTERM then changes nothing)
         try:
             results = _run(ctx)
@@ -160,6 +173,8 @@ def _run(ctx: RunContext) -> dict:
         if ctx.is_chief and tracker.enabled:
             tracker.log_input(mlflow_dataset(cfg.data, ctx.schema), context="training")
     ctx.checkpoints.start(tracker.run_id, ctx.learner, ctx.plain, ctx.reader)
+    if ctx.elastic is not None:
+        ctx.elastic.started(cfg, ctx.checkpoints, ctx.reader, ctx.plain)
     history, validation = _train(ctx)
     if ctx.plain is None and cfg.plain_baseline not in ("alongside", "off"):
         ctx.plain = load_plain_baseline(cfg.plain_baseline, cfg.tracking_uri)
@@ -319,7 +334,12 @@ def _print_run_facts(comm_stats, history, tracker, model_uri, export_dir) -> Non
     per_step = ", ".join(f"{k} {v['bytes'] / 1e6:.3f} MB/{v['calls']:.0f} calls"
                          for k, v in comm_stats.items() if v["calls"])
     print(f"communication per step: {per_step or 'none'}", file=out)
-    print(f"input wait: {100 * history['input_wait_fraction']:.1f}% of step time", file=out)
+    wait = history["input_wait"]
+    print(f"input wait: {100 * history['input_wait_fraction']:.1f}% of step time ({100 * wait['epoch_starts']['share_of_step_time']:.1f}"
+          f"% at {wait['epoch_starts']['steps']} epoch starts; the other steps waited "
+          f"{wait['mean_ms_other_steps']:.2f} ms on average); by wait: "
+          + json.dumps({k: [v["steps"], round(v["share_of_step_time"], 5)] for k, v in wait["histogram"].items()}),
+          file=out)
     if tracker.run_id:
         print(f"mlflow run: {tracker.run_id} in {tracker.uri}  model: {model_uri}", file=out)
     if tracker.failure:
