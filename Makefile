@@ -45,6 +45,7 @@ bench: venv
 	$(BIN)/gmeta bench breakdown --json
 	$(BIN)/gmeta bench hot --json
 	$(BIN)/gmeta bench coldstart --json
+	$(BIN)/gmeta bench scaling --json
 
 clean:
 	rm -rf $(VENV) data mlflow.db mlruns .pytest_cache daily-demo

@@ -28,7 +28,7 @@ SUBCOMMANDS = {
     "register": ("gmeta.trainer.register", "register a run's model in the MLflow registry, with an alias"),
     "promote": ("gmeta.trainer.promote", "score a run against the champion on the same tasks; move the alias if it wins"),
     "predict": ("gmeta.trainer.predict", "adapt to each task's support rows and score its query rows (file in, file out)"),
-    "bench": ("gmeta.tools.bench.cli", "benchmarks: io, step, meta, memory, projection, movielens, breakdown, hot, coldstart (see gmeta bench -h)"),
+    "bench": ("gmeta.tools.bench.cli", "benchmarks: io, step, meta, memory, projection, movielens, breakdown, hot, coldstart, scaling (see gmeta bench -h)"),
     "launch": ("gmeta.launch", "horovodrun for a gmeta command, ending a failed job with its rank's error"),
     "cluster": ("gmeta.tools.cluster.cli", "a cluster of network-namespace hosts on this machine (root): up, run, down, status"),
 }

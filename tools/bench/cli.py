@@ -1,4 +1,4 @@
-"""``gmeta bench NAME`` (io, step, meta, memory, projection, movielens, breakdown, hot, coldstart): benchmarks.
+"""``gmeta bench NAME`` (io, step, meta, memory, projection, movielens, breakdown, hot, coldstart, scaling): benchmarks.
 
 Each prints a table and, as its last line, one JSON object."""
 
@@ -16,6 +16,7 @@ BENCHES = {
     "breakdown": "gmeta.tools.bench.breakdown",  # where a meta-step's time goes (profiler trace)
     "hot": "gmeta.tools.bench.hot",  # tiered embeddings (hot rows replicated) vs plain sharding
     "coldstart": "gmeta.tools.bench.coldstart",  # quality on real data: models vs popularity, item-kNN, plain
+    "scaling": "gmeta.tools.bench.scaling",  # step time and memory against T, S, dim, rows, workers
 }
 
 

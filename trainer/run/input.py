@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import tensorflow as tf
-
 from gmeta.io.reader import MetaReader
 from gmeta.trainer.config import resolve_sizes
 
