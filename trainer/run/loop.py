@@ -19,6 +19,7 @@ import tensorflow as tf
 from gmeta.trainer.meta.learner import batch_spec
 from gmeta.trainer.parallel.faults import fault_point
 from gmeta.trainer.parallel.signals import Stopped, signal_name
+from gmeta.trainer.run.ahead import BatchesAhead
 from gmeta.trainer.run.epoch_state import EpochState
 from gmeta.trainer.run.step_clock import StepClock
 
@@ -43,55 +44,58 @@ def fit(learner, reader, cfg, comm, log, tracker, plain=None, after_epoch=None, 
     state = EpochState(reader.steps_per_epoch, plain is not None,
                        checkpoints.resume_point if checkpoints is not None else None)
     history = state.history
-    batches = iter(all_epochs(reader, cfg.epochs, state.first_epoch, state.first_step, packed=True))
+    batches = BatchesAhead(all_epochs(reader, cfg.epochs, state.first_epoch, state.first_step, packed=True))
     clock = StepClock(cfg.log_every, comm.size)
     step_fn = plain_fn = None
     stop_requested = False
     if signals is not None:
         signals.in_loop = True
-    for epoch in range(state.first_epoch, cfg.epochs):
-        state.begin_epoch(epoch)
-        t_epoch = time.time()
-        while not state.epoch_done:
-            clock.ask()
-            batch = _next_batch(batches, reader)
-            clock.arrived(first_of_epoch=state.n == 0)
-            if step_fn is None:
-                step_fn = unpacking(learner.compiled_train_step, reader.unpack, batch)
-                plain_fn = unpacking(plain.compiled_train_step, reader.unpack, batch) if plain is not None else None
-            comm.stop.arm()
-            out = step_fn(batch)
-            loss = float(out["loss"])
-            clock.stepped()
-            plain_loss = float(plain_fn(batch)["loss"]) if plain_fn is not None else None
-            state.global_step += 1
-            fault_point("train_step", step=state.global_step, rank=comm.rank)
-            _check_finite(loss, epoch, state.n)
-            state.add_step(loss, plain_loss)
-            point = clock.point(loss, float(out["tasks"]), state.global_step, last_of_epoch=state.epoch_done)
-            if point is not None:
-                _log_step(point, epoch, state, cfg, comm, log, tracker)
-            if float(out["stop"]) > 0:
-                stop_requested = True
-                if not state.epoch_done:  # (at an epoch's last step, the epoch's end is recorded first)
-                    _stop(checkpoints, state, comm)
+    try:
+        for epoch in range(state.first_epoch, cfg.epochs):
+            state.begin_epoch(epoch)
+            t_epoch = time.time()
+            while not state.epoch_done:
+                clock.ask()
+                batch = _next_batch(batches, reader)
+                clock.arrived(first_of_epoch=state.n == 0)
+                if step_fn is None:
+                    step_fn = unpacking(learner.compiled_train_step, reader.unpack, batch)
+                    plain_fn = unpacking(plain.compiled_train_step, reader.unpack, batch) if plain is not None else None
+                comm.stop.arm()
+                out = step_fn(batch)
+                loss = float(out["loss"])
+                clock.stepped()
+                plain_loss = float(plain_fn(batch)["loss"]) if plain_fn is not None else None
+                state.global_step += 1
+                fault_point("train_step", step=state.global_step, rank=comm.rank)
+                _check_finite(loss, epoch, state.n)
+                state.add_step(loss, plain_loss)
+                point = clock.point(loss, float(out["tasks"]), state.global_step, last_of_epoch=state.epoch_done)
+                if point is not None:
+                    _log_step(point, epoch, state, cfg, comm, log, tracker)
+                if float(out["stop"]) > 0:
+                    stop_requested = True
+                    if not state.epoch_done:  # (at an epoch's last step, the epoch's end is recorded first)
+                        _stop(checkpoints, state, comm)
+                if checkpoints is not None:
+                    checkpoints.step_done(state.snapshot, state.global_step, last_of_epoch=state.epoch_done)
+                fault_point("step_done", step=state.global_step, rank=comm.rank)
+            mean, plain_mean = state.epoch_means()
+            if plain_mean is not None:
+                history["plain_loss"].append(plain_mean)
+            _log_epoch(epoch, mean, plain_mean, t_epoch, reader, cfg, log, tracker)
+            _check_rise(history, mean, cfg.loss_rise_tolerance, epoch)
+            history["loss"].append(mean)
+            stop_early = bool(after_epoch(epoch)) if after_epoch is not None else False
             if checkpoints is not None:
-                checkpoints.step_done(state.snapshot, state.global_step, last_of_epoch=state.epoch_done)
-            fault_point("step_done", step=state.global_step, rank=comm.rank)
-        mean, plain_mean = state.epoch_means()
-        if plain_mean is not None:
-            history["plain_loss"].append(plain_mean)
-        _log_epoch(epoch, mean, plain_mean, t_epoch, reader, cfg, log, tracker)
-        _check_rise(history, mean, cfg.loss_rise_tolerance, epoch)
-        history["loss"].append(mean)
-        stop_early = bool(after_epoch(epoch)) if after_epoch is not None else False
-        if checkpoints is not None:
-            checkpoints.epoch_done(state.snapshot)
-        if stop_requested:
-            _stop(checkpoints, state, comm)
-        if stop_early:
-            history["stopped_early_after_epoch"] = epoch
-            break
+                checkpoints.epoch_done(state.snapshot)
+            if stop_requested:
+                _stop(checkpoints, state, comm)
+            if stop_early:
+                history["stopped_early_after_epoch"] = epoch
+                break
+    finally:
+        batches.close()
     if signals is not None:
         signals.in_loop = False
     snap = comm.counters.snapshot()
