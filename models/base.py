@@ -266,8 +266,7 @@ class ZooModel(tf.Module):
         pref = params.get("task/pref")
         if pref is not None:
             pref = pref * self._item_cols
-            logit = logit + (tf.einsum("tnw,w->tn", x, pref) if pref.shape.rank == 1
-                             else tf.einsum("tnw,tw->tn", x, pref))
+            logit = logit + tf.linalg.matvec(x, pref)   # pref [W] (shared) or [T, W] (per task)
         if self.prior_feature:
             logit = logit + x[..., -1]
         if "task/scale" in params:

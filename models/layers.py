@@ -47,10 +47,11 @@ def init_mlp(prefix: str, sizes, seed: int, zero_output: bool = False) -> dict:
 
 def dense(x, w, b):
     """x: [T, N, in]; w: [in, out] (shared) or [T, in, out] (per task); b: [out] or [T, out]."""
-    if w.shape.rank == 2:
-        y = tf.einsum("tni,io->tno", x, w)
+    if w.shape.rank == 2:  # one matmul over all tasks' rows
+        y = tf.reshape(tf.linalg.matmul(tf.reshape(x, [-1, x.shape[-1]]), w),
+                       tf.concat([tf.shape(x)[:-1], tf.shape(w)[-1:]], 0))
     else:
-        y = tf.einsum("tni,tio->tno", x, w)
+        y = tf.linalg.matmul(x, w)
     if b.shape.rank == 1:
         return y + b
     return y + b[:, None, :]

@@ -207,8 +207,8 @@ class MetaLearner(tf.Module):
         theta = model.linear_task_values(fast, n_tasks)                  # [T, K]
         theta0 = model.linear_task_values(params, n_tasks)
         lam = tf.exp(self.ridge_log_lambda["log_lambda"])                # [K]
-        hessian = tf.einsum("tnk,tn,tnl->tkl", design, w, design) + tf.linalg.diag(lam)
-        grad = tf.einsum("tnk,tn->tk", design, g) + lam * (theta - theta0)
+        hessian = tf.linalg.matmul(design, design * w[..., None], transpose_a=True) + tf.linalg.diag(lam)
+        grad = tf.linalg.matmul(design, g[..., None], transpose_a=True)[..., 0] + lam * (theta - theta0)
         delta = -tf.linalg.cholesky_solve(tf.linalg.cholesky(hessian), grad[..., None])[..., 0]
         if first_order:
             delta = tf.stop_gradient(delta)
