@@ -20,7 +20,7 @@ from gmeta.trainer.checkpoint.files import committed_checkpoints
 PREFIX = "gmtest"  # not the CLI's default: a user's own cluster is never touched
 SUBNET = "10.79.0.0/24"
 # tiny and deterministic: --input-sharding replicated makes the result independent of placement
-TRAIN = ["--model", "melu", "--input-sharding", "replicated", "--seed", "0", "--epochs", "2", "--log-every", "0",
+TRAIN = ["--model", "melu", "--input-sharding", "replicated", "--seed", "0", "--epochs", "1", "--log-every", "0",
          "--no-saved-model", "--validation-split", "none", "--support-curve", "none", "--plain-baseline", "off",
          "--eval-splits", "user_cold"]
 # many short epochs: still training when the link is cut
