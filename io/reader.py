@@ -272,7 +272,7 @@ class MetaReader:
     def unpack(self, packed: dict) -> dict:
         """A packed meta-batch as the interface's dict (TensorFlow ops: inside a traced step they
         are slices, so the batch crosses from Python to the graph as 8 tensors, not one per
-        feature: an eager hand-off of 32 tensors measured 0.75 ms, of one 0.03 ms)."""
+        feature: an eager hand-off of the demo's 32-tensor batch measured 0.222 ms, packed 0.087)."""
         import tensorflow as tf
 
         out = {"task_id": packed["task_id"], "task_mask": packed["task_mask"]}
@@ -340,7 +340,6 @@ class MetaReader:
         if self.prefetch:
             ds = ds.prefetch(self.prefetch)
         return ds
-
 
 
 def _chunk_axis_first(chunk: dict) -> dict:
