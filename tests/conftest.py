@@ -108,10 +108,10 @@ def pytest_configure(config):
 # loadfile scheduler hands out files by their number of tests, so these few-but-long files came
 # last and one worker ran them alone for minutes at the end; started first, the many short files
 # fill the other worker meanwhile. Files not listed keep xdist's order, after these.
-HEAVY_FILES_FIRST = ("test_distributed.py", "test_mlflow.py", "test_serving.py", "test_checkpoint.py",
-                     "test_embedding_dist.py", "test_failures.py", "test_foundation.py", "test_train_e2e.py",
-                     "test_compare.py", "test_tune.py", "test_bad_input.py", "test_phases.py", "test_cluster.py",
-                     "test_elastic.py", "test_daily_loop.py", "test_warm_start.py")
+HEAVY_FILES_FIRST = ("test_daily_loop.py", "test_mlflow.py", "test_distributed.py", "test_serving.py",
+                     "test_cluster.py", "test_checkpoint.py", "test_embedding_dist.py", "test_warm_start.py",
+                     "test_failures.py", "test_foundation.py", "test_train_e2e.py", "test_compare.py", "test_tune.py",
+                     "test_promote.py", "test_bad_input.py", "test_phases.py", "test_elastic.py")
 
 
 def pytest_xdist_make_scheduler(config, log):

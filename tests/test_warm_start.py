@@ -186,6 +186,7 @@ def two_days(tmp_path_factory):
     return root, flags, Path(last_json(proc)["export"]), side
 
 
+@pytest.mark.slow  # ~45 s with its fixture (MetaEmb trained on day 1, then a 1- and a 2-worker warm start)
 def test_metaemb_warm_start_generates_new_item_rows_from_side_features(two_days, tmp_path):
     """MetaEmb's new item rows start from the source generator's output for each item's genre,
     not from noise: new items of one genre get the one same row, unlike the initial rows; the

@@ -100,7 +100,6 @@ def train(cfg: TrainConfig, on_epoch=None) -> dict:
     one_gpu = resolve_mode(cfg.parallel) == "sok"
     if elastic_launch():
         return run_elastic(cfg, lambda comm, elastic: _train_on(cfg, on_epoch, comm, elastic), one_gpu)
-    tf.random.set_seed(cfg.seed)
     return _train_on(cfg, on_epoch, init_communicator(cfg.comm, one_gpu_per_process=one_gpu))
 
 
@@ -335,8 +334,9 @@ def _print_run_facts(comm_stats, history, tracker, model_uri, export_dir) -> Non
                          for k, v in comm_stats.items() if v["calls"])
     print(f"communication per step: {per_step or 'none'}", file=out)
     wait = history["input_wait"]
-    print(f"input wait: {100 * history['input_wait_fraction']:.1f}% of step time ({100 * wait['epoch_starts']['share_of_step_time']:.1f}"
-          f"% at {wait['epoch_starts']['steps']} epoch starts; the other steps waited "
+    starts = wait["epoch_starts"]
+    print(f"input wait: {100 * history['input_wait_fraction']:.1f}% of step time "
+          f"({100 * starts['share_of_step_time']:.1f}% at {starts['steps']} epoch starts; the other steps waited "
           f"{wait['mean_ms_other_steps']:.2f} ms on average); by wait: "
           + json.dumps({k: [v["steps"], round(v["share_of_step_time"], 5)] for k, v in wait["histogram"].items()}),
           file=out)
