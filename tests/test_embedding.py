@@ -97,6 +97,29 @@ def test_lookup_equals_embedding_lookup_any_shape(backend):
     assert lookup.experimental_get_tracing_count() == 1  # dynamic sizes, one trace
 
 
+def test_hybrid_moves_whole_units_when_dims_share_a_divisor():
+    """Tables of dims 8 and 4 travel in units of 4 floats (a vector of 8 is two units): the
+    lookup and its gradient still equal the replicated tables'."""
+    plan = ShardingPlan.build([TableConfig("wide", 20, 8), TableConfig("narrow", 9, 4)],
+                              {"a": "wide", "b": "narrow", "c": "wide"}, 1)
+    ids = {"a": tf.constant([[3, 3, 19], [0, -1, 7]], tf.int64), "b": tf.constant([8, 0, 8, 2], tf.int64),
+           "c": tf.constant([7, 5], tf.int64)}
+    out = {}
+    for mode in ("hybrid", "naive"):
+        emb = make_embedding(mode, plan=plan, comm=LocalCommunicator(), optimizer=OPT, seed=0, init_stddev=0.05)
+        assert mode != "hybrid" or emb._unit == 4
+        with tf.GradientTape() as tape:
+            vecs = emb.lookup(ids)
+            loss = sum(tf.reduce_sum(v * tf.range(1.0, v.shape[-1] + 1.0)) ** 2 for v in vecs.values())
+        grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, emb.trainable_variables)]
+        out[mode] = ({f: v.numpy() for f, v in vecs.items()}, [g.numpy() for g in grads])
+    for f in ids:
+        np.testing.assert_array_equal(out["hybrid"][0][f], out["naive"][0][f])
+    for got, want in zip(out["hybrid"][1], out["naive"][1]):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        assert np.abs(want).sum() > 0
+
+
 def test_negative_ids_give_zeros_and_hashed_ids_wrap(backend):
     """ids < 0 are zero vectors; a hashed table reduces ids modulo its rows (huge ids fine)."""
     emb = _emb(backend)

@@ -53,19 +53,22 @@ class HybridEmbedding(EmbeddingBase):
         recv, recv_splits = self._comm.alltoall(send, splits, kind="alltoall_ids")
         served, served_splits = self._serve(requests, recv, recv_splits)
         back, _ = self._comm.alltoall(served, served_splits, kind="alltoall_vectors")
-        back = tf.reshape(back, [-1])
-        # the key at sorted position j owns back[send_offset[j] : send_offset[j] + dim]
-        send_offset = tf.math.cumsum(self._dims_of(send), exclusive=True)
+        # the key at sorted position j owns units send_offset[j] ... + its dim / unit of back;
+        # every table's vectors come out of ONE gather (its gradient: one scatter of the buffer,
+        # where a gather per table cost a scatter of the whole buffer per table)
+        back = tf.reshape(back, [-1, self._unit])
+        send_offset = tf.math.cumsum(self._units_of(send), exclusive=True)
         sorted_position = tf.cast(tf.math.invert_permutation(order), tf.int64)
-        out = []
-        start = tf.constant(0, tf.int64)
-        for (table, _), (uniq, inv) in zip(requests, uniques):
+        where = tf.gather(send_offset, sorted_position)            # [U] in request order
+        index, sizes, start = [], [], 0
+        for (table, _), (uniq, _) in zip(requests, uniques):
             size = tf.size(uniq, out_type=tf.int64)
-            where = tf.gather(send_offset, sorted_position[start:start + size])
-            vectors = tf.gather_nd(back, _element_index(where, table.dim)[..., None])
-            out.append((tf.reshape(vectors, [-1, table.dim]), inv))
+            index.append(tf.reshape(_unit_index(where[start:start + size], table.dim // self._unit), [-1]))
+            sizes.append(size * (table.dim // self._unit))
             start += size
-        return out
+        parts = tf.split(tf.gather(back, tf.concat(index, axis=0)), tf.stack(sizes), num=len(sizes))
+        return [(tf.reshape(v, [-1, table.dim]), inv)
+                for v, (table, _), (_, inv) in zip(parts, requests, uniques)]
 
     def _serve(self, requests, recv, recv_splits):
         """Vectors for the received keys as one flat buffer, and its split per requesting rank."""
@@ -73,25 +76,32 @@ class HybridEmbedding(EmbeddingBase):
         num_tables = len(self._plan.tables)
         table_of = tf.math.floormod(recv, num_tables)
         rows = tf.math.floordiv(recv, num_tables)
-        dims = self._dims_of(recv)
-        offset = tf.math.cumsum(dims, exclusive=True)
+        units = self._units_of(recv)
+        offset = tf.math.cumsum(units, exclusive=True)
         positions, values = [], []
         for table, _ in requests:
             i = self.table_index(table.name)
             sel = tf.where(tf.equal(table_of, i))[:, 0]
             local = self._plan.local_row(tf.gather(rows, sel), table.name)
-            values.append(tf.reshape(tf.gather(self.params[i], local), [-1]))
-            positions.append(tf.cast(tf.reshape(
-                _element_index(tf.gather(offset, sel), table.dim), [-1]), tf.int32))
-        served = tf.dynamic_stitch(positions, values)
+            values.append(tf.reshape(tf.gather(self.params[i], local), [-1, self._unit]))
+            positions.append(tf.reshape(_unit_index(tf.gather(offset, sel), table.dim // self._unit), [-1]))
+        # one gather puts the units in the requesters' order (the inverse of where each goes)
+        served = tf.gather(tf.concat(values, axis=0), tf.math.invert_permutation(
+            tf.cast(tf.concat(positions, axis=0), tf.int32)))
         requester = tf.repeat(tf.range(n), recv_splits)
-        served_splits = tf.math.unsorted_segment_sum(dims, requester, n)
-        return served, tf.cast(served_splits, tf.int32)
+        served_splits = tf.math.unsorted_segment_sum(units * self._unit, requester, n)
+        return tf.reshape(served, [-1]), tf.cast(served_splits, tf.int32)
 
-    def _dims_of(self, keys):
-        """Vector length of each (row, table) key."""
-        dims = tf.constant([t.dim for t in self._plan.tables], tf.int64)
-        return tf.gather(dims, tf.math.floormod(keys, len(self._plan.tables)))
+    @property
+    def _unit(self) -> int:
+        """Vectors move in units of the tables' common divisor of dims (a whole vector when
+        every table has the same dim), so index arithmetic is per unit, not per float."""
+        return int(np.gcd.reduce([t.dim for t in self._plan.tables]))
+
+    def _units_of(self, keys):
+        """Units (of ``_unit`` floats) in the vector of each (row, table) key."""
+        units = tf.constant([t.dim // self._unit for t in self._plan.tables], tf.int64)
+        return tf.gather(units, tf.math.floormod(keys, len(self._plan.tables)))
 
     def apply_reduced(self, grads, reduced, scale) -> None:
         """Row-wise update of the owned rows; no collective (the gradients already came home)."""
@@ -119,6 +129,6 @@ class HybridEmbedding(EmbeddingBase):
         self.params[self.table_index(name)].assign(values[self._plan.global_rows(name, self._comm.rank)])
 
 
-def _element_index(offsets, dim: int):
-    """``[K]`` start offsets -> ``[K, dim]`` flat element positions."""
-    return offsets[:, None] + tf.range(dim, dtype=tf.int64)[None, :]
+def _unit_index(offsets, units: int):
+    """``[K]`` start offsets -> ``[K, units]`` unit positions."""
+    return offsets[:, None] + tf.range(units, dtype=tf.int64)[None, :]
