@@ -88,10 +88,9 @@ class RowOptimizer(tf.Module):
             return
         eps = tf.constant(c.epsilon, var.dtype)
         if c.kind == "adagrad":
-            acc = slots["accumulator"]
-            a = tf.gather(acc, rows) + tf.square(g)
-            acc.scatter_update(tf.IndexedSlices(a, rows))
-            var.scatter_sub(tf.IndexedSlices(lr * g / (tf.sqrt(a) + eps), rows))
+            # one fused kernel (rows are unique, so applying them one by one is the formula)
+            tf.raw_ops.ResourceSparseApplyAdagradV2(var=var.handle, accum=slots["accumulator"].handle, lr=lr,
+                                                    epsilon=eps, grad=g, indices=rows, use_locking=False)
             return
         b1 = tf.constant(c.beta1, var.dtype)
         b2 = tf.constant(c.beta2, var.dtype)

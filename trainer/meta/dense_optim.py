@@ -30,10 +30,15 @@ class Adam(tf.Module):
         return state
 
     def apply(self, grads) -> None:
-        self.step.assign_add(1)
-        t = tf.cast(self.step, tf.float32)
-        scale = self.lr * tf.sqrt(1.0 - self.beta2 ** t) / (1.0 - self.beta1 ** t)
+        """One Adam step of every variable: ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2``,
+        ``var -= lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps)``, one fused kernel per
+        variable (TensorFlow's ApplyAdam; as a dozen elementwise ops per variable it was 150 of
+        a MeLU step's ops)."""
+        step = self.step.assign_add(1, read_value=True)
+        t = tf.cast(step, tf.float32)
+        lr, b1, b2, eps = (tf.constant(x, tf.float32) for x in (self.lr, self.beta1, self.beta2, self.epsilon))
+        b1_power, b2_power = b1 ** t, b2 ** t
         for var, g, m, v in zip(self.variables_, grads, self.m, self.v):
-            m.assign(self.beta1 * m + (1.0 - self.beta1) * g)
-            v.assign(self.beta2 * v + (1.0 - self.beta2) * tf.square(g))
-            var.assign_sub(scale * m / (tf.sqrt(v) + self.epsilon))
+            tf.raw_ops.ResourceApplyAdam(var=var.handle, m=m.handle, v=v.handle, beta1_power=b1_power,
+                                         beta2_power=b2_power, lr=lr, beta1=b1, beta2=b2, epsilon=eps,
+                                         grad=tf.cast(g, var.dtype), use_locking=False)
