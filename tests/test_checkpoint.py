@@ -86,6 +86,9 @@ def test_checkpoint_of_two_workers_loads_on_three_and_one_and_three_on_one(tiny_
         assert out["mismatches"] == [], (name, out["mismatches"])
         assert {"model/table/gender/v", "plain/table/user_id/m", "model/outer_optimizer/step",
                 "model/table_optimizer/iterations"} <= set(out["names"])
+    # hybrid learners hold a mixed plan: the small feature tables whole, user and item sharded
+    mixed = json.loads((tmp_path / "out23.json").read_text())["replicated"]
+    assert "gender" in mixed and not {"item_id", "user_id"} & set(mixed), mixed
     init = json.loads((tmp_path / "init.json").read_text())
     assert init["mismatches"] == [] and "model/table/item_id" in init["names"]
     assert init["report"]["model"]["left"] == [] and init["report"]["plain"]["left"] == []

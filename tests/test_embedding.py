@@ -25,7 +25,7 @@ from gmeta.trainer.parallel.comm import LocalCommunicator, init_communicator  # 
 #: the row optimizer of the tests that do not sweep optimizers (any kind would do)
 OPT = RowOptimizerConfig("adagrad", 0.01)
 
-BACKENDS = ["hybrid", "naive", "sok", "tiered-sparse", "tiered-dense"]
+BACKENDS = ["hybrid", "naive", "sok", "tiered-sparse", "tiered-dense", "mixed"]
 
 
 def _comm_for(backend):

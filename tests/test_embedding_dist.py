@@ -12,11 +12,11 @@ from conftest import WORKERS, horovodrun, read_rank_results
 
 sys.path.insert(0, str(WORKERS))
 import emb_reference as ref  # noqa: E402
-from emb_conformance import HOT_ROWS  # noqa: E402
+from emb_conformance import HOT_ROWS, REPLICATED  # noqa: E402
 
 from gmeta.trainer.embedding.sok import sok_available  # noqa: E402
 
-BACKENDS = ["hybrid", "naive", "sok", "tiered-sparse", "tiered-dense"]
+BACKENDS = ["hybrid", "naive", "sok", "tiered-sparse", "tiered-dense", "mixed"]
 
 
 def _modes():
@@ -53,11 +53,11 @@ def test_sharded_equals_single_process(dist, mode):
 
 
 def test_naive_and_tiered_equal_hybrid(dist):
-    """The replicated baseline and both tiered syncs end every optimizer run with the hybrid
+    """The replicated baseline, both tiered syncs and the mixed placement end every optimizer run with the hybrid
     tables (1e-6); a reload refreshes the hot replicas from the shards' owners."""
     n, results = dist
     for res in results:
-        for other in ("naive", "tiered-sparse", "tiered-dense"):
+        for other in ("naive", "tiered-sparse", "tiered-dense", "mixed"):
             assert res["cross_mode_err"][f"hybrid-{other}"] <= 1e-6, res["cross_mode_err"]
         for mode in ("tiered-sparse", "tiered-dense"):
             for kind, r in res["modes"][mode].items():
@@ -77,6 +77,13 @@ def test_byte_counters_match_analytic_count(dist, mode):
             if mode == "naive":
                 assert c["allreduce"] == {"bytes": full, "calls": 1}
                 assert c["alltoall_ids"]["calls"] == c["alltoall_vectors"]["calls"] == 0
+            elif mode == "mixed":
+                # the item table's AlltoAll round trip, and the replicated tables' dense gradients
+                # with their touch counts in ONE allreduce
+                small = sum(4 * t.num_rows * (t.dim + 1) for t in ref.TABLES if t.name in REPLICATED)
+                assert c["allreduce"] == {"bytes": small, "calls": 1}
+                assert c["alltoall_ids"]["calls"] == c["alltoall_vectors"]["calls"] == 1
+                assert c["alltoall_ids"]["bytes"] < r["analytic"]["alltoall_ids"] or n == 1
             elif mode.startswith("tiered-"):
                 # one AlltoAll round trip for the cold rows; the hot sync is ONE allgather of
                 # every table's touched hot rows (sparse) or one fused allreduce of the hot

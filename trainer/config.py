@@ -24,6 +24,7 @@ from gmeta.models.base import ModelConfig
 from gmeta.models.registry import MODELS
 from gmeta.trainer.embedding.factory import MODES as PARALLEL_MODES
 from gmeta.trainer.embedding.row_optim import KINDS as ROW_OPTIMIZERS, RowOptimizerConfig
+from gmeta.trainer.embedding.plan import parse_bytes
 from gmeta.trainer.embedding.tiering import parse_budget
 from gmeta.trainer.evaluation.support_curve import parse_points
 from gmeta.trainer.meta.learner import INNER_SOLVERS, MetaConfig
@@ -107,6 +108,10 @@ class TrainConfig:
                                        "replicated: every worker reads all data and takes its slice of each "
                                        "global batch, so results do not depend on the number of workers (costs "
                                        "N x decoding)")
+    replicate_tables: str = setting("1M", metavar="BYTES",
+                                    help="--parallel hybrid: tables of at most this many bytes (rows x dim x 4) are "
+                                         "held whole by every worker instead of row-sharded (a local gather; their "
+                                         "gradients ride the step's fused allreduce); 0: shard every table")
     tiering: str = setting("off", metavar="off|auto|BUDGET",
                            help="replicate the most looked-up embedding rows on every worker (the rest stay "
                                 "sharded): auto (up to 1%% of each table) or a byte budget per worker such as 64M; "
@@ -219,7 +224,13 @@ class TrainConfig:
         model_config(self)  # validates --adapt
         self.support_points  # noqa: B018 - parsing validates --support-curve
         self.tiering_budget  # noqa: B018 - parsing validates --tiering
+        self.replicate_under  # noqa: B018 - parsing validates --replicate-tables
         return self
+
+    @property
+    def replicate_under(self) -> int:
+        """Bytes: hybrid tables this small are replicated (``--replicate-tables``)."""
+        return parse_bytes(self.replicate_tables, "--replicate-tables")
 
     @property
     def tiering_budget(self):

@@ -30,8 +30,10 @@ from gmeta.trainer.run.build import build_learner
 
 
 def _config(data, parallel="hybrid"):
+    # hybrid: the feature tables of at most 2 KB replicated, the user and item tables sharded (a
+    # mixed plan: both placements are written and re-sharded)
     return TrainConfig(model="maml_dnn", data=data, meta_sgd=True, emb_optimizer="adam",
-                       parallel=parallel, tracking_uri=None, seed=3)
+                       parallel=parallel, tracking_uri=None, seed=3, replicate_tables="2k")
 
 
 def _learners(cfg, comm):
@@ -107,7 +109,8 @@ def main(action, data, *args):
                 bad = [n for n in names if n not in want.files or n not in state
                        or not np.array_equal(want[n], state[n])]
             json.dump({"checkpoint": path, "written_by": meta["world_size"], "loaded_on": comm.size,
-                       "names": names, "mismatches": bad}, open(out, "w"))
+                       "names": names, "mismatches": bad,
+                       "replicated": list(into["model"].embedding.plan.replicated)}, open(out, "w"))
     for spec in [a for a in args if a.startswith("--init=")]:  # --init-from a checkpoint: weights only
         ckpt_dir, ref, out = spec[len("--init="):].split(":")
         fresh = _learners(cfg, comm)

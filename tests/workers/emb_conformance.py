@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from gmeta.trainer.embedding.factory import RowOptimizerConfig, make_embedding
 from gmeta.trainer.embedding.initial import initial_rows
+from gmeta.trainer.embedding.plan import ShardingPlan
 from gmeta.trainer.parallel.comm import init_communicator
 from gmeta.trainer.parallel.launch import run_guarded
 
@@ -34,8 +35,16 @@ OPTIMIZERS = {"sgd": RowOptimizerConfig("sgd", 0.1),
 HOT_ROWS = {"item": [0, 1, 2, 3, 10, 21, 49], "user": [0, 5], "tiny": [1]}
 
 
+#: the ``mixed`` mode: hybrid with these tables replicated whole (the item table stays sharded)
+REPLICATED = ("tiny", "user")
+
+
 def build(mode, plan, comm, cfg):
-    """A backend by name; ``tiered-sparse`` / ``tiered-dense`` are hybrid plus HOT_ROWS."""
+    """A backend by name; ``tiered-sparse`` / ``tiered-dense`` are hybrid plus HOT_ROWS, ``mixed``
+    is hybrid with the REPLICATED tables held whole by every rank."""
+    if mode == "mixed":
+        plan = ShardingPlan.build(plan.tables, dict(plan.feature_tables), plan.world_size, REPLICATED)
+        return make_embedding("hybrid", plan=plan, comm=comm, optimizer=cfg, seed=0, init_stddev=0.05)
     if mode.startswith("tiered-"):
         return make_embedding("hybrid", plan=plan, comm=comm, optimizer=cfg, seed=0, init_stddev=0.05,
                               hot_rows=HOT_ROWS, hot_sync=mode.split("-", 1)[1])

@@ -1,8 +1,8 @@
 """Meta-step speed: the vectorized inner loop against the task-by-task loop, one process.
 
-Builds a MeLU-sized problem (fields x dim embeddings, MLP hidden sizes, T tasks of S support and
-Q query rows), times compiled ``train_step`` calls and reports ms/step, tasks/s, samples/s and
-an analytic GFLOP/s. FLOPs per meta-step are counted for the MLP only, as
+Builds a MeLU-sized problem (fields x dim embeddings in tables placed as ``gmeta train`` places
+them, MLP hidden sizes, T tasks of S support and Q query rows), times compiled ``train_step``
+calls and reports ms/step, tasks/s, samples/s and an analytic GFLOP/s. FLOPs per meta-step are counted for the MLP only, as
 ``F = 2 * sum(in*out)`` per row forward, ``3F`` per row for a forward+backward pass, and a
 second-order inner step costs about ``6F`` per support row (forward, backward, and the backward of
 the backward) plus ``3F`` per query row; first order drops the extra ``3F`` on support rows.
@@ -67,12 +67,14 @@ def _time(schema, batch, args, task_loop: bool) -> float:
     import tensorflow as tf
 
     hidden = tuple(int(h) for h in args.hidden.split(","))
-    model_cfg, meta_cfg, row_cfg = part_configs(defaults("maml_dnn", emb_dim=args.dim, hidden=hidden, emb_lr=0.05,
-                                                         first_order=args.first_order, task_loop=task_loop,
-                                                         **FIXED_STEP))
+    train_cfg = defaults("maml_dnn", emb_dim=args.dim, hidden=hidden, emb_lr=0.05, first_order=args.first_order,
+                         task_loop=task_loop, **FIXED_STEP)
+    model_cfg, meta_cfg, row_cfg = part_configs(train_cfg)
     model = build_model("maml_dnn", schema, model_cfg)
     comm = LocalCommunicator()
-    emb = build_embedding(model, comm, mode="hybrid", optimizer=row_cfg, seed=0)
+    # the tables placed as gmeta train places them (these small ones whole: --replicate-tables)
+    emb = build_embedding(model, comm, mode="hybrid", optimizer=row_cfg, seed=0,
+                          replicate_under=train_cfg.replicate_under)
     learner = MetaLearner(model, emb, comm, meta_cfg)
     step = tf.function(learner.train_step, autograph=False)
     step(batch)  # trace

@@ -1,4 +1,6 @@
-"""Model-parallel embeddings: every table row-sharded over ranks, looked up through AlltoAll.
+"""Model-parallel embeddings: tables row-sharded over ranks, looked up through AlltoAll; the
+plan's small ``replicated`` tables held whole by every rank (a local gather; their gradients,
+dense with a touch count, ride the step's one fused allreduce, like the naive baseline's).
 
 One ``lookup`` call makes ONE round trip for all its tables (U = unique (table, row) pairs this
 rank needs, R = pairs it serves to anyone):
@@ -37,6 +39,15 @@ class HybridEmbedding(EmbeddingBase):
         return tf.Variable(self._initial(table, rows), trainable=True, name=f"{table.name}/shard")
 
     def _lookup_tables(self, requests):
+        # replicated tables: a local gather; the rest share ONE AlltoAll round trip (none when
+        # every requested table is replicated: the same static choice on every rank)
+        local = [self._plan.is_replicated(t.name) for t, _ in requests]
+        sharded = iter(self._fetch_sharded([r for r, rep in zip(requests, local) if not rep])
+                       if not all(local) else [])
+        return [(tf.gather(self.params[self.table_index(t.name)], rows), tf.range(tf.size(rows, out_type=tf.int64)))
+                if rep else next(sharded) for (t, rows), rep in zip(requests, local)]
+
+    def _fetch_sharded(self, requests):
         n = self._comm.size
         num_tables = len(self._plan.tables)
         keys, owners, uniques = [], [], []
@@ -103,20 +114,47 @@ class HybridEmbedding(EmbeddingBase):
         units = tf.constant([t.dim // self._unit for t in self._plan.tables], tf.int64)
         return tf.gather(units, tf.math.floormod(keys, len(self._plan.tables)))
 
+    def reduction_inputs(self, grads) -> list:
+        """Per replicated table ``[rows, dim + 1]``: its gradient as a dense table and a touch
+        count per row (every replicated table, looked up or not, so all ranks send the same)."""
+        grads = self._check_grads(grads)
+        inputs = []
+        for table, var, g in zip(self._plan.tables, self.params, grads):
+            if not self._plan.is_replicated(table.name):
+                continue
+            if g is None:
+                inputs.append(tf.zeros([table.num_rows, table.dim + 1], var.dtype))
+                continue
+            g = g if isinstance(g, tf.IndexedSlices) else tf.IndexedSlices(
+                tf.convert_to_tensor(g), tf.range(table.num_rows, dtype=tf.int64))
+            values = tf.concat([g.values, tf.ones_like(g.values[:, :1])], axis=1)
+            inputs.append(tf.math.unsorted_segment_sum(values, tf.cast(g.indices, tf.int64), table.num_rows))
+        return inputs
+
     def apply_reduced(self, grads, reduced, scale) -> None:
-        """Row-wise update of the owned rows; no collective (the gradients already came home)."""
+        """Row-wise update: of the owned rows with the gradients the AlltoAll brought home, and
+        of a replicated table's rows any rank touched with the summed ``reduced`` ones."""
         grads = self._check_grads(grads)
         t = self.optimizer.next_step()
-        for var, slots, g in zip(self.params, self.slots, grads):
+        summed = iter(reduced)
+        for table, var, slots, g in zip(self._plan.tables, self.params, self.slots, grads):
+            if self._plan.is_replicated(table.name):
+                packed = next(summed)
+                rows = tf.where(packed[:, -1] > 0)[:, 0]
+                self.optimizer.apply_rows(var, slots, rows, tf.gather(packed[:, :-1], rows) * scale, t)
+                continue
             if g is None:
                 continue
             rows, values = dedupe_rows(g)
             self.optimizer.apply_rows(var, slots, rows, values * scale, t)
 
     def gather_full_table(self, name: str) -> np.ndarray:
-        """Whole table as numpy on every rank (collective: every rank must call it)."""
+        """Whole table as numpy on every rank (collective for a sharded table: every rank must
+        call it)."""
         table = self._plan.table(name)
         shard = self.params[self.table_index(name)].numpy()
+        if self._plan.is_replicated(name):
+            return shard.copy()
         shards = self._comm.allgather_object(shard)
         full = np.empty((table.num_rows, table.dim), dtype=np.float32)
         for rank, part in enumerate(shards):

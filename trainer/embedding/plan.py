@@ -8,6 +8,13 @@ arrays and TF tensors: the embedding backends ask the plan inside their traced l
 benchmark and the tests ask it in numpy. ``global_rows`` / ``rows_on_rank`` are the rule's
 inverse (tests check them against it). A different placement is a change to those functions.
 The plan is built from the dataset schema in one call (``ShardingPlan.from_schema``).
+
+``replicated`` names tables held whole by every rank instead (TorchRec's data-parallel tables):
+a small table's lookup is then a local gather and its gradient rides the step's one fused
+allreduce, which costs less than the AlltoAll round trip's latency and per-table work
+(``from_schema`` picks the tables of at most ``replicate_under`` bytes). Such a table's rows are
+all "held" by every rank (``global_rows``), and ``owner`` still names the one rank that writes
+each row to a checkpoint, so checkpoints do not depend on the placement.
 """
 
 from __future__ import annotations
@@ -20,6 +27,21 @@ import numpy as np
 from gmeta.io.schema import find_named, id_rows
 
 BYTES_PER_FLOAT = 4
+
+
+def parse_bytes(text, flag: str) -> int:
+    """A byte size such as ``64M``, ``1G``, ``500k`` or ``500000`` (>= 0); anything else is a
+    ValueError naming ``flag``."""
+    value = str(text).strip().lower()
+    scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(value[-1:], 1)
+    digits = value[:-1] if value[-1:] in ("k", "m", "g") else value
+    try:
+        size = int(float(digits) * scale)
+    except ValueError:
+        raise ValueError(f"{flag} must be a byte size such as 64M, 1G or 500000, got {text!r}") from None
+    if size < 0:
+        raise ValueError(f"{flag} must be >= 0 bytes, got {text!r}")
+    return size
 
 
 @dataclass(frozen=True)
@@ -63,10 +85,11 @@ class ShardingPlan:
     tables: tuple
     feature_tables: tuple
     world_size: int
+    replicated: tuple = ()     # sorted names of the tables every rank holds whole
 
     @classmethod
     def build(cls, tables: Sequence[TableConfig], feature_tables: Mapping[str, str],
-              world_size: int) -> "ShardingPlan":
+              world_size: int, replicated: Sequence[str] = ()) -> "ShardingPlan":
         tables = tuple(tables)
         if int(world_size) < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -89,16 +112,23 @@ class ShardingPlan:
         unused = sorted(known - {t for _, t in pairs})
         if unused:
             raise ValueError(f"tables {unused} are used by no feature; drop them or map a feature")
-        return cls(tables=tables, feature_tables=tuple(sorted(pairs)), world_size=int(world_size))
+        stray = sorted(set(replicated) - known)
+        if stray:
+            raise ValueError(f"replicated tables {stray} are not in the plan; tables are {sorted(known)}")
+        return cls(tables=tables, feature_tables=tuple(sorted(pairs)), world_size=int(world_size),
+                   replicated=tuple(sorted(set(replicated))))
 
     @classmethod
-    def from_schema(cls, schema, features: Sequence[str], dim: int, world_size: int) -> "ShardingPlan":
+    def from_schema(cls, schema, features: Sequence[str], dim: int, world_size: int,
+                    replicate_under: int = 0) -> "ShardingPlan":
         """The plan for the tables the given sparse ``features`` of ``schema`` look up, every
-        table at embedding dimension ``dim``: the one way a run builds its plan."""
+        table at embedding dimension ``dim``, those of at most ``replicate_under`` parameter
+        bytes replicated (0: none): the one way a run builds its plan."""
         feature_tables = {f: schema.feature(f).table for f in features}
         tables = [TableConfig(name=spec.name, num_rows=spec.num_rows, dim=int(dim), hashed=spec.hashed)
                   for spec in (schema.table(n) for n in sorted(set(feature_tables.values())))]
-        return cls.build(tables, feature_tables, world_size)
+        replicated = [t.name for t in tables if t.param_bytes <= int(replicate_under)]
+        return cls.build(tables, feature_tables, world_size, replicated)
 
     # ---- lookups by name ----
     def table(self, name: str) -> TableConfig:
@@ -129,19 +159,25 @@ class ShardingPlan:
         return rows % self.world_size
 
     def local_row(self, rows, table: str | None = None):
-        """Index of global ``rows`` inside their owner's shard."""
-        return rows // self.world_size
+        """Index of global ``rows`` inside their owner's shard (a replicated table's whole copy)."""
+        return rows if table in self.replicated else rows // self.world_size
+
+    def is_replicated(self, table: str) -> bool:
+        return self.table(table).name in self.replicated
 
     def rows_on_rank(self, table: str, rank: int) -> int:
         """Number of rows of ``table`` held by ``rank`` (0 when the table has fewer rows than ranks)."""
         self._check_rank(rank)
         n = self.table(table).num_rows
+        if self.is_replicated(table):
+            return n
         return max(0, (n - rank + self.world_size - 1) // self.world_size)
 
     def global_rows(self, table: str, rank: int) -> np.ndarray:
         """Global row ids held by ``rank``, in local-row order (int64)."""
         self._check_rank(rank)
-        return np.arange(rank, self.table(table).num_rows, self.world_size, dtype=np.int64)
+        step = 1 if self.is_replicated(table) else self.world_size
+        return np.arange(0 if step == 1 else rank, self.table(table).num_rows, step, dtype=np.int64)
 
     # ---- memory ----
     def bytes_on_rank(self, rank: int, slots_per_row: int = 0) -> int:
@@ -161,13 +197,13 @@ class ShardingPlan:
         return sum(t.param_bytes * (1 + slots_per_row) for t in self.tables)
 
     def with_world_size(self, world_size: int) -> "ShardingPlan":
-        return ShardingPlan.build(self.tables, dict(self.feature_tables), world_size)
+        return ShardingPlan.build(self.tables, dict(self.feature_tables), world_size, self.replicated)
 
     def with_num_rows(self, num_rows: Mapping[str, int]) -> "ShardingPlan":
         """The same plan with other sizes for the named tables: where a run whose vocabularies
         were smaller (the source of a warm start) placed its rows."""
         tables = [replace(t, num_rows=int(num_rows[t.name])) if t.name in num_rows else t for t in self.tables]
-        return ShardingPlan.build(tables, dict(self.feature_tables), self.world_size)
+        return ShardingPlan.build(tables, dict(self.feature_tables), self.world_size, self.replicated)
 
     def _check_rank(self, rank: int) -> None:
         if not 0 <= int(rank) < self.world_size:

@@ -62,6 +62,9 @@ class SokEmbedding(HybridEmbedding):
     mode = "sok"
 
     def __init__(self, plan, comm, optimizer, seed=0, init_stddev=0.05, name="sok_embedding"):
+        if plan.replicated:
+            raise ValueError(f"embedding mode 'sok' shards every table; the plan replicates {list(plan.replicated)} "
+                             f"(build it with replicate_under=0)")
         ok, reason = sok_available()
         if not ok:
             raise RuntimeError(f"embedding mode 'sok' is unavailable: {reason}; "

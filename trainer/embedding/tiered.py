@@ -38,6 +38,9 @@ class TieredEmbedding(HybridEmbedding):
                  init_stddev=0.05, name="tiered_embedding"):
         if sync not in SYNCS:
             raise ValueError(f"--hot-sync must be one of {SYNCS}, got {sync!r}")
+        if plan.replicated:
+            raise ValueError(f"tiering replicates the hot rows of sharded tables; the plan replicates whole tables "
+                             f"{list(plan.replicated)} (build it with replicate_under=0)")
         super().__init__(plan, comm, optimizer, seed, init_stddev, name)
         self.sync = sync
         self.hot_rows = []      # numpy, plan order

@@ -32,6 +32,7 @@ from gmeta.io.errors import DataError
 from gmeta.io.plan import load_schema, split_stripes
 from gmeta.io.schema import id_rows
 from gmeta.io.stripes import OrcFileCache, read_stripe
+from gmeta.trainer.embedding.plan import parse_bytes
 
 PROFILE_DIR = "_profile"
 COVER_SHARES = (0.001, 0.01, 0.1)
@@ -160,10 +161,8 @@ def parse_budget(text: str) -> int | None:
         return None
     if value == "auto":
         return -1
-    scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(value[-1:], 1)
-    digits = value[:-1] if value[-1:] in "kmg" else value
     try:
-        budget = int(float(digits) * scale)
+        budget = parse_bytes(value, "--tiering")
     except ValueError:
         raise ValueError(f"--tiering must be off, auto or a byte budget per worker such as 64M, got {text!r}") from None
     if budget <= 0:

@@ -35,7 +35,7 @@ def build_learner(cfg: TrainConfig, schema, comm, meta: str, tiering=None) -> Me
     fit_to_training_split(model, cfg.data)
     hot_rows, hot_sync = tiering if tiering is not None else (None, "sparse")
     embedding = build_embedding(model, comm, mode=cfg.parallel, optimizer=row_optimizer_config(cfg), seed=cfg.seed,
-                                hot_rows=hot_rows, hot_sync=hot_sync)
+                                hot_rows=hot_rows, hot_sync=hot_sync, replicate_under=cfg.replicate_under)
     learner = MetaLearner(model, embedding, comm, meta_config(cfg, meta))
     comm.broadcast_variables(learner.dense_variables)
     return learner
