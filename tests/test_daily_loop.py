@@ -72,6 +72,9 @@ def _alias_version(client) -> int:
     return int(client.get_model_version_by_alias(NAME, "champion").version)
 
 
+# slow tier: 74 s, and each piece has its fast test (convert, --vocab-from, --init-from growing
+# tables, promote, raw ids in the SavedModel and gmeta predict)
+@pytest.mark.slow
 def test_three_days_convert_warm_start_promote_and_serve_raw_ids(days):
     from mlflow import MlflowClient
 

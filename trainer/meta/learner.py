@@ -157,18 +157,28 @@ class MetaLearner(tf.Module):
         """Inner loop: returns params with the adapted entries replaced by fast weights [T, ...]:
         per step, from one forward pass at the current fast weights, a gradient step of the
         stepped terms and the closed-form step of the solved ones (both from the same point)."""
+        return self.adapt_from_start(params, x, part, steps, first_order)[0]
+
+    def adapt_from_start(self, params: dict, x, part, steps: int, first_order: bool) -> tuple:
+        """``(adapt's result, the model's outputs on x at the shared values)``: the inner loop's
+        first forward pass starts at the shared values, so it is also the plain model's pass on
+        these rows (None without inner steps)."""
         n_tasks = tf.shape(x)[0]
         fast = {n: tf.tile(params[n][None], tf.concat([[n_tasks], tf.ones_like(tf.shape(params[n]))], 0))
                 for n in self.model.adapted_names()}
         stepped = self.model.stepped_task_terms(self.solved)
-        for _ in range(steps):
+        start = None
+        for step in range(steps):
             outputs, update = None, {}
             if stepped:
                 outputs, update = self._gradient_step(params, fast, stepped, x, part, first_order)
+            else:
+                outputs = self.model.forward({**params, **fast}, x)
             if self.solved:
                 update.update(self._ridge_step(params, fast, x, part, first_order, outputs))
+            start = outputs if step == 0 else start
             fast.update(update)
-        return {**params, **fast}
+        return {**params, **fast}, start
 
     def _gradient_step(self, params, fast, names, x, part, first_order) -> tuple:
         """``(outputs at the current fast weights, the stepped terms after one gradient step)``."""
@@ -238,10 +248,24 @@ class MetaLearner(tf.Module):
         return {n: (tf.concat([p[n] for p in per_task], 0) if n in self.model.adapted_names()
                     else params[n]) for n in params}
 
-    def _adapted(self, params, x, part, steps, first_order):
+    def _adapted(self, params, x, part, steps, first_order) -> tuple:
+        """``(adapted params, outputs at the shared values or None)``, vectorized or task by task."""
         if self.config.task_loop:
-            return self.adapt_task_loop(params, x, part, steps, first_order)
-        return self.adapt(params, x, part, steps, first_order)
+            return self.adapt_task_loop(params, x, part, steps, first_order), None
+        return self.adapt_from_start(params, x, part, steps, first_order)
+
+    def _plain_loss(self, params, x_support, x_query, batch, support_outputs):
+        """Per task, the plain model's mean loss over its support and query rows; the support
+        rows' pass is the inner loop's first (``support_outputs``) when there is one."""
+        support, query = batch["support"], batch["query"]
+        if support_outputs is None:
+            part = _concat_parts(support, query)
+            return self.model.task_loss(self.model.forward(params, tf.concat([x_support, x_query], axis=1)), part)
+        rows_s = tf.reduce_sum(support["mask"], axis=1)
+        rows_q = tf.reduce_sum(query["mask"], axis=1)
+        total = (self.model.task_loss(support_outputs, support) * rows_s
+                 + self.model.task_loss(self.model.forward(params, x_query), query) * rows_q)
+        return total / tf.maximum(rows_s + rows_q, 1.0)
 
     # ------------------------------------------------------------------ one meta-step
     def meta_loss_sum(self, batch):
@@ -257,7 +281,7 @@ class MetaLearner(tf.Module):
         if cfg.meta == "maml":
             # 2. inner loop on the support sets, all tasks at once
             with tf.name_scope("inner_loop"):
-                fast = self._adapted(params, x_support, batch["support"], cfg.inner_steps, cfg.first_order)
+                fast, start = self._adapted(params, x_support, batch["support"], cfg.inner_steps, cfg.first_order)
             # 3. query loss with the adapted weights; a task without query rows has no loss and
             #    does not count
             with tf.name_scope("query_loss"):
@@ -265,9 +289,7 @@ class MetaLearner(tf.Module):
                 if cfg.plain_weight > 0:
                     # the shared parameters also learn from every row, as a plain model would:
                     # MAML's query-only objective otherwise sees a fraction of the labels
-                    part = _concat_parts(batch["support"], batch["query"])
-                    x_all = tf.concat([x_support, x_query], axis=1)
-                    per_task += cfg.plain_weight * self.model.task_loss(self.model.forward(params, x_all), part)
+                    per_task += cfg.plain_weight * self._plain_loss(params, x_support, x_query, batch, start)
                 counted = task_mask * tf.cast(tf.reduce_sum(batch["query"]["mask"], axis=1) > 0, tf.float32)
                 return tf.reduce_sum(per_task * counted), tf.reduce_sum(counted)
         # non-meta baseline: the same network on all rows, one plain step
