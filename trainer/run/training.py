@@ -123,7 +123,10 @@ def _train_on(cfg: TrainConfig, on_epoch, comm, elastic=None) -> dict:
         cfg = dataclasses.replace(cfg, epochs=auto_epochs(steps))
         log(f"--epochs auto = {cfg.epochs} ({steps} steps per epoch; at least {AUTO_MIN_STEPS} steps and "
             f"{AUTO_MIN_EPOCHS} epochs)")
-    log(f"model {cfg.model} ({cfg.meta}), {comm.size} worker(s), parallel={cfg.parallel}, "
+    plan = learner.embedding.plan
+    placed = (f" ({len(plan.replicated)} of {len(plan.tables)} tables held whole, --replicate-tables "
+              f"{cfg.replicate_tables})" if plan.replicated else "")
+    log(f"model {cfg.model} ({cfg.meta}), {comm.size} worker(s), parallel={cfg.parallel}{placed}, "
         f"{steps} steps/epoch x {cfg.epochs} epochs, T={cfg.tasks_per_batch} S={cfg.support_size} "
         f"Q={cfg.query_size}" + ("; the plain network trains alongside" if plain else ""))
 
