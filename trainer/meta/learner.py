@@ -8,7 +8,7 @@ One meta-step (``train_step``), top to bottom:
      or (``inner_solver="ridge"``) for the terms the output is linear in (the preference over the
      item representation and the bias) a Newton step of the support loss plus a learned ridge
      penalty towards the shared values, solved in closed form (exact in one step for a squared
-     loss; one IRLS step for a logistic one) and differentiated through ``cholesky_solve``;
+     loss; one IRLS step for a logistic one) and differentiated by ``spd_solve``'s own gradient;
   3. query loss with the adapted weights, summed over this rank's real tasks;
   4. meta-gradients, second order by default (the inner gradient is itself differentiated),
      first order on request (inner gradients treated as constants);
@@ -85,6 +85,22 @@ def _clip_per_task(grads: dict, max_norm: float) -> dict:
     factor = max_norm / tf.maximum(tf.sqrt(sq), max_norm)                       # [T]
     return {n: g * tf.reshape(factor, tf.concat([[-1], tf.ones([tf.rank(g) - 1], tf.int32)], 0))
             for n, g in grads.items()}
+
+
+@tf.custom_gradient
+def spd_solve(matrix, rhs):
+    """``matrix^-1 rhs`` for symmetric positive definite ``[..., K, K]`` matrices, by Cholesky.
+    Its gradient reuses the factor: ``d rhs = matrix^-1 dy`` (one more solve) and
+    ``d matrix = -d rhs x^T``; automatic differentiation through ``cholesky`` and
+    ``cholesky_solve`` costs the Cholesky gradient and four triangular solves more."""
+    factor = tf.linalg.cholesky(matrix)
+    x = tf.linalg.cholesky_solve(factor, rhs)
+
+    def grad(dy):
+        d_rhs = tf.linalg.cholesky_solve(factor, dy)
+        return -tf.linalg.matmul(d_rhs, x, transpose_b=True), d_rhs
+
+    return x, grad
 
 
 def _concat_parts(a: dict, b: dict) -> dict:
@@ -219,7 +235,7 @@ class MetaLearner(tf.Module):
         lam = tf.exp(self.ridge_log_lambda["log_lambda"])                # [K]
         hessian = tf.linalg.matmul(design, design * w[..., None], transpose_a=True) + tf.linalg.diag(lam)
         grad = tf.linalg.matmul(design, g[..., None], transpose_a=True)[..., 0] + lam * (theta - theta0)
-        delta = -tf.linalg.cholesky_solve(tf.linalg.cholesky(hessian), grad[..., None])[..., 0]
+        delta = -spd_solve(hessian, grad[..., None])[..., 0]
         if first_order:
             delta = tf.stop_gradient(delta)
         return model.with_linear_task_values(fast, theta + delta)
