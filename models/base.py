@@ -170,8 +170,14 @@ class ZooModel(tf.Module):
         groups = self.column_groups()
         self._user_cols = tf.constant(groups == "user", tf.float32)
         self._item_cols = tf.constant(groups == "item", tf.float32)
-        self._item_index = tf.constant(np.flatnonzero(groups == "item"), tf.int32)
-        self._n_item_cols = int((groups == "item").sum())
+        item_index = np.flatnonzero(groups == "item")
+        self._item_index = tf.constant(item_index, tf.int32)
+        self._n_item_cols = int(item_index.size)
+        # the item columns as one slice when they are contiguous (features are concatenated in
+        # schema order, so they usually are): a gather on the last axis was the default step's
+        # costliest op (0.36 ms of 7.0)
+        contiguous = item_index.size > 0 and item_index[-1] - item_index[0] + 1 == item_index.size
+        self._item_slice = (int(item_index[0]), int(item_index[-1]) + 1) if contiguous else None
         if "user" in parts and not (groups == "user").any():
             raise ValueError(f"--adapt user: the schema has no user-group feature among {self.sparse_features}")
         if "pref" in parts and not (groups == "item").any():
@@ -186,6 +192,12 @@ class ZooModel(tf.Module):
         groups += [d.group for d in self.schema.dense if d.name in self.dense_features]
         groups += ["prior"] if self.prior_feature else []
         return np.array(groups)
+
+    def _item_columns(self, t):
+        """The item-group columns of ``t`` (last axis)."""
+        if self._item_slice is not None:
+            return t[..., self._item_slice[0]:self._item_slice[1]]
+        return tf.gather(t, self._item_index, axis=-1)
 
     def task_inputs(self, params: dict, x):
         """The inputs with the task's user shift applied (when ``user`` adapts)."""
@@ -220,7 +232,7 @@ class ZooModel(tf.Module):
         for name in self.linear_task_terms():
             v = params[name]
             if name == "task/pref":
-                v = tf.gather(v, self._item_index, axis=-1)
+                v = self._item_columns(v)
             else:
                 v = v[..., None]
             cols.append(tf.broadcast_to(v, tf.stack([n_tasks, tf.shape(v)[-1]])) if v.shape.rank == 1 else v)
@@ -233,8 +245,13 @@ class ZooModel(tf.Module):
         for name in self.linear_task_terms():
             if name == "task/pref":
                 k = self._n_item_cols
-                pref = tf.transpose(tf.tensor_scatter_nd_update(
-                    tf.transpose(fast[name]), self._item_index[:, None], tf.transpose(values[:, start:start + k])))
+                new = values[:, start:start + k]
+                if self._item_slice is not None:
+                    lo, hi = self._item_slice
+                    pref = tf.concat([fast[name][:, :lo], new, fast[name][:, hi:]], axis=-1)
+                else:
+                    pref = tf.transpose(tf.tensor_scatter_nd_update(
+                        tf.transpose(fast[name]), self._item_index[:, None], tf.transpose(new)))
                 out[name], start = pref, start + k
             else:
                 out[name], start = values[:, start], start + 1
@@ -250,7 +267,7 @@ class ZooModel(tf.Module):
         cols = []
         for name in self.linear_task_terms():
             if name == "task/pref":
-                cols.append(scale * tf.gather(x, self._item_index, axis=-1))
+                cols.append(scale * self._item_columns(x))
             else:
                 cols.append(tf.ones_like(x[..., :1]))
         return tf.concat(cols, axis=-1)
@@ -268,7 +285,9 @@ class ZooModel(tf.Module):
             pref = pref * self._item_cols
             logit = logit + tf.linalg.matvec(x, pref)   # pref [W] (shared) or [T, W] (per task)
         if self.prior_feature:
-            logit = logit + x[..., -1]
+            # the prior column depends on no parameter (the user shift skips it), so no gradient
+            # flows through it: stop_gradient spares a zero-filled gradient of all of x
+            logit = logit + tf.stop_gradient(x[..., -1])
         if "task/scale" in params:
             scale, bias = params["task/scale"], params["task/bias"]
             if scale.shape.rank == 1:

@@ -267,6 +267,24 @@ def test_spd_solve_and_its_gradient_equal_automatic_differentiation_through_chol
     assert np.abs(ours[1]).sum() > 1.0
 
 
+def test_item_columns_as_a_slice_equal_the_general_gather():
+    """Contiguous item columns are sliced, not gathered: the linear task terms, their design and
+    their update are the same values either way."""
+    learner = make_ridge_learner("maml_dnn", adapt=("user", "pref", "bias"))
+    model = learner.model
+    assert model._item_slice is not None
+    rng = np.random.default_rng(4)
+    x = tf.constant(rng.standard_normal((3, 5, model.input_width)), tf.float32)
+    fast = {n: tf.constant(rng.standard_normal((3,) + tuple(v.shape)), tf.float32) for n, v in model.params.items()
+            if n.startswith("task/")}
+    values = tf.constant(rng.standard_normal((3, model.linear_task_width())), tf.float32)
+    sliced = (model.linear_task_values(fast, 3), model.task_design(fast, x), model.with_linear_task_values(fast, values))
+    model._item_slice = None
+    gathered = (model.linear_task_values(fast, 3), model.task_design(fast, x), model.with_linear_task_values(fast, values))
+    for a, b in zip(tf.nest.flatten(sliced), tf.nest.flatten(gathered)):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
 def make_ridge_learner(model="maml_dnn", adapt=("pref", "bias"), schema=SCHEMA, target="auto", **meta):
     model_cfg, meta_cfg, row_cfg = part_configs(model, **_settings(adapt=adapt, target=target, inner_solver="ridge",
                                                                    **meta))
