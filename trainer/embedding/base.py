@@ -244,3 +244,21 @@ def dedupe_rows(grad) -> tuple:
         return rows, values
     grad = tf.convert_to_tensor(grad)
     return tf.range(tf.shape(grad, out_type=tf.int64)[0]), grad
+
+
+def pack_touched(grad, num_rows: int, dim: int, dtype):
+    """A replicated table's gradient for the step's fused allreduce: ``[num_rows, dim + 1]``,
+    the gradient as a dense table and, last, how many times each row was looked up (zeros for
+    a table without a gradient, so every rank sends the same tensors)."""
+    if grad is None:
+        return tf.zeros([num_rows, dim + 1], dtype)
+    if not isinstance(grad, tf.IndexedSlices):
+        grad = tf.IndexedSlices(tf.convert_to_tensor(grad), tf.range(num_rows, dtype=tf.int64))
+    values = tf.concat([grad.values, tf.ones_like(grad.values[:, :1])], axis=1)
+    return tf.math.unsorted_segment_sum(values, tf.cast(grad.indices, tf.int64), num_rows)
+
+
+def unpack_touched(summed) -> tuple:
+    """``pack_touched`` summed over ranks -> ``(rows any rank touched, their summed gradients)``."""
+    rows = tf.where(summed[:, -1] > 0)[:, 0]
+    return rows, tf.gather(summed[:, :-1], rows)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from gmeta.trainer.embedding.base import EmbeddingBase, dedupe_rows
+from gmeta.trainer.embedding.base import EmbeddingBase, dedupe_rows, pack_touched, unpack_touched
 
 
 class HybridEmbedding(EmbeddingBase):
@@ -115,21 +115,12 @@ class HybridEmbedding(EmbeddingBase):
         return tf.gather(units, tf.math.floormod(keys, len(self._plan.tables)))
 
     def reduction_inputs(self, grads) -> list:
-        """Per replicated table ``[rows, dim + 1]``: its gradient as a dense table and a touch
-        count per row (every replicated table, looked up or not, so all ranks send the same)."""
+        """Per replicated table, ``pack_touched`` of its gradient (every replicated table, looked
+        up or not, so all ranks send the same)."""
         grads = self._check_grads(grads)
-        inputs = []
-        for table, var, g in zip(self._plan.tables, self.params, grads):
-            if not self._plan.is_replicated(table.name):
-                continue
-            if g is None:
-                inputs.append(tf.zeros([table.num_rows, table.dim + 1], var.dtype))
-                continue
-            g = g if isinstance(g, tf.IndexedSlices) else tf.IndexedSlices(
-                tf.convert_to_tensor(g), tf.range(table.num_rows, dtype=tf.int64))
-            values = tf.concat([g.values, tf.ones_like(g.values[:, :1])], axis=1)
-            inputs.append(tf.math.unsorted_segment_sum(values, tf.cast(g.indices, tf.int64), table.num_rows))
-        return inputs
+        return [pack_touched(g, table.num_rows, table.dim, var.dtype)
+                for table, var, g in zip(self._plan.tables, self.params, grads)
+                if self._plan.is_replicated(table.name)]
 
     def apply_reduced(self, grads, reduced, scale) -> None:
         """Row-wise update: of the owned rows with the gradients the AlltoAll brought home, and
@@ -139,9 +130,8 @@ class HybridEmbedding(EmbeddingBase):
         summed = iter(reduced)
         for table, var, slots, g in zip(self._plan.tables, self.params, self.slots, grads):
             if self._plan.is_replicated(table.name):
-                packed = next(summed)
-                rows = tf.where(packed[:, -1] > 0)[:, 0]
-                self.optimizer.apply_rows(var, slots, rows, tf.gather(packed[:, :-1], rows) * scale, t)
+                rows, values = unpack_touched(next(summed))
+                self.optimizer.apply_rows(var, slots, rows, values * scale, t)
                 continue
             if g is None:
                 continue

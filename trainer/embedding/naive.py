@@ -1,7 +1,7 @@
 """The replicated baseline (DMAML style): every rank holds every full table.
 
 Lookup is a local gather. ``reduction_inputs`` turns each table's gradient into a dense
-``[num_rows, dim]`` tensor plus a ``[num_rows]`` "row touched" count; the meta-step sums them
+``[num_rows, dim + 1]`` tensor: the gradient and a "row touched" count (``pack_touched``); the meta-step sums them
 over ranks in its ONE fused all-reduce, together with the dense meta-gradients (counted as
 ``allreduce`` bytes: the full tables, which is the traffic the hybrid design avoids), so the
 baseline is the strongest version of itself. The summed gradient equals what the hybrid path's
@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from gmeta.trainer.embedding.base import EmbeddingBase
+from gmeta.trainer.embedding.base import EmbeddingBase, pack_touched, unpack_touched
 
 
 class NaiveEmbedding(EmbeddingBase):
@@ -34,31 +34,17 @@ class NaiveEmbedding(EmbeddingBase):
                  tf.range(tf.size(rows, out_type=tf.int64))) for t, rows in requests]
 
     def reduction_inputs(self, grads) -> list:
-        """Every table's gradient as a dense table, then every table's row-touched count."""
+        """Every table's ``pack_touched`` gradient (a dense table and a row-touched count)."""
         grads = self._check_grads(grads)
-        dense, touched = [], []
-        # every table takes part even without a gradient, so all ranks send the same tensors
-        for table, var, g in zip(self._plan.tables, self.params, grads):
-            n = table.num_rows
-            if g is None:
-                dense.append(tf.zeros_like(var))
-                touched.append(tf.zeros([n], var.dtype))
-            elif isinstance(g, tf.IndexedSlices):
-                idx = tf.cast(g.indices, tf.int64)
-                dense.append(tf.math.unsorted_segment_sum(g.values, idx, n))
-                touched.append(tf.math.unsorted_segment_sum(tf.ones_like(idx, var.dtype), idx, n))
-            else:
-                dense.append(tf.convert_to_tensor(g))
-                touched.append(tf.ones([n], var.dtype))
-        return dense + touched
+        return [pack_touched(g, table.num_rows, table.dim, var.dtype)
+                for table, var, g in zip(self._plan.tables, self.params, grads)]
 
     def apply_reduced(self, grads, reduced, scale) -> None:
         """Row-wise update of the rows any rank touched, with the summed gradients x ``scale``."""
         t = self.optimizer.next_step()
-        k = len(self.params)
-        for var, slots, g, seen in zip(self.params, self.slots, reduced[:k], reduced[k:]):
-            rows = tf.where(seen > 0)[:, 0]
-            self.optimizer.apply_rows(var, slots, rows, tf.gather(g, rows) * scale, t)
+        for var, slots, summed in zip(self.params, self.slots, reduced):
+            rows, values = unpack_touched(summed)
+            self.optimizer.apply_rows(var, slots, rows, values * scale, t)
 
     def gather_full_table(self, name: str) -> np.ndarray:
         """Whole table as numpy (local: every rank already has it; no collective)."""

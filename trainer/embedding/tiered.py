@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from gmeta.trainer.embedding.base import dedupe_rows
+from gmeta.trainer.embedding.base import dedupe_rows, pack_touched, unpack_touched
 from gmeta.trainer.embedding.hybrid import HybridEmbedding
 
 SYNCS = ("sparse", "dense")
@@ -114,18 +114,8 @@ class TieredEmbedding(HybridEmbedding):
         if self.sync != "dense":
             return []
         _, hot_grads = self._split_grads(grads)
-        inputs = []
-        for rows, var, g in zip(self.hot_rows, self.hot_params, hot_grads):
-            if not rows.size:
-                continue
-            h, dim = int(rows.size), int(var.shape[1])
-            if g is None:
-                inputs.append(tf.zeros([h, dim + 1], var.dtype))
-                continue
-            idx, values = dedupe_rows(g)
-            packed = tf.concat([values, tf.ones_like(values[:, :1])], axis=1)
-            inputs.append(tf.scatter_nd(idx[:, None], packed, [h, dim + 1]))
-        return inputs
+        return [pack_touched(g, int(rows.size), int(var.shape[1]), var.dtype)
+                for rows, var, g in zip(self.hot_rows, self.hot_params, hot_grads) if rows.size]
 
     def apply_reduced(self, grads, reduced, scale) -> None:
         shard_grads, hot_grads = self._split_grads(grads)
@@ -141,14 +131,11 @@ class TieredEmbedding(HybridEmbedding):
     def _dense_sums(self, reduced) -> dict:
         """{table index: (rows any rank touched, summed gradients)} from the fused allreduce."""
         out, k = {}, 0
-        for i, (rows, var) in enumerate(zip(self.hot_rows, self.hot_params)):
+        for i, rows in enumerate(self.hot_rows):
             if not rows.size:
                 continue
-            summed = reduced[k]
+            out[i] = unpack_touched(reduced[k])
             k += 1
-            dim = int(var.shape[1])
-            touched = tf.where(summed[:, dim] > 0)[:, 0]
-            out[i] = (touched, tf.gather(summed[:, :dim], touched))
         return out
 
     def _sparse_sums(self, hot_grads) -> dict:
