@@ -7,8 +7,10 @@ keeping its range of tasks); ``gmeta.io.assemble`` turns a decoded
 stripe into a validated block of whole tasks and cuts padded meta-batches out of pooled blocks
 (numpy only); this module orchestrates: a thread pool decodes this rank's stripes (pyarrow
 releases the GIL), blocks are pooled, the pool's tasks shuffled (seed, epoch and rank fix the
-order) and cut into chunks of several meta-batches, which tf.data receives through
-``from_generator`` (one Python call per chunk, not per batch) and ``unbatch``es.
+order) and cut into whole meta-batches. tf.data receives one window per pool (or per
+``batches_per_window`` batches of it) through ``numpy_function``: the pool's rows, without a
+copy, and its batches' row numbers; TensorFlow gathers the rows itself, so no Python runs per
+batch.
 
 ``steps_per_epoch = ceil(max over ranks of tasks / T)`` on every rank; ranks with fewer tasks
 finish with padding tasks (``task_mask`` 0), so all ranks run the same number of steps and no
@@ -17,9 +19,11 @@ collective can deadlock. TensorFlow is imported only by ``element_spec`` / ``dat
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
-from collections import deque
+import threading
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Optional
 
@@ -27,8 +31,8 @@ import numpy as np
 import pyarrow as pa
 
 from gmeta.io import fs
-from gmeta.io.assemble import (STAT_KEYS, Block, Layout, batch_of, build_block, compact, empty_block, gather_packed,
-                               gather_tasks)
+from gmeta.io.assemble import (STAT_KEYS, Block, Layout, batch_rows, build_block, compact, empty_block,
+                               gather_packed, unpack_numpy)
 from gmeta.io.errors import DataError
 from gmeta.io.index import INDEX_FILE
 from gmeta.io.plan import Unit, load_schema, plan_units, shard_tasks
@@ -36,6 +40,10 @@ from gmeta.io.stripes import OrcFileCache, read_stripe
 from gmeta.io.validate import check_file_schema, check_no_nulls, task_runs
 
 log = logging.getLogger(__name__)
+
+#: passes over one ``dataset`` object open at once (each iterator makes one); past this the
+#: oldest unfinished pass is closed, so abandoned iterators do not keep thread pools alive
+MAX_OPEN_PASSES = 8
 
 
 class MetaReader:
@@ -69,9 +77,10 @@ class MetaReader:
         self.shuffle, self.seed = bool(shuffle), int(seed)
         self.num_parallel_reads, self.prefetch = int(num_parallel_reads), int(prefetch)
         self.shuffle_buffer_tasks = int(shuffle_buffer_tasks or max(8 * self.T, 1024))
-        # meta-batches handed to tf.data per generator call (~256 tasks): amortizes the Python
-        # and per-op cost of from_generator and of the split into named features
-        self.batches_per_chunk = max(1, 256 // self.T)
+        # meta-batches per window handed to tf.data (~1024 tasks, a default pool): few calls and
+        # ops per batch, while a large shuffle pool is not padded out whole (memory) before its
+        # first batch is out; a larger pool is handed over as several windows (no copy)
+        self.batches_per_window = max(1, 1024 // self.T)
         self.schema = load_schema(dataset_dir)
         if split not in self.schema.splits:
             log.warning("split %r is not listed in schema.json splits %s", split, list(self.schema.splits))
@@ -154,37 +163,28 @@ class MetaReader:
     def _rng(self, epoch: int, stream: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, int(epoch), self.rank, stream])
 
-    def chunks(self, epoch: int = 0, packed: bool = False) -> Iterator[dict]:
-        """This rank's epoch as numpy chunks of up to ``batches_per_chunk`` meta-batches each
-        (the interface dict with a leading [B] axis, or with ``packed`` the few arrays of
-        ``gather_packed``); together exactly ``steps_per_epoch``.
+    def windows(self, epoch: int = 0) -> Iterator[tuple]:
+        """This rank's epoch as ``(pool block, BatchRows)`` windows of up to ``batches_per_window``
+        batches: each shuffle pool's whole meta-batches (the remainder waits for the next blocks),
+        then the last tasks padded, then padding-only batches up to ``steps_per_epoch``; together
+        exactly ``steps_per_epoch``.
 
-        Stripe decoding and chunk assembly both run on the thread pool (numpy and pyarrow
-        release the GIL), so they overlap with each other and with tf.data's own work.
+        Stripes are decoded and turned into blocks on the thread pool (pyarrow and numpy release
+        the GIL), ``2 * num_parallel_reads`` ahead; the pool's shuffle and the row numbers of its
+        batches are computed here (vectorized); the gather is left to the consumer.
         """
         executor = ThreadPoolExecutor(self.num_parallel_reads, thread_name_prefix="gmeta-io")
-        ahead = deque()
         try:
-            for pool, sel, n_batches in self._chunk_plan(epoch, executor):
-                work = (executor.submit(gather_packed, pool, sel, n_batches, self.T, self.S, self.Q) if packed else
-                        executor.submit(gather_tasks, pool, sel, n_batches, self.T, self.S, self.Q, self._layout))
-                ahead.append((work, n_batches, sel.size))
-                if len(ahead) > 2 * self.num_parallel_reads:
-                    yield self._collect(epoch, *ahead.popleft())
-            while ahead:
-                yield self._collect(epoch, *ahead.popleft())
+            for pool, sel, n_batches in self._window_plan(epoch, executor):
+                self._count(epoch, {"batches": n_batches, "padding_tasks": n_batches * self.T - sel.size})
+                rows = batch_rows(pool, sel, n_batches, self.T, self.S, self.Q)
+                for lo in range(0, n_batches, self.batches_per_window):
+                    yield pool, rows[lo:lo + self.batches_per_window]
         except DataError as exc:
             self.error = exc
             raise
         finally:
-            for f, _, _ in ahead:
-                f.cancel()
             executor.shutdown(wait=True, cancel_futures=True)
-
-    def _collect(self, epoch: int, future, n_batches: int, real_tasks: int) -> dict:
-        chunk = future.result()
-        self._count(epoch, {"batches": n_batches, "padding_tasks": n_batches * self.T - real_tasks})
-        return chunk
 
     def _count(self, epoch: int, counts: dict) -> None:
         mine = self.stats_by_epoch.setdefault(epoch, dict.fromkeys(STAT_KEYS, 0))
@@ -197,13 +197,12 @@ class MetaReader:
         under its own number). Complete once the epoch's last batch has been taken."""
         return dict(self.stats_by_epoch.get(epoch, dict.fromkeys(STAT_KEYS, 0)))
 
-    def _chunk_plan(self, epoch: int, executor: ThreadPoolExecutor) -> Iterator[tuple]:
-        """``(pool block, task indices, batches)`` per chunk: read blocks into a shuffle pool,
-        cut it into chunks of whole batches (the remainder waits for the next blocks), pad the
-        last batch, then add padding-only batches up to ``steps_per_epoch``."""
+    def _window_plan(self, epoch: int, executor: ThreadPoolExecutor) -> Iterator[tuple]:
+        """``(pool block, task indices, batches)`` per window: read blocks into a shuffle pool,
+        cut it into whole batches (the remainder waits for the next blocks), pad the last batch,
+        then add padding-only batches up to ``steps_per_epoch``."""
         rng = self._rng(epoch, 1)
-        chunk = self.batches_per_chunk * self.T
-        buffer = max(self.shuffle_buffer_tasks, chunk) if self.shuffle else chunk
+        buffer = self.shuffle_buffer_tasks if self.shuffle else self.T
         parts, held, emitted = [], 0, 0
         for block, stats in self._blocks(executor, self.unit_order(epoch)):
             self._count(epoch, stats)
@@ -212,33 +211,32 @@ class MetaReader:
             if held >= buffer:
                 pool = Block.concat(parts)
                 order = rng.permutation(pool.tasks) if self.shuffle else np.arange(pool.tasks)
-                cut = pool.tasks - pool.tasks % chunk
-                for lo in range(0, cut, chunk):
-                    emitted += self.batches_per_chunk
-                    yield pool, order[lo:lo + chunk], self.batches_per_chunk
+                cut = pool.tasks - pool.tasks % self.T
+                if cut:
+                    emitted += cut // self.T
+                    yield pool, order[:cut], cut // self.T
                 parts = [compact(pool, order[cut:])] if cut < pool.tasks else []
                 held = pool.tasks - cut
         if parts:
             pool = Block.concat(parts)
             order = rng.permutation(pool.tasks) if self.shuffle else np.arange(pool.tasks)
-            for lo in range(0, pool.tasks, chunk):
-                sel = order[lo:lo + chunk]
-                n_batches = -(-sel.size // self.T)
+            n_batches = -(-pool.tasks // self.T)
+            if n_batches:
                 emitted += n_batches
-                yield pool, sel, n_batches
+                yield pool, order, n_batches
         if emitted > self.steps_per_epoch:
             raise RuntimeError(f"rank {self.rank} produced {emitted} batches > steps_per_epoch "
                                f"{self.steps_per_epoch}: the plan does not match the data")
-        while emitted < self.steps_per_epoch:
-            n_batches = min(self.batches_per_chunk, self.steps_per_epoch - emitted)
-            emitted += n_batches
-            yield self._empty, np.zeros(0, np.int64), n_batches
+        if emitted < self.steps_per_epoch:
+            yield self._empty, np.zeros(0, np.int64), self.steps_per_epoch - emitted
 
-    def numpy_batches(self, epoch: int = 0) -> Iterator[dict]:
-        """The same meta-batches as ``dataset(epoch)``, as dicts of numpy arrays (no TensorFlow)."""
-        for chunk in self.chunks(epoch):
-            for b in range(chunk["task_id"].shape[0]):
-                yield batch_of(chunk, b)
+    def numpy_batches(self, epoch: int = 0, packed: bool = False) -> Iterator[dict]:
+        """The same meta-batches as ``dataset(epoch, packed)``, as dicts of numpy arrays (no
+        TensorFlow)."""
+        for pool, rows in self.windows(epoch):
+            for b in range(rows.batches):
+                batch = gather_packed(pool, rows[b])
+                yield batch if packed else unpack_numpy(batch, self._layout)
 
     def element_spec(self, leading=()) -> dict:
         """``tf.TensorSpec``s of one meta-batch (``leading`` dims prepended, e.g. ``(None,)``)."""
@@ -258,47 +256,38 @@ class MetaReader:
 
     def packed_element_spec(self, leading=()) -> dict:
         """``tf.TensorSpec``s of one packed meta-batch (``dataset(packed=True)``): per side the
-        int64 rows [int_width, T, cap], the float32 rows [n_floats, T, cap] and the mask [T, cap]."""
+        int64 columns [T, cap, int_width], the float32 columns [T, cap, n_floats] and the mask
+        [T, cap]."""
         import tensorflow as tf
 
         lead, T, lay = list(leading), self.T, self._layout
         spec = {"task_id": tf.TensorSpec(lead + [T], tf.int64), "task_mask": tf.TensorSpec(lead + [T], tf.float32)}
         for side, cap in (("support", self.S), ("query", self.Q)):
-            spec[side] = {"ints": tf.TensorSpec(lead + [lay.int_width, T, cap], tf.int64),
-                          "floats": tf.TensorSpec(lead + [len(lay.float_names), T, cap], tf.float32),
+            spec[side] = {"ints": tf.TensorSpec(lead + [T, cap, lay.int_width], tf.int64),
+                          "floats": tf.TensorSpec(lead + [T, cap, len(lay.float_names)], tf.float32),
                           "mask": tf.TensorSpec(lead + [T, cap], tf.float32)}
         return spec
 
     def unpack(self, packed: dict) -> dict:
-        """A packed meta-batch as the interface's dict (TensorFlow ops: inside a traced step they
-        are slices, so the batch crosses from Python to the graph as 8 tensors, not one per
+        """A packed meta-batch as the interface's dict (TensorFlow slices of the last axis; inside a
+        traced step, so the batch crosses from Python to the graph as 8 tensors, not one per
         feature: an eager hand-off of the demo's 32-tensor batch measured 0.222 ms, packed 0.087)."""
-        import tensorflow as tf
-
         out = {"task_id": packed["task_id"], "task_mask": packed["task_mask"]}
         for side in ("support", "query"):
             x_int, x_flt = packed[side]["ints"], packed[side]["floats"]
-            d = {}
-            for name, slot in self._layout.slots.items():
-                d[name] = tf.transpose(x_int[slot], [1, 2, 0]) if isinstance(slot, slice) else x_int[slot]
+            d = {name: x_int[..., slot] for name, slot in self._layout.slots.items()}
             for j, name in enumerate(self._layout.float_names):
-                d[name] = x_flt[j]
+                d[name] = x_flt[..., j]
             d["mask"] = packed[side]["mask"]
             out[side] = d
         return out
 
     @staticmethod
-    def slice_tasks(batch: dict, lo: int, hi: int, packed: bool = False) -> dict:
-        """Tasks ``[lo, hi)`` of a meta-batch (the task axis is 1 in a packed batch's rows)."""
+    def slice_tasks(batch: dict, lo: int, hi: int) -> dict:
+        """Tasks ``[lo, hi)`` of a meta-batch, packed or not (the task axis is first everywhere)."""
         import tensorflow as tf
 
-        if not packed:
-            return tf.nest.map_structure(lambda t: t[lo:hi], batch)
-        out = {"task_id": batch["task_id"][lo:hi], "task_mask": batch["task_mask"][lo:hi]}
-        for side in ("support", "query"):
-            d = batch[side]
-            out[side] = {"ints": d["ints"][:, lo:hi], "floats": d["floats"][:, lo:hi], "mask": d["mask"][lo:hi]}
-        return out
+        return tf.nest.map_structure(lambda t: t[lo:hi], batch)
 
     def surfacing_errors(self, batches):
         """Iterate ``batches`` (this reader's ``dataset``); a DataError met while reading is
@@ -312,44 +301,93 @@ class MetaReader:
                 raise self.error from None
             raise
 
+    def _window_source(self, epoch: int):
+        """``(start, fetch)`` for the tf.data pipeline: ``start()`` opens a pass over ``epoch``'s
+        windows and returns its key (each iterator of the dataset makes its own pass);
+        ``fetch(key)`` returns the pass's next window as arrays, and after its last an empty one.
+        The pool's row matrices are 64-byte aligned, so TensorFlow's ``numpy_function`` takes them
+        over without a copy (``from_generator`` converts, that is copies, every array, and costs
+        more per call). At most ``MAX_OPEN_PASSES`` passes stay open: the oldest unfinished one
+        is closed (its thread pool shut down), and reading on from it is an error."""
+        passes, keys, lock = OrderedDict(), itertools.count(), threading.Lock()
+        empty = self._empty
+        nothing = batch_rows(empty, np.zeros(0, np.int64), 0, self.T, self.S, self.Q)
+
+        def start():
+            with lock:
+                key = next(keys)
+                passes[key] = self.windows(epoch)
+                while len(passes) > MAX_OPEN_PASSES:
+                    passes.popitem(last=False)[1].close()
+            return np.int64(key)
+
+        def fetch(key):
+            with lock:
+                windows = passes.get(int(key))
+                if windows is None:
+                    raise RuntimeError(f"this pass over {self.split_dir} (epoch {epoch}) was closed: more than "
+                                       f"{MAX_OPEN_PASSES} passes over the dataset were open at once")
+                try:
+                    pool, rows = next(windows)
+                except StopIteration:
+                    del passes[int(key)]
+                    pool, rows = empty, nothing
+            return pool.ints, pool.flts, rows.task_id, rows.task_mask, rows.support, rows.query
+
+        return start, fetch
+
     def dataset(self, epoch: int = 0, packed: bool = False):
         """A ``tf.data.Dataset`` of exactly ``steps_per_epoch`` meta-batches (static shapes):
         interface dicts, or with ``packed`` the packed batches ``unpack`` turns into them.
 
-        The generator hands over chunks of ``batches_per_chunk`` meta-batches (one Python call
-        and one conversion per array per chunk, not per batch); ``unbatch`` splits them.
+        Python hands over one window per shuffle pool or per ``batches_per_window`` batches of
+        it: the pool's rows, without a copy, and the row numbers of its batches; TensorFlow gathers the window's
+        batches in one op per side and dtype (its own threads, no per-batch Python), while the
+        next window is prepared.
         A DataError met while reading surfaces from the iterator as a TensorFlow error whose
         message carries the DataError text; it is also kept in ``reader.error``.
         """
         import tensorflow as tf
 
-        if packed:
-            # the generator's row arrays are [rows, B, T, cap]; the chunk axis goes first for unbatch
-            spec = self.packed_element_spec(leading=(None,))
-            chunk_spec = dict(spec)
-            for side in ("support", "query"):
-                chunk_spec[side] = {k: (tf.TensorSpec([v.shape[1], None, *v.shape[2:]], v.dtype)
-                                        if k in ("ints", "floats") else v) for k, v in spec[side].items()}
-            ds = tf.data.Dataset.from_generator(lambda: self.chunks(epoch, packed=True), output_signature=chunk_spec)
-            ds = ds.map(_chunk_axis_first)
-        else:
-            ds = tf.data.Dataset.from_generator(lambda: self.chunks(epoch),
-                                                output_signature=self.element_spec(leading=(None,)))
-        ds = ds.unbatch()
+        lay, T = self._layout, self.T
+        dtypes = (tf.int64, tf.float32, tf.int64, tf.float32, tf.int64, tf.int64)
+        shapes = ([None, lay.int_width], [None, len(lay.float_names)], [None, T], [None, T], [None, T, self.S],
+                  [None, T, self.Q])
+        start, fetch = self._window_source(epoch)
+
+        def batches(*arrays):
+            window = _gather_rows(*arrays)  # [batches, ...]; unpack slices the last axis once per window
+            return tf.data.Dataset.from_tensor_slices(window if packed else self.unpack(window))
+
+        def one_pass(_):
+            key = tf.numpy_function(start, [], tf.int64, stateful=True, name="meta_io_start")
+
+            def window(_):
+                arrays = tf.numpy_function(fetch, [key], dtypes, stateful=True, name="meta_io_window")
+                for array, shape in zip(arrays, shapes):
+                    array.set_shape(shape)
+                return tuple(arrays)
+
+            # every window holds >= 1 batch, so steps_per_epoch + 1 fetches reach the empty one
+            windows = tf.data.Dataset.range(self.steps_per_epoch + 1).map(window)
+            return windows.take_while(lambda *w: tf.shape(w[2])[0] > 0)
+
+        ds = tf.data.Dataset.from_tensors(np.int64(0)).flat_map(one_pass).prefetch(1).flat_map(batches)
         ds = ds.apply(tf.data.experimental.assert_cardinality(self.steps_per_epoch))
         if self.prefetch:
             ds = ds.prefetch(self.prefetch)
         return ds
 
 
-def _chunk_axis_first(chunk: dict) -> dict:
-    """A packed chunk's row arrays [rows, B, T, cap] -> [B, rows, T, cap] (the batch axis first)."""
+def _gather_rows(ints, flts, task_id, task_mask, rows_s, rows_q) -> dict:
+    """Packed meta-batches with a leading [batches] axis from a pool's rows: one row gather per
+    side and dtype for all of them (the same arithmetic as ``gather_packed``); the padding row is
+    the pool's last."""
     import tensorflow as tf
 
-    out = dict(chunk)
-    for side in ("support", "query"):
-        d = dict(chunk[side])
-        for k in ("ints", "floats"):
-            d[k] = tf.transpose(d[k], [1, 0, 2, 3])
-        out[side] = d
+    pad = tf.shape(ints, out_type=tf.int64)[0] - 1
+    out = {"task_id": task_id, "task_mask": task_mask}
+    for side, rows in (("support", rows_s), ("query", rows_q)):
+        out[side] = {"ints": tf.gather(ints, rows), "floats": tf.gather(flts, rows),
+                     "mask": tf.cast(tf.not_equal(rows, pad), tf.float32)}
     return out

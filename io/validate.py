@@ -156,19 +156,21 @@ def check_ids(mat: np.ndarray, names, limits: np.ndarray, hashed: np.ndarray, fi
         mat[:, col] = id_rows(mat[:, col], int(limits[col]), True)
 
 
-def check_id_values(values: np.ndarray, name: str, limit: int, hashed: bool, file, stripe=None) -> np.ndarray:
-    """The flat values of a list<int64> feature; same rules as ``check_ids``. Returns the values
-    (reduced modulo ``limit`` if hashed)."""
+def check_id_values(values: np.ndarray, name: str, limit: int, hashed: bool, file, stripe=None,
+                    position: str = "list value") -> np.ndarray:
+    """The flat values of a list<int64> feature (or one single-valued column, ``position="row"``);
+    same rules as ``check_ids``. Returns the values (a new array reduced modulo ``limit`` if
+    hashed; the input is not written)."""
     if values.size == 0:
         return values
     if values.min() < 0:
         pos = int(np.flatnonzero(values < 0)[0])
-        raise DataError(f"negative id {int(values[pos])} at list value {pos}", file=file, stripe=stripe,
+        raise DataError(f"negative id {int(values[pos])} at {position} {pos}", file=file, stripe=stripe,
                         column=name)
     if values.max() >= limit:
         if not hashed:
             pos = int(np.flatnonzero(values >= limit)[0])
-            raise DataError(f"id {int(values[pos])} at list value {pos} is >= the table's num_rows {limit} "
+            raise DataError(f"id {int(values[pos])} at {position} {pos} is >= the table's num_rows {limit} "
                             f"(mark the table hashed in schema.json to take ids modulo num_rows)",
                             file=file, stripe=stripe, column=name)
         values = id_rows(values, limit, True)

@@ -53,12 +53,13 @@ def test_block_reorders_support_first_and_caps_counts():
     rows past the caps, the tag past max_len, the truncated task are counted; hashed tags mod 5."""
     block, stats = build(ROWS, S=2, Q=1)
     np.testing.assert_array_equal(block.task_id, [5, 8])
-    # row order after the reorder: 1, 2, 0 (task 5), then 3..7 (task 8); last column is the pad
-    np.testing.assert_array_equal(block.ints, [[2, 3, 1, 4, 5, 6, 7, 8, -1],
+    # row order after the reorder: 1, 2, 0 (task 5), then 3..7 (task 8); the last row is the pad
+    # (the matrices are row-major [rows + 1, columns]; compared transposed, a column per feature)
+    np.testing.assert_array_equal(block.ints.T, [[2, 3, 1, 4, 5, 6, 7, 8, -1],
                                                [-1, 1, 2, 4, 0, -1, 2, -1, -1],
                                                [-1, 2, -1, -1, 4, -1, -1, -1, -1]])
-    np.testing.assert_array_equal(block.flts[1], [1, 2, 0, 3, 4, 5, 6, 7, 0])   # price
-    np.testing.assert_array_equal(block.flts[0], [1, 0, 0, 1, 0, 1, 0, 1, 0])   # click = file row % 2
+    np.testing.assert_array_equal(block.flts[:, 1], [1, 2, 0, 3, 4, 5, 6, 7, 0])   # price
+    np.testing.assert_array_equal(block.flts[:, 0], [1, 0, 0, 1, 0, 1, 0, 1, 0])   # click = file row % 2
     np.testing.assert_array_equal(block.start_s, [0, 3])
     np.testing.assert_array_equal(block.cnt_s, [2, 2])
     np.testing.assert_array_equal(block.start_q, [2, 6])
@@ -131,11 +132,11 @@ def test_concat_and_compact_keep_what_gather_sees():
     np.testing.assert_array_equal(pool.task_id, [5, 8, 11])
     np.testing.assert_array_equal(pool.start_s, [0, 3, 8])
     np.testing.assert_array_equal(pool.start_q, [2, 6, 9])
-    assert pool.rows == 10 and pool.ints[0, -1] == -1 and pool.flts[1, -1] == 0
+    assert pool.rows == 10 and (pool.ints[-1] == -1).all() and (pool.flts[-1] == 0).all()
     small = compact(pool, np.array([2, 1]))
     np.testing.assert_array_equal(small.task_id, [11, 8])
     # used rows only: support of 11, support of 8 (2 of 3), then query of 11, query of 8 (1 of 2)
-    np.testing.assert_array_equal(small.ints[0], [9, 4, 5, 0, 7, -1])
+    np.testing.assert_array_equal(small.ints[:, 0], [9, 4, 5, 0, 7, -1])
     np.testing.assert_array_equal(small.start_s, [0, 1])
     np.testing.assert_array_equal(small.start_q, [3, 4])
     for got in (gather_tasks(small, np.arange(2), 1, 2, 2, 1, LAY),

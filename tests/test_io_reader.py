@@ -140,6 +140,37 @@ def test_tf_dataset_equals_numpy_batches(data):
                 np.testing.assert_array_equal(g[side][k], w[side][k])
 
 
+def test_packed_dataset_equals_numpy_and_unpacks_to_the_dicts(data):
+    """dataset(packed=True): [T, cap, columns] arrays equal to numpy_batches(packed=True) value for
+    value, and unpack() of each equals the dict batch; neither a pass left unfinished nor two
+    iterators read side by side disturb each other; the pools TensorFlow takes over are aligned."""
+    import tensorflow as tf
+
+    from gmeta.io.assemble import ALIGN
+
+    r = MetaReader(data, tasks_per_batch=8, support_size=4, query_size=2, shuffle=True, seed=5,
+                   shuffle_buffer_tasks=16)
+    packed = r.dataset(epoch=1, packed=True)
+    spec = packed.element_spec
+    assert spec["support"]["ints"].shape == (8, 4, r._layout.int_width)
+    assert spec["query"]["floats"].shape == (8, 2, len(r._layout.float_names))
+    next(iter(packed))  # an unfinished pass
+    got = list(packed.as_numpy_iterator())
+    # two iterators read side by side: each its own pass, the same batches
+    for x, y in zip(iter(packed), iter(packed)):
+        tf.nest.map_structure(lambda u, v: np.testing.assert_array_equal(u.numpy(), v.numpy()), x, y)
+    ref = list(r.numpy_batches(1, packed=True))
+    dicts = list(r.dataset(epoch=1).as_numpy_iterator())
+    assert len(got) == len(ref) == len(dicts) == r.steps_per_epoch
+    for g, w, d in zip(got, ref, dicts):
+        tf.nest.map_structure(np.testing.assert_array_equal, g, w)
+        unpacked = tf.nest.map_structure(lambda t: t.numpy(), r.unpack(tf.nest.map_structure(tf.constant, g)))
+        tf.nest.map_structure(np.testing.assert_array_equal, unpacked, d)
+    pools = [pool for pool, _ in r.windows(1)]
+    assert len(pools) > 2 and all(p.ints.ctypes.data % ALIGN == 0 and p.flts.ctypes.data % ALIGN == 0
+                                  for p in pools)
+
+
 def test_query_rows_before_support_rows(tmp_path):
     """A file whose tasks list query rows first still splits support/query by the flag."""
     schema = tiny_schema()

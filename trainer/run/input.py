@@ -45,7 +45,7 @@ class TrainInput:
         if self.slice is None:
             return ds
         lo, hi = self.slice
-        return ds.map(lambda b: self.reader.slice_tasks(b, lo, hi, packed=packed))
+        return ds.map(lambda b: self.reader.slice_tasks(b, lo, hi))
 
     def unpack(self, batch):
         return self.reader.unpack(batch)
