@@ -229,6 +229,8 @@ def test_bench_io_json(capsys):
     assert res["raw_rows_per_s"] > 0 and res["reader_rows_per_s"] > 0 and res["ratio"] > 0
     assert res["rows_delivered"] == res["rows_in_files"] >= 50000 * 0.9
     assert res["batches"] == res["steps_per_epoch"] and res["stripes"] >= 6
+    stages = res["stages_ms_per_1m_rows"]
+    assert set(stages) == {"decode", "blocks", "pool", "tensorflow", "loop"} and all(v > 0 for v in stages.values())
     # a misspelled flag of a bench is reported by that bench's command line, with the closest flag
     with pytest.raises(SystemExit) as exc:
         gmeta_main(["bench", "io", "--row", "5"])  # no abbreviations either

@@ -9,7 +9,8 @@ interface's dict batches (``ratio_dict``; an eager Python loop over them is repo
 second (all threads), which a shared, busy host disturbs less. Passes are interleaved and the
 best of ``--repeat`` is kept. Without ``--data`` a
 temporary dataset with DESIGN.md's 19-column schema (task id, flag, label, 12 int64 ids,
-4 floats) is generated and removed afterwards. Prints a table and, as its last line, one JSON
+4 floats) is generated and removed afterwards. ``stages_ms_per_1m_rows``: the reader's stages
+timed one after the other on one thread (``stage_profile``). Prints a table and, as its last line, one JSON
 object (with ``--json`` the table goes to stderr, so stdout is only the JSON line).
 
 ``--input-wait``: instead, the input-wait share of a real training run, the demo's (``gmeta
@@ -36,9 +37,10 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
+from gmeta.io.assemble import build_block
 from gmeta.io.reader import MetaReader
 from gmeta.io.schema import DenseFeature, Schema, SparseFeature, TableSpec
-from gmeta.io.stripes import OrcFileCache
+from gmeta.io.stripes import OrcFileCache, read_stripe
 from gmeta.io.writer import TaskWriter, write_dataset_schema
 from gmeta.trainer.parallel.launch import horovodrun_command, horovodrun_env
 
@@ -177,6 +179,43 @@ def reader_pass(cfg: BenchIoConfig, data: str, epoch: int, counter=None, packed:
     return rows, time.perf_counter() - t0, time.process_time() - c0, batches, reader
 
 
+def stage_profile(cfg: BenchIoConfig, data: str, counter) -> dict:
+    """Milliseconds per 1M rows of each stage of the reader, one after the other on one thread
+    (best of ``--repeat``, at least 3): ``decode`` (pyarrow, the reader's columns), ``blocks`` (validated
+    row-major blocks), ``pool`` (shuffle pools and their batches' row numbers), ``tensorflow`` (the same windows, precomputed, through the reader's tf.data
+    pipeline: hand-off, row gathers, batches, counted in a traced loop) and, apart, ``loop``
+    (that traced loop over as many trivial elements: its own share of ``tensorflow``)."""
+    import tensorflow as tf
+
+    reader = MetaReader(data, split=cfg.split, tasks_per_batch=cfg.tasks_per_batch, support_size=cfg.support_size,
+                        query_size=cfg.query_size, shuffle=True, seed=cfg.seed, num_parallel_reads=1, prefetch=2)
+    lay, units, cache = reader._layout, reader.unit_order(0), OrcFileCache()
+    best = {}
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
+        return out
+
+    for _ in range(max(cfg.repeat, 3)):  # (the first pass also pays for fresh memory)
+        batches = timed("decode", lambda: [read_stripe(cache.get(u.file), u.file, u.stripe, lay.columns)
+                                           for u in units])
+        blocks = timed("blocks", lambda: [build_block(b, lay, reader.S, reader.Q, "", 0) for b in batches])
+        # each later stage reads the one before it precomputed (instance attributes shadow the methods)
+        reader._blocks = lambda executor, order: iter(blocks)
+        windows = timed("pool", lambda: list(reader.windows(0)))
+        reader.windows = lambda epoch=0: iter(windows)
+        ds = reader.dataset(0, packed=True)
+        timed("tensorflow", lambda: counter(ds))
+        trivial = tf.data.Dataset.range(reader.steps_per_epoch).map(
+            lambda i: {"support": {"mask": tf.zeros([1])}, "query": {"mask": tf.zeros([1])}})
+        timed("loop", lambda: counter(trivial))
+        del reader._blocks, reader.windows
+    per_m = 1e9 / max(sum(u.rows for u in units), 1)  # seconds -> ms per 1M rows
+    return {k: round(v * per_m, 1) for k, v in best.items()}
+
+
 def run(cfg: BenchIoConfig) -> dict:
     import tensorflow as tf  # noqa: F401  (imported before timing so its start-up is not measured)
 
@@ -204,6 +243,7 @@ def run(cfg: BenchIoConfig) -> dict:
         for e in range(cfg.repeat):  # interleaved, so a busy moment on a shared host hits all kinds
             for k, f in kinds.items():
                 runs[k].append(f(e))
+        stages = stage_profile(cfg, data, counter)
         best = {k: min(v, key=lambda r: r[1]) for k, v in runs.items()}
         rate = {k: best[k][0] / best[k][1] for k in kinds}              # rows per wall second
         cpu_rate = {k: best[k][0] / max(min(r[2] for r in runs[k]), 1e-9) for k in kinds}  # rows per CPU s
@@ -224,7 +264,7 @@ def run(cfg: BenchIoConfig) -> dict:
             "rows_dropped": int(reader.stats["support_rows_dropped"] + reader.stats["query_rows_dropped"]),
             "batches": batches, "steps_per_epoch": reader.steps_per_epoch, "stripes": len(plan.units),
             "tasks_per_batch": cfg.tasks_per_batch, "support_size": cfg.support_size,
-            "query_size": cfg.query_size, "plan_s": round(plan_s, 4),
+            "query_size": cfg.query_size, "plan_s": round(plan_s, 4), "stages_ms_per_1m_rows": stages,
             "generate_s": None if gen_s is None else round(gen_s, 2),
         }
     finally:
@@ -247,7 +287,9 @@ def format_table(r: dict) -> str:
              f"{r['ratio_vs_1thread']:.3f}; per CPU second {r['cpu_ratio']:.3f}",
              f"{r['rows_in_files']:,} rows in {r['stripes']} stripes; {r['rows_delivered']:,} delivered in "
              f"{r['batches']} batches of T={r['tasks_per_batch']}, S={r['support_size']}, Q={r['query_size']} "
-             f"({r['rows_dropped']:,} dropped past the caps); plan {r['plan_s']} s"]
+             f"({r['rows_dropped']:,} dropped past the caps); plan {r['plan_s']} s",
+             "stages, ms per 1M rows on one thread: " + ", ".join(f"{k} {v:g}" for k, v in
+                                                                   r["stages_ms_per_1m_rows"].items())]
     return "\n".join(lines)
 
 
