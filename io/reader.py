@@ -81,6 +81,10 @@ class MetaReader:
         # ops per batch, while a large shuffle pool is not padded out whole (memory) before its
         # first batch is out; a larger pool is handed over as several windows (no copy)
         self.batches_per_window = max(1, 1024 // self.T)
+        # a full shuffle pool is cut after a multiple of this many tasks (the rest joins the next
+        # pool); ~256, as the chunks of the reader before windows, so that an epoch's batches
+        # (a function of seed, epoch and rank) stayed the same through that change
+        self.pool_cut_tasks = max(1, 256 // self.T) * self.T
         self.schema = load_schema(dataset_dir)
         if split not in self.schema.splits:
             log.warning("split %r is not listed in schema.json splits %s", split, list(self.schema.splits))
@@ -202,7 +206,8 @@ class MetaReader:
         cut it into whole batches (the remainder waits for the next blocks), pad the last batch,
         then add padding-only batches up to ``steps_per_epoch``."""
         rng = self._rng(epoch, 1)
-        buffer = self.shuffle_buffer_tasks if self.shuffle else self.T
+        unit = self.pool_cut_tasks
+        buffer = max(self.shuffle_buffer_tasks, unit) if self.shuffle else unit
         parts, held, emitted = [], 0, 0
         for block, stats in self._blocks(executor, self.unit_order(epoch)):
             self._count(epoch, stats)
@@ -211,7 +216,7 @@ class MetaReader:
             if held >= buffer:
                 pool = Block.concat(parts)
                 order = rng.permutation(pool.tasks) if self.shuffle else np.arange(pool.tasks)
-                cut = pool.tasks - pool.tasks % self.T
+                cut = pool.tasks - pool.tasks % unit
                 if cut:
                     emitted += cut // self.T
                     yield pool, order[:cut], cut // self.T

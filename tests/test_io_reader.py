@@ -140,7 +140,7 @@ def test_tf_dataset_equals_numpy_batches(data):
                 np.testing.assert_array_equal(g[side][k], w[side][k])
 
 
-def test_packed_dataset_equals_numpy_and_unpacks_to_the_dicts(data):
+def test_packed_dataset_equals_numpy_and_unpacks_to_the_dicts(tmp_path):
     """dataset(packed=True): [T, cap, columns] arrays equal to numpy_batches(packed=True) value for
     value, and unpack() of each equals the dict batch; neither a pass left unfinished nor two
     iterators read side by side disturb each other; the pools TensorFlow takes over are aligned."""
@@ -148,8 +148,11 @@ def test_packed_dataset_equals_numpy_and_unpacks_to_the_dicts(data):
 
     from gmeta.io.assemble import ALIGN
 
-    r = MetaReader(data, tasks_per_batch=8, support_size=4, query_size=2, shuffle=True, seed=5,
+    write_tiny(tmp_path, n_tasks=700, rows_per_stripe=200, rows_per_file=900, tasks_per_write=50)
+    # pools of 256 tasks (pool_cut_tasks at T=8), each handed over as windows of up to 16 batches
+    r = MetaReader(str(tmp_path), tasks_per_batch=8, support_size=4, query_size=2, shuffle=True, seed=5,
                    shuffle_buffer_tasks=16)
+    r.batches_per_window = 16
     packed = r.dataset(epoch=1, packed=True)
     spec = packed.element_spec
     assert spec["support"]["ints"].shape == (8, 4, r._layout.int_width)
@@ -167,7 +170,7 @@ def test_packed_dataset_equals_numpy_and_unpacks_to_the_dicts(data):
         unpacked = tf.nest.map_structure(lambda t: t.numpy(), r.unpack(tf.nest.map_structure(tf.constant, g)))
         tf.nest.map_structure(np.testing.assert_array_equal, unpacked, d)
     pools = [pool for pool, _ in r.windows(1)]
-    assert len(pools) > 2 and all(p.ints.ctypes.data % ALIGN == 0 and p.flts.ctypes.data % ALIGN == 0
+    assert len(pools) == 6 and len({id(p) for p in pools}) == 3 and all(p.ints.ctypes.data % ALIGN == 0 and p.flts.ctypes.data % ALIGN == 0
                                   for p in pools)
 
 
