@@ -346,9 +346,9 @@ class MetaReader:
         interface dicts, or with ``packed`` the packed batches ``unpack`` turns into them.
 
         Python hands over one window per shuffle pool or per ``batches_per_window`` batches of
-        it: the pool's rows, without a copy, and the row numbers of its batches; TensorFlow gathers the window's
-        batches in one op per side and dtype (its own threads, no per-batch Python), while the
-        next window is prepared.
+        it: the pool's rows, without a copy, and the row numbers of its batches; TensorFlow
+        gathers the window's batches in one op per side and dtype (its own threads, no per-batch
+        Python), while the next window is prepared.
         A DataError met while reading surfaces from the iterator as a TensorFlow error whose
         message carries the DataError text; it is also kept in ``reader.error``.
         """

@@ -170,8 +170,8 @@ def test_packed_dataset_equals_numpy_and_unpacks_to_the_dicts(tmp_path):
         unpacked = tf.nest.map_structure(lambda t: t.numpy(), r.unpack(tf.nest.map_structure(tf.constant, g)))
         tf.nest.map_structure(np.testing.assert_array_equal, unpacked, d)
     pools = [pool for pool, _ in r.windows(1)]
-    assert len(pools) == 6 and len({id(p) for p in pools}) == 3 and all(p.ints.ctypes.data % ALIGN == 0 and p.flts.ctypes.data % ALIGN == 0
-                                  for p in pools)
+    assert len(pools) == 6 and len({id(p) for p in pools}) == 3
+    assert all(p.ints.ctypes.data % ALIGN == 0 and p.flts.ctypes.data % ALIGN == 0 for p in pools)
 
 
 def test_query_rows_before_support_rows(tmp_path):

@@ -181,10 +181,11 @@ def reader_pass(cfg: BenchIoConfig, data: str, epoch: int, counter=None, packed:
 
 def stage_profile(cfg: BenchIoConfig, data: str, counter) -> dict:
     """Milliseconds per 1M rows of each stage of the reader, one after the other on one thread
-    (best of ``--repeat``, at least 3): ``decode`` (pyarrow, the reader's columns), ``blocks`` (validated
-    row-major blocks), ``pool`` (shuffle pools and their batches' row numbers), ``tensorflow`` (the same windows, precomputed, through the reader's tf.data
-    pipeline: hand-off, row gathers, batches, counted in a traced loop) and, apart, ``loop``
-    (that traced loop over as many trivial elements: its own share of ``tensorflow``)."""
+    (best of ``--repeat``, at least 3): ``decode`` (pyarrow, the reader's columns), ``blocks``
+    (validated row-major blocks), ``pool`` (shuffle pools and their batches' row numbers),
+    ``tensorflow`` (the same windows, precomputed, through the reader's tf.data pipeline:
+    hand-off, row gathers, batches, counted in a traced loop) and, apart, ``loop`` (that traced
+    loop over as many trivial elements: its own share of ``tensorflow``)."""
     import tensorflow as tf
 
     reader = MetaReader(data, split=cfg.split, tasks_per_batch=cfg.tasks_per_batch, support_size=cfg.support_size,
