@@ -231,7 +231,7 @@ def gather_packed(pool: Block, rows: BatchRows) -> dict:
     """The meta-batches of ``rows`` (a leading [n] axis), packed: per side one int64 array
     ``ints`` [n, T, cap, int_width] and one float32 array ``floats`` [n, T, cap, n_floats] (the
     ``Layout``'s columns), and the row ``mask`` [n, T, cap]. Few large arrays, so handing a batch
-    to TensorFlow costs a few tensors, not one per feature (``unpack_numpy`` / ``MetaReader.unpack``
+    to TensorFlow costs a few tensors, not one per feature (``unpack_columns`` / ``MetaReader.unpack``
     name them). The same arithmetic as the reader's TensorFlow gather."""
     out = {"task_id": rows.task_id, "task_mask": rows.task_mask}
     for side, idx in (("support", rows.support), ("query", rows.query)):
@@ -240,8 +240,10 @@ def gather_packed(pool: Block, rows: BatchRows) -> dict:
     return out
 
 
-def unpack_numpy(packed: dict, lay: Layout) -> dict:
-    """Packed batches (``gather_packed``) as the interface's nested dict, features as views."""
+def unpack_columns(packed: dict, lay: Layout) -> dict:
+    """Packed batches (``gather_packed``, or the reader's tensors) as the interface's nested dict:
+    each feature is its column(s) of the last axis, by the same indexing on numpy arrays (views)
+    and TensorFlow tensors (slices)."""
     out = {"task_id": packed["task_id"], "task_mask": packed["task_mask"]}
     for side in ("support", "query"):
         x_int, x_flt = packed[side]["ints"], packed[side]["floats"]
@@ -256,7 +258,7 @@ def unpack_numpy(packed: dict, lay: Layout) -> dict:
 def gather_tasks(pool: Block, sel: np.ndarray, n_batches: int, T: int, S: int, Q: int, lay: Layout) -> dict:
     """Tasks ``pool[sel]`` as ``n_batches`` meta-batches in the interface's nested dict, with a
     leading [n_batches] axis."""
-    return unpack_numpy(gather_packed(pool, batch_rows(pool, sel, n_batches, T, S, Q)), lay)
+    return unpack_columns(gather_packed(pool, batch_rows(pool, sel, n_batches, T, S, Q)), lay)
 
 
 def compact(pool: Block, sel: np.ndarray) -> Block:
