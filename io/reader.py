@@ -298,9 +298,9 @@ class MetaReader:
                 raise self.error from None
             raise
 
-    def _window_source(self, epoch: int):
-        """``(start, fetch)`` for the tf.data pipeline: ``start()`` opens a pass over ``epoch``'s
-        windows and returns its key (each iterator of the dataset makes its own pass);
+    def _window_source(self):
+        """``(start, fetch)`` for the tf.data pipeline: ``start(epoch)`` opens a pass over that
+        epoch's windows and returns its key (each iterator of the dataset makes its own pass);
         ``fetch(key)`` returns the pass's next window as arrays, and after its last an empty one.
         The pool's row matrices are 64-byte aligned, so TensorFlow's ``numpy_function`` takes them
         over without a copy (``from_generator`` converts, that is copies, every array, and costs
@@ -310,19 +310,19 @@ class MetaReader:
         empty = self._empty
         nothing = batch_rows(empty, np.zeros(0, np.int64), 0, self.T, self.S, self.Q)
 
-        def start():
+        def start(epoch):
             with lock:
                 key = next(keys)
-                passes[key] = self.windows(epoch)
+                passes[key] = (int(epoch), self.windows(int(epoch)))
                 while len(passes) > MAX_OPEN_PASSES:
-                    passes.popitem(last=False)[1].close()
+                    passes.popitem(last=False)[1][1].close()
             return np.int64(key)
 
         def fetch(key):
             with lock:
-                windows = passes.get(int(key))
+                epoch, windows = passes.get(int(key), (None, None))
                 if windows is None:
-                    raise RuntimeError(f"this pass over {self.split_dir} (epoch {epoch}) was closed: more than "
+                    raise RuntimeError(f"this pass over {self.split_dir} was closed: more than "
                                        f"{MAX_OPEN_PASSES} passes over the dataset were open at once")
                 try:
                     pool, rows = next(windows)
@@ -333,9 +333,15 @@ class MetaReader:
 
         return start, fetch
 
-    def dataset(self, epoch: int = 0, packed: bool = False):
-        """A ``tf.data.Dataset`` of exactly ``steps_per_epoch`` meta-batches (static shapes):
-        interface dicts, or with ``packed`` the packed batches ``unpack`` turns into them.
+    def dataset(self, epoch: int = 0, packed: bool = False, epochs: int = 1):
+        """A ``tf.data.Dataset`` of exactly ``steps_per_epoch`` meta-batches (static shapes) of
+        each of ``epochs`` epochs from ``epoch`` on: interface dicts, or with ``packed`` the packed
+        batches ``unpack`` turns into them.
+
+        The epochs are one pipeline whose epoch number is a tensor, so its functions are made
+        ready once per iterator: a pipeline per epoch, concatenated, paid that again at every
+        epoch (about 30 ms of CPU per epoch and worker, as much as 4 MeLU steps, measured on
+        the `bench movielens` data).
 
         Python hands over one window per shuffle pool or per ``batches_per_window`` batches of
         it: the pool's rows, without a copy, and the row numbers of its batches; TensorFlow
@@ -350,14 +356,14 @@ class MetaReader:
         dtypes = (tf.int64, tf.float32, tf.int64, tf.float32, tf.int64, tf.int64)
         shapes = ([None, lay.int_width], [None, len(lay.float_names)], [None, T], [None, T], [None, T, self.S],
                   [None, T, self.Q])
-        start, fetch = self._window_source(epoch)
+        start, fetch = self._window_source()
 
         def batches(*arrays):
             window = _gather_rows(*arrays)  # [batches, ...]; unpack slices the last axis once per window
             return tf.data.Dataset.from_tensor_slices(window if packed else self.unpack(window))
 
-        def one_pass(_):
-            key = tf.numpy_function(start, [], tf.int64, stateful=True, name="meta_io_start")
+        def one_pass(epoch_no):
+            key = tf.numpy_function(start, [epoch_no], tf.int64, stateful=True, name="meta_io_start")
 
             def window(_):
                 arrays = tf.numpy_function(fetch, [key], dtypes, stateful=True, name="meta_io_window")
@@ -369,8 +375,11 @@ class MetaReader:
             windows = tf.data.Dataset.range(self.steps_per_epoch + 1).map(window)
             return windows.take_while(lambda *w: tf.shape(w[2])[0] > 0)
 
-        ds = tf.data.Dataset.from_tensors(np.int64(0)).flat_map(one_pass).prefetch(1).flat_map(batches)
-        ds = ds.apply(tf.data.experimental.assert_cardinality(self.steps_per_epoch))
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        epoch_numbers = tf.data.Dataset.range(epoch, epoch + epochs)
+        ds = epoch_numbers.flat_map(one_pass).prefetch(1).flat_map(batches)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(self.steps_per_epoch * epochs))
         if self.prefetch:
             ds = ds.prefetch(self.prefetch)
         return ds

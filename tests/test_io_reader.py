@@ -140,6 +140,27 @@ def test_tf_dataset_equals_numpy_batches(data):
                 np.testing.assert_array_equal(g[side][k], w[side][k])
 
 
+def test_epochs_in_one_pipeline_equal_each_epochs_own(data):
+    """dataset(epoch, epochs=n): cardinality n x steps, and each epoch's batches are those of
+    that epoch's own dataset (the epoch number is a tensor in the pipeline, not baked in)."""
+    r = MetaReader(data, tasks_per_batch=8, support_size=4, query_size=2, shuffle=True, seed=5)
+    ds = r.dataset(epoch=1, packed=True, epochs=3)
+    assert int(ds.cardinality()) == 3 * r.steps_per_epoch
+    got = list(ds.as_numpy_iterator())
+    want = [b for e in (1, 2, 3) for b in r.dataset(epoch=e, packed=True).as_numpy_iterator()]
+    assert len(got) == len(want) == 3 * r.steps_per_epoch
+    for g, w in zip(got, want):
+        for side in ("support", "query"):
+            for k in ("ints", "floats", "mask"):
+                np.testing.assert_array_equal(g[side][k], w[side][k])
+        np.testing.assert_array_equal(g["task_id"], w["task_id"])
+    orders = [[int(t) for b in got[i:i + r.steps_per_epoch] for t in b["task_id"]]
+              for i in range(0, len(got), r.steps_per_epoch)]
+    assert orders[0] != orders[1] != orders[2]  # each epoch its own shuffle
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        r.dataset(epoch=0, epochs=0)
+
+
 def test_packed_dataset_equals_numpy_and_unpacks_to_the_dicts(tmp_path):
     """dataset(packed=True): [T, cap, columns] arrays equal to numpy_batches(packed=True) value for
     value, and unpack() of each equals the dict batch; neither a pass left unfinished nor two

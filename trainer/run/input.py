@@ -38,10 +38,10 @@ class TrainInput:
     def epoch_stats(self, epoch: int) -> dict:
         return self.reader.epoch_stats(epoch)
 
-    def dataset(self, epoch: int, packed: bool = False):
-        """This rank's batches of ``epoch``; ``packed``: as the reader's packed batches (``unpack``
-        turns one into the interface dict inside a traced step)."""
-        ds = self.reader.dataset(epoch=epoch, packed=packed)
+    def dataset(self, epoch: int, packed: bool = False, epochs: int = 1):
+        """This rank's batches of ``epochs`` epochs from ``epoch`` on; ``packed``: as the reader's
+        packed batches (``unpack`` turns one into the interface dict inside a traced step)."""
+        ds = self.reader.dataset(epoch=epoch, packed=packed, epochs=epochs)
         if self.slice is None:
             return ds
         lo, hi = self.slice

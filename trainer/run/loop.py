@@ -169,11 +169,9 @@ def all_epochs(reader, epochs: int, first_epoch: int = 0, skip: int = 0, packed:
     stream starts with the first batch the interrupted run had not trained."""
     if first_epoch >= epochs:
         return []
-    ds = reader.dataset(epoch=first_epoch, packed=packed)
+    ds = reader.dataset(epoch=first_epoch, packed=packed, epochs=epochs - first_epoch)
     if skip:
         ds = ds.skip(skip)
-    for epoch in range(first_epoch + 1, epochs):
-        ds = ds.concatenate(reader.dataset(epoch=epoch, packed=packed))
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
