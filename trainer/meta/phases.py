@@ -64,15 +64,16 @@ def run_phases(learner, train_input, *, epochs: int, first_epoch: int, learning_
         losses = []
         if runs:
             step = PhaseStep(phase, learner, learning_rate)
+            batches = iter(train_input.dataset(epoch=epoch_no, epochs=epochs))  # one pipeline for all
             for epoch in range(epochs):
-                total, n = 0.0, 0
-                for batch in train_input.dataset(epoch=epoch_no):
+                total, n = 0.0, train_input.steps_per_epoch
+                for _ in range(n):
+                    batch = next(batches)
                     total += float(step.compiled(batch_spec(batch))(batch))
-                    n += 1
-                epoch_no += 1
                 losses.append(total / max(n, 1))
                 tracker.log_metrics({f"{phase.name}_loss": losses[-1]}, step=epoch)
                 log(f"{learner.model.name} {phase.name} epoch {epoch}: loss {losses[-1]:.4f}")
+            epoch_no += epochs
         values = {c: distinct_values(c) for c in phase.needs_values} if runs else {}
         phase.finish(runs, values)
         if runs:
