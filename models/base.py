@@ -194,10 +194,18 @@ class ZooModel(tf.Module):
         return np.array(groups)
 
     def _item_columns(self, t):
-        """The item-group columns of ``t`` (last axis)."""
-        if self._item_slice is not None:
-            return t[..., self._item_slice[0]:self._item_slice[1]]
-        return tf.gather(t, self._item_index, axis=-1)
+        """The item-group columns of ``t`` (last axis). Contiguous ones are cut with a split: its
+        gradient is one concat, where a slice's (StridedSliceGrad, a strided fill of all of
+        ``t``) cost 0.6 ms of a 7 ms MeLU step when ``t`` is the task's inputs."""
+        if self._item_slice is None:
+            return tf.gather(t, self._item_index, axis=-1)
+        lo, hi = self._item_slice
+        width = t.shape[-1]
+        if width is None:
+            return t[..., lo:hi]
+        if (lo, hi) == (0, width):
+            return t
+        return tf.split(t, [lo, hi - lo, width - hi], axis=-1)[1]
 
     def task_inputs(self, params: dict, x):
         """The inputs with the task's user shift applied (when ``user`` adapts)."""

@@ -267,22 +267,33 @@ def test_spd_solve_and_its_gradient_equal_automatic_differentiation_through_chol
     assert np.abs(ours[1]).sum() > 1.0
 
 
-def test_item_columns_as_a_slice_equal_the_general_gather():
-    """Contiguous item columns are sliced, not gathered: the linear task terms, their design and
-    their update are the same values either way."""
+def test_item_columns_as_a_split_equal_the_general_gather():
+    """Contiguous item columns are cut with a split, not gathered: the linear task terms, their
+    design, their update and the design's gradient in the inputs are the same values either way."""
     learner = make_ridge_learner("maml_dnn", adapt=("user", "pref", "bias"))
     model = learner.model
-    assert model._item_slice is not None
+    assert model._item_slice is not None and model._item_slice != (0, model.input_width)
     rng = np.random.default_rng(4)
     x = tf.constant(rng.standard_normal((3, 5, model.input_width)), tf.float32)
     fast = {n: tf.constant(rng.standard_normal((3,) + tuple(v.shape)), tf.float32) for n, v in model.params.items()
             if n.startswith("task/")}
     values = tf.constant(rng.standard_normal((3, model.linear_task_width())), tf.float32)
-    sliced = (model.linear_task_values(fast, 3), model.task_design(fast, x), model.with_linear_task_values(fast, values))
+    weights = tf.constant(rng.standard_normal((3, 5, model.linear_task_width())), tf.float32)
+
+    def terms():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            design = model.task_design(fast, x)
+            weighted = tf.reduce_sum(design * weights)
+        return (model.linear_task_values(fast, 3), design, model.with_linear_task_values(fast, values),
+                tape.gradient(weighted, x))
+
+    split = terms()
     model._item_slice = None
-    gathered = (model.linear_task_values(fast, 3), model.task_design(fast, x), model.with_linear_task_values(fast, values))
-    for a, b in zip(tf.nest.flatten(sliced), tf.nest.flatten(gathered)):
+    gathered = terms()
+    for a, b in zip(tf.nest.flatten(split), tf.nest.flatten(gathered)):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert np.abs(split[-1].numpy()).sum() > 0
 
 
 def make_ridge_learner(model="maml_dnn", adapt=("pref", "bias"), schema=SCHEMA, target="auto", **meta):
