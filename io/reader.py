@@ -313,14 +313,14 @@ class MetaReader:
         def start(epoch):
             with lock:
                 key = next(keys)
-                passes[key] = (int(epoch), self.windows(int(epoch)))
+                passes[key] = self.windows(int(epoch))
                 while len(passes) > MAX_OPEN_PASSES:
-                    passes.popitem(last=False)[1][1].close()
+                    passes.popitem(last=False)[1].close()
             return np.int64(key)
 
         def fetch(key):
             with lock:
-                epoch, windows = passes.get(int(key), (None, None))
+                windows = passes.get(int(key))
                 if windows is None:
                     raise RuntimeError(f"this pass over {self.split_dir} was closed: more than "
                                        f"{MAX_OPEN_PASSES} passes over the dataset were open at once")
