@@ -133,6 +133,26 @@ def test_negative_ids_give_zeros_and_hashed_ids_wrap(backend):
     np.testing.assert_array_equal(v[3], user[(2 ** 62 + 5) % 7])
 
 
+def test_padding_ids_touch_no_row(backend):
+    """An id < 0 moves no row, even where its table is held whole and gathered at every position
+    (row 0 stands in for it there): after a step that touches row 0, a step with only padding
+    beside row 3 leaves row 0 where lazy Adam left it."""
+    emb = _emb(backend, kind="adam", lr=0.05)
+    step = tf.function(lambda ids: emb.apply_gradients(_grads(emb, ids)))
+    step(tf.constant([0, 3], tf.int64))
+    before = _full(emb)["item"]
+    step(tf.constant([-1, 3, -1], tf.int64))
+    after = _full(emb)["item"]
+    np.testing.assert_array_equal(after[0], before[0])
+    assert np.abs(after[3] - before[3]).max() > 0
+
+
+def _grads(emb, ids):
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(emb.lookup({"item_id": ids})["item_id"])
+    return tape.gradient(loss, emb.trainable_variables)
+
+
 def test_out_of_range_id_raises_naming_the_table(backend):
     """An id >= num_rows of an unhashed table fails with the table and its features named."""
     emb = _emb(backend)

@@ -38,14 +38,13 @@ class HybridEmbedding(EmbeddingBase):
         rows = self._plan.global_rows(table.name, self._comm.rank)
         return tf.Variable(self._initial(table, rows), trainable=True, name=f"{table.name}/shard")
 
+    def _local_table(self, table):
+        # replicated tables: a local gather (the base's); the rest share ONE AlltoAll round trip,
+        # none when every requested table is replicated (the same static choice on every rank)
+        return self.params[self.table_index(table.name)] if self._plan.is_replicated(table.name) else None
+
     def _lookup_tables(self, requests):
-        # replicated tables: a local gather; the rest share ONE AlltoAll round trip (none when
-        # every requested table is replicated: the same static choice on every rank)
-        local = [self._plan.is_replicated(t.name) for t, _ in requests]
-        sharded = iter(self._fetch_sharded([r for r, rep in zip(requests, local) if not rep])
-                       if not all(local) else [])
-        return [(tf.gather(self.params[self.table_index(t.name)], rows), tf.range(tf.size(rows, out_type=tf.int64)))
-                if rep else next(sharded) for (t, rows), rep in zip(requests, local)]
+        return self._fetch_sharded(requests)
 
     def _fetch_sharded(self, requests):
         n = self._comm.size

@@ -33,6 +33,9 @@ class NaiveEmbedding(EmbeddingBase):
         return [(tf.gather(self.params[self.table_index(t.name)], rows),
                  tf.range(tf.size(rows, out_type=tf.int64))) for t, rows in requests]
 
+    def _local_table(self, table):
+        return self.params[self.table_index(table.name)]
+
     def reduction_inputs(self, grads) -> list:
         """Every table's ``pack_touched`` gradient (a dense table and a row-touched count)."""
         grads = self._check_grads(grads)
