@@ -207,12 +207,17 @@ class ZooModel(tf.Module):
             return t
         return tf.split(t, [lo, hi - lo, width - hi], axis=-1)[1]
 
+    def user_shift(self, params: dict):
+        """The task's shift of the user columns ([W] shared or [T, W]), or None (``user`` does
+        not adapt)."""
+        shift = params.get("task/user_shift")
+        return None if shift is None else shift * self._user_cols
+
     def task_inputs(self, params: dict, x):
         """The inputs with the task's user shift applied (when ``user`` adapts)."""
-        shift = params.get("task/user_shift")
+        shift = self.user_shift(params)
         if shift is None:
             return x
-        shift = shift * self._user_cols
         return x + (shift if shift.shape.rank == 1 else shift[:, None, :])
 
     def linear_task_terms(self) -> tuple:

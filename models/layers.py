@@ -45,23 +45,38 @@ def init_mlp(prefix: str, sizes, seed: int, zero_output: bool = False) -> dict:
     return params
 
 
-def dense(x, w, b):
-    """x: [T, N, in]; w: [in, out] (shared) or [T, in, out] (per task); b: [out] or [T, out]."""
+def dense(x, w, b, shift=None):
+    """x: [T, N, in]; w: [in, out] (shared) or [T, in, out] (per task); b: [out] or [T, out].
+
+    ``shift`` ([in] or [T, in]): inputs moved by it on every row, as ``x @ w + shift @ w``: a
+    task's shift costs one [in] x [in, out] product, and its gradient a sum over rows then one
+    product, where ``(x + shift) @ w`` takes a gradient product per row (inside an inner loop,
+    and again in its second-order backward)."""
     if w.shape.rank == 2:  # one matmul over all tasks' rows
         y = tf.reshape(tf.linalg.matmul(tf.reshape(x, [-1, x.shape[-1]]), w),
                        tf.concat([tf.shape(x)[:-1], tf.shape(w)[-1:]], 0))
     else:
         y = tf.linalg.matmul(x, w)
+    if shift is not None:
+        b = b + _times(shift, w)
     if b.shape.rank == 1:
         return y + b
     return y + b[:, None, :]
 
 
-def mlp(params: dict, prefix: str, x, n_layers: int, activation=tf.nn.relu):
-    """Apply ``n_layers`` dense layers; activation after every layer but the last."""
+def _times(shift, w):
+    """``shift @ w`` for shift [in] or [T, in] and w [in, out] or [T, in, out]: [out] or [T, out]."""
+    if w.shape.rank == 2:
+        return tf.linalg.matmul(shift[None], w)[0] if shift.shape.rank == 1 else tf.linalg.matmul(shift, w)
+    return tf.linalg.matvec(w, shift, transpose_a=True)
+
+
+def mlp(params: dict, prefix: str, x, n_layers: int, activation=tf.nn.relu, shift=None):
+    """Apply ``n_layers`` dense layers; activation after every layer but the last. ``shift``:
+    the first layer's inputs moved by it (``dense``)."""
     h = x
     for i in range(n_layers):
-        h = dense(h, params[f"{prefix}/w{i}"], params[f"{prefix}/b{i}"])
+        h = dense(h, params[f"{prefix}/w{i}"], params[f"{prefix}/b{i}"], shift if i == 0 else None)
         if i < n_layers - 1:
             h = activation(h)
     return h

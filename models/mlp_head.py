@@ -58,8 +58,9 @@ class MLPHeadModel(ZooModel):
         return state
 
     def forward(self, params, x):
-        x = self.task_inputs(params, x)
-        out = tf.squeeze(layers.mlp(params, "mlp", x, self.n_layers), -1)
+        # the user shift (when it adapts) enters through the first layer only: it moves no
+        # column the logit's other terms read (item columns, the prior)
+        out = tf.squeeze(layers.mlp(params, "mlp", x, self.n_layers, shift=self.user_shift(params)), -1)
         return {"out": self.task_logit(params, x, out)}
 
     def task_loss(self, outputs, part):

@@ -296,6 +296,33 @@ def test_item_columns_as_a_split_equal_the_general_gather():
     assert np.abs(split[-1].numpy()).sum() > 0
 
 
+@pytest.mark.parametrize("shared_shift,shared_w", [(True, True), (False, True), (True, False), (False, False)])
+def test_dense_with_a_shift_equals_dense_of_shifted_inputs(shared_shift, shared_w):
+    """``dense(x, w, b, shift)`` (the shift's product taken once per task) equals ``dense`` of the
+    shifted rows, in value and in the gradients of x, w and the shift, for shared ([in]) and
+    per-task ([T, in]) shifts and weights."""
+    from gmeta.models import layers
+
+    rng = np.random.default_rng(7)
+    x = tf.constant(rng.standard_normal((3, 5, 6)), tf.float32)
+    w = tf.constant(rng.standard_normal((6, 4) if shared_w else (3, 6, 4)), tf.float32)
+    b = tf.constant(rng.standard_normal((4,)), tf.float32)
+    shift = tf.constant(rng.standard_normal((6,) if shared_shift else (3, 6)), tf.float32)
+    weights = tf.constant(rng.standard_normal((3, 5, 4)), tf.float32)
+
+    def both(fn):
+        with tf.GradientTape() as tape:
+            tape.watch([x, w, shift])
+            y = fn()
+            total = tf.reduce_sum(y * weights)
+        return [y] + tape.gradient(total, [x, w, shift])
+
+    got = both(lambda: layers.dense(x, w, b, shift))
+    want = both(lambda: layers.dense(x + (shift if shared_shift else shift[:, None, :]), w, b))
+    for a, e in zip(got, want):
+        np.testing.assert_allclose(a.numpy(), e.numpy(), rtol=1e-5, atol=1e-5)
+
+
 def make_ridge_learner(model="maml_dnn", adapt=("pref", "bias"), schema=SCHEMA, target="auto", **meta):
     model_cfg, meta_cfg, row_cfg = part_configs(model, **_settings(adapt=adapt, target=target, inner_solver="ridge",
                                                                    **meta))
