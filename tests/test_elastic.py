@@ -96,7 +96,8 @@ def test_a_lost_worker_is_replaced_from_the_last_commit_and_comes_back(tiny_synt
     # rank 1 vanishes after global step 7 (commits at 6 and 8): step 7 is lost and trained again
     proc = subprocess.run(_elastic(2, 1, script, "lo", [*argv, "--output-dir", tmp_path / "el"]), capture_output=True,
                           text=True, timeout=240, cwd=str(tmp_path),
-                          env=dict(os.environ, **ENV, GMETA_FAULTS="train_step:die:7:1"))
+                          # from step 8 on, steps last until the blacklisted host is back
+                          env=dict(os.environ, **ENV, GMETA_FAULTS="train_step:die:7:1,train_step:slow:8"))
     took = time.monotonic() - t0
     err = proc.stderr
     assert proc.returncode == 0, err[-5000:]
@@ -145,7 +146,9 @@ def test_three_hosts_lose_one_mid_run_finish_on_two_and_take_it_back(tiny_synth,
             # a rank whose peer vanished mid-collective may only learn it from Gloo's timeout
             proc = cluster.popen(_elastic(3, 2, script, cluster.interface, [*argv, "--output-dir", tmp_path / "el"],
                                           ["--gloo-timeout-seconds", "15"]),
-                                 stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp_path), env=dict(os.environ, **ENV),
+                                 stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp_path),
+                                 # from step 6 on, steps last until the host is back
+                                 env=dict(os.environ, **ENV, GMETA_FAULTS="train_step:slow:6"),
                                  start_new_session=True)
         try:
             deadline = time.monotonic() + 400
@@ -161,7 +164,9 @@ def test_three_hosts_lose_one_mid_run_finish_on_two_and_take_it_back(tiny_synth,
             m = _wait_for(log_path, r"resumed from \S+ckpt-(\d+): .* re-sharded from 3 to 2 worker", proc, deadline)
             recovered_s = time.monotonic() - t_kill
             before_loss = int(m.group(1))
-            time.sleep(3)  # some steps on two hosts
+            # some steps on two hosts (the next checkpoint: every 2 steps, and at epoch ends), not
+            # a fixed wait: faster steps had finished the run before the host was back
+            _wait_for(log_path, rf"checkpoint \S+ckpt-0*({before_loss + 1}|{before_loss + 2}) ", proc, deadline)
             listing.write_text("".join(f"{h}:1\n" for h in names))  # and back
             t_back = time.monotonic()
             _wait_for(log_path, r"elastic reset \d+: 3 worker\(s\) \(was 2\)", proc, deadline)

@@ -125,3 +125,29 @@ def test_kill_9_of_the_chief_ends_the_job_and_the_run_is_not_left_running(tiny_s
     assert re.search(r"Process name: 0\s+Exit code: 137", text), text[-3000:]
     assert "[gmeta rank 1] ERROR a collective was aborted: another rank failed or exited" in text, text[-3000:]
     assert _only_run(uri).info.status == "FAILED"  # marked by the surviving rank
+
+
+def test_a_slow_fault_sleeps_from_its_step_on_and_only_on_its_rank(monkeypatch):
+    """``slow`` (what the elastic tests use to outlast a driver's reset): no sleep before its step,
+    SLOW_SECONDS at it and at every later step, none on another rank; a bad action is named."""
+    from gmeta.trainer.parallel import faults
+
+    monkeypatch.setenv(faults.ENV, "train_step:slow:8:1")
+    faults._planned.cache_clear()
+    try:
+        def took(step, rank):
+            t0 = time.monotonic()
+            faults.fault_point("train_step", step=step, rank=rank)
+            return time.monotonic() - t0
+
+        assert took(7, 1) < faults.SLOW_SECONDS / 2
+        assert took(8, 1) >= faults.SLOW_SECONDS and took(11, 1) >= faults.SLOW_SECONDS
+        assert took(11, 0) < faults.SLOW_SECONDS / 2
+        t0 = time.monotonic()
+        faults.fault_point("step_done", step=11, rank=1)  # another point: not this fault's
+        assert time.monotonic() - t0 < faults.SLOW_SECONDS / 2
+        assert faults.parse_faults("step_done:slow:3") == (faults.Fault("step_done", "slow", 3, None),)
+        with pytest.raises(ValueError, match="ACTION one of raise, die, pause, slow"):
+            faults.parse_faults("train_step:crawl:3")
+    finally:
+        faults._planned.cache_clear()

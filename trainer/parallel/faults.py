@@ -19,6 +19,9 @@ ACTION (what the rank does there):
     raise   a RuntimeError, which fails the run like any exception
     die     ``os._exit(3)``: the process vanishes with nothing cleaned up (a kill mid-write)
     pause   sleep until killed (a test then kills the job at a known point)
+    slow    from that step on, sleep ``SLOW_SECONDS`` at the point on every step (a run that must
+            outlast something outside it, an elastic driver taking a host back, however fast
+            its steps are)
 
 RANK: the rank that acts; every rank when left out. Examples: ``train_step:raise:3:1`` (rank 1
 raises after global step 3), ``checkpoint_commit:die:20`` (every rank exits while committing the
@@ -40,8 +43,10 @@ POINTS = {
     "step_done": "after step {step}",
     "checkpoint_commit": "inside checkpoint ckpt-{step:09d}",  # the checkpoint's directory name
 }
-ACTIONS = ("raise", "die", "pause")
+ACTIONS = ("raise", "die", "pause", "slow")
 DIE_EXIT_CODE = 3
+#: what a ``slow`` fault sleeps at each of its steps
+SLOW_SECONDS = 0.25
 
 
 @dataclass(frozen=True)
@@ -75,11 +80,19 @@ def _planned() -> tuple:
 def fault_point(name: str, *, step: int, rank: int) -> None:
     """Act on every fault planned for this point, step and rank (none: returns at once)."""
     for fault in _planned():
-        if fault.point == name and fault.step == step and fault.rank in (None, rank):
+        if fault.point != name or fault.rank not in (None, rank):
+            continue
+        if fault.step == step:
             _act(fault.action, POINTS[name].format(step=step))
+        elif fault.action == "slow" and step > fault.step:
+            time.sleep(SLOW_SECONDS)
 
 
 def _act(action: str, where: str) -> None:
+    if action == "slow":
+        sys.stderr.write(f"[gmeta] test hook {ENV}: {SLOW_SECONDS:g} s more per step from {where} on\n")
+        time.sleep(SLOW_SECONDS)
+        return
     if action == "raise":
         raise RuntimeError(f"test hook {ENV}: injected failure {where}")
     sys.stderr.write(f"[gmeta] test hook {ENV}: {'exiting' if action == 'die' else 'pausing'} {where}\n")
