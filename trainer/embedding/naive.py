@@ -29,11 +29,8 @@ class NaiveEmbedding(EmbeddingBase):
             init = self._initial(table, np.arange(table.num_rows, dtype=np.int64))
             self._add_table(table, tf.Variable(init, trainable=True, name=f"{table.name}/full"))
 
-    def _lookup_tables(self, requests):
-        return [(tf.gather(self.params[self.table_index(t.name)], rows),
-                 tf.range(tf.size(rows, out_type=tf.int64))) for t, rows in requests]
-
     def _local_table(self, table):
+        # every table is whole here: the base gathers them all, no request reaches _lookup_tables
         return self.params[self.table_index(table.name)]
 
     def reduction_inputs(self, grads) -> list:
